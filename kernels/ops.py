@@ -1,0 +1,218 @@
+"""The ``qpass`` torch.library ops: the stable boundary between front-ends and kernels.
+
+Each op has a plain-torch reference implementation (any device, see ``reference_4bit`` and
+``reference_int8``), a fake kernel for tracing (``torch.export``, ``torch.compile``), and, for the
+linear ops, an autograd formula for the input and bias (quantized weights are frozen), so adapters such
+as LoRA train through a quantized base layer. Faster device kernels register behind these signatures.
+
+Linear ops take ``x [..., in_features]`` of any float dtype, compute in ``compute_dtype`` and return
+``[..., out_features]`` in ``x``'s dtype, as bitsandbytes' ``Linear4bit``/``Linear8bitLt`` do.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import reference_4bit as ref4
+from . import reference_int8 as ref8
+from .codebooks import DOUBLE_QUANT_BLOCKSIZE
+
+
+def _output_dtype(x: Tensor, compute_dtype: torch.dtype) -> torch.dtype:
+    return x.dtype if x.is_floating_point() else compute_dtype
+
+
+def _check_input(x: Tensor, in_features: int, op: str) -> None:
+    torch._check(
+        x.dim() >= 1 and x.shape[-1] == in_features,
+        lambda: f"qpass.{op}: input has shape {tuple(x.shape)}, but this layer takes in_features={in_features} "
+        "in its last dimension",
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4-bit (NF4 / FP4)
+# ----------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("qpass::quantize_4bit", mutates_args=())
+def quantize_4bit(weight: Tensor, blocksize: int, quant_type: str) -> tuple[Tensor, Tensor]:
+    """Packed uint8 codes ``[(n + 1) // 2, 1]`` and float32 absmax ``[ceil(n / blocksize)]``."""
+    return ref4.quantize_4bit(weight, blocksize, quant_type)
+
+
+@quantize_4bit.register_fake
+def _(weight, blocksize, quant_type):
+    n = weight.numel()
+    return (
+        weight.new_empty(((n + 1) // 2, 1), dtype=torch.uint8),
+        weight.new_empty(((n + blocksize - 1) // blocksize,), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("qpass::quantize_blockwise_8bit", mutates_args=())
+def quantize_blockwise_8bit(x: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
+    """uint8 codes ``[n]`` into the 256-value ``code`` and float32 absmax ``[ceil(n / blocksize)]``."""
+    return ref4.quantize_blockwise_8bit(x, code, blocksize)
+
+
+@quantize_blockwise_8bit.register_fake
+def _(x, code, blocksize):
+    n = x.numel()
+    return (
+        x.new_empty((n,), dtype=torch.uint8),
+        x.new_empty(((n + blocksize - 1) // blocksize,), dtype=torch.float32),
+    )
+
+
+def _dequantize_weight_4bit(packed, absmax, nested_absmax, nested_code, offset, shape, blocksize, quant_type, dtype):
+    scales = ref4.block_absmax(absmax, nested_absmax, nested_code, offset, DOUBLE_QUANT_BLOCKSIZE)
+    return ref4.dequantize_4bit(packed, scales, shape, blocksize, quant_type, dtype)
+
+
+@torch.library.custom_op("qpass::dequantize_4bit", mutates_args=())
+def dequantize_4bit(
+    packed: Tensor,
+    absmax: Tensor,
+    nested_absmax: Optional[Tensor],
+    nested_code: Optional[Tensor],
+    offset: Optional[Tensor],
+    shape: list[int],
+    blocksize: int,
+    quant_type: str,
+    dtype: torch.dtype,
+) -> Tensor:
+    """The weight of ``shape`` in ``dtype``; absmax is uint8 when double-quantized (with nested_*)."""
+    return _dequantize_weight_4bit(packed, absmax, nested_absmax, nested_code, offset, shape, blocksize, quant_type, dtype)
+
+
+@dequantize_4bit.register_fake
+def _(packed, absmax, nested_absmax, nested_code, offset, shape, blocksize, quant_type, dtype):
+    return packed.new_empty(shape, dtype=dtype)
+
+
+@torch.library.custom_op("qpass::linear_4bit", mutates_args=())
+def linear_4bit(
+    x: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    nested_absmax: Optional[Tensor],
+    nested_code: Optional[Tensor],
+    offset: Optional[Tensor],
+    bias: Optional[Tensor],
+    out_features: int,
+    in_features: int,
+    blocksize: int,
+    quant_type: str,
+    compute_dtype: torch.dtype,
+) -> Tensor:
+    """``x @ W^T + bias`` with ``W`` the 4-bit weight ``[out_features, in_features]``."""
+    _check_input(x, in_features, "linear_4bit")
+    weight = _dequantize_weight_4bit(
+        packed, absmax, nested_absmax, nested_code, offset, [out_features, in_features], blocksize, quant_type, compute_dtype
+    )
+    b = None if bias is None else bias.to(compute_dtype)
+    out = torch.nn.functional.linear(x.to(compute_dtype), weight, b)
+    return out.to(_output_dtype(x, compute_dtype))
+
+
+@linear_4bit.register_fake
+def _(x, packed, absmax, nested_absmax, nested_code, offset, bias, out_features, in_features, blocksize, quant_type, compute_dtype):
+    _check_input(x, in_features, "linear_4bit")
+    return x.new_empty((*x.shape[:-1], out_features), dtype=_output_dtype(x, compute_dtype))
+
+
+def _setup_linear_4bit(ctx, inputs, output):
+    x, packed, absmax, nested_absmax, nested_code, offset, bias, out_f, in_f, blocksize, quant_type, compute_dtype = inputs
+    ctx.save_for_backward(packed, absmax, nested_absmax, nested_code, offset)
+    ctx.meta = (x.dtype, None if bias is None else bias.dtype, [out_f, in_f], blocksize, quant_type, compute_dtype)
+
+
+def _backward_linear_4bit(ctx, grad_out):
+    packed, absmax, nested_absmax, nested_code, offset = ctx.saved_tensors
+    x_dtype, bias_dtype, shape, blocksize, quant_type, compute_dtype = ctx.meta
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        weight = torch.ops.qpass.dequantize_4bit(
+            packed, absmax, nested_absmax, nested_code, offset, shape, blocksize, quant_type, compute_dtype
+        )
+        grad_x = (grad_out.to(compute_dtype) @ weight).to(x_dtype)
+    if bias_dtype is not None and ctx.needs_input_grad[6]:
+        grad_bias = grad_out.reshape(-1, shape[0]).sum(0).to(bias_dtype)
+    return grad_x, None, None, None, None, None, grad_bias, None, None, None, None, None
+
+
+linear_4bit.register_autograd(_backward_linear_4bit, setup_context=_setup_linear_4bit)
+
+
+# ----------------------------------------------------------------------------------------------------
+# int8 (LLM.int8() with outlier decomposition)
+# ----------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("qpass::int8_vectorwise_quant", mutates_args=())
+def int8_vectorwise_quant(x: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Row-wise int8 of a 2-D tensor: (int8 ``[m, k]``, float32 row absmax ``[m]``, bool outlier
+    column mask ``[k]``)."""
+    return ref8.int8_vectorwise_quant(x, threshold)
+
+
+@int8_vectorwise_quant.register_fake
+def _(x, threshold):
+    return (
+        x.new_empty(x.shape, dtype=torch.int8),
+        x.new_empty(x.shape[:-1], dtype=torch.float32),
+        x.new_empty(x.shape[-1:], dtype=torch.bool),
+    )
+
+
+@torch.library.custom_op("qpass::dequantize_int8", mutates_args=())
+def dequantize_int8(cb: Tensor, scb: Tensor, dtype: torch.dtype) -> Tensor:
+    """``CB * SCB / 127`` as ``dtype``: the int8 weight ``[out, in]`` in full precision."""
+    return ref8.dequantize_int8(cb, scb, dtype)
+
+
+@dequantize_int8.register_fake
+def _(cb, scb, dtype):
+    return cb.new_empty(cb.shape, dtype=dtype)
+
+
+@torch.library.custom_op("qpass::linear_int8", mutates_args=())
+def linear_int8(
+    x: Tensor, cb: Tensor, scb: Tensor, bias: Optional[Tensor], threshold: float, compute_dtype: torch.dtype
+) -> Tensor:
+    """LLM.int8() ``x @ W^T + bias``, outlier columns (|x| >= threshold) in ``compute_dtype``."""
+    _check_input(x, cb.shape[1], "linear_int8")
+    x2d = x.reshape(-1, x.shape[-1])
+    out = ref8.linear_int8(x2d, cb, scb, bias, threshold, compute_dtype)
+    return out.reshape(*x.shape[:-1], cb.shape[0]).to(_output_dtype(x, compute_dtype))
+
+
+@linear_int8.register_fake
+def _(x, cb, scb, bias, threshold, compute_dtype):
+    _check_input(x, cb.shape[1], "linear_int8")
+    return x.new_empty((*x.shape[:-1], cb.shape[0]), dtype=_output_dtype(x, compute_dtype))
+
+
+def _setup_linear_int8(ctx, inputs, output):
+    x, cb, scb, bias, threshold, compute_dtype = inputs
+    ctx.save_for_backward(cb, scb)
+    ctx.meta = (x.dtype, None if bias is None else bias.dtype, compute_dtype)
+
+
+def _backward_linear_int8(ctx, grad_out):
+    cb, scb = ctx.saved_tensors
+    x_dtype, bias_dtype, compute_dtype = ctx.meta
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        weight = torch.ops.qpass.dequantize_int8(cb, scb, compute_dtype)
+        grad_x = (grad_out.to(compute_dtype) @ weight).to(x_dtype)
+    if bias_dtype is not None and ctx.needs_input_grad[3]:
+        grad_bias = grad_out.reshape(-1, cb.shape[0]).sum(0).to(bias_dtype)
+    return grad_x, None, None, grad_bias, None, None
+
+
+linear_int8.register_autograd(_backward_linear_int8, setup_context=_setup_linear_int8)

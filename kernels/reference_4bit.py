@@ -1,0 +1,152 @@
+"""Plain-torch reference kernels of the bitsandbytes 4-bit blockwise formats (NF4, FP4).
+
+These run on any device and define the arithmetic bit for bit; faster kernels must agree with them.
+
+Layout of a quantized ``[out_features, in_features]`` weight ``W`` (n = out * in elements):
+
+* ``W`` is flattened row-major and cut into blocks of ``blocksize`` elements (a power of two, 32..4096);
+  the last block may be short.
+* ``absmax``: float32 ``[ceil(n / blocksize)]``, the max |w| of each block.
+* ``packed``: uint8 ``[(n + 1) // 2, 1]``; element 2i sits in the HIGH nibble of byte i, element 2i+1
+  in the low nibble (a trailing odd element is paired with a zero nibble).
+* Double quantization replaces ``absmax`` by uint8 codes ``[ceil(n / blocksize)]`` into the signed
+  dynamic map, blockwise over 256 absmax values, plus ``nested_absmax`` float32
+  ``[ceil(n_blocks / 256)]`` and ``offset`` = float32 scalar mean of the original absmax:
+  ``absmax = nested_code[code] * nested_absmax[i // 256] + offset``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .codebooks import FP4_RANK_TO_CODE, code_4bit
+
+_TINY = 1e-38  # bitsandbytes clamps a zero absmax to this before dividing by it
+
+
+def _sorted_midpoints(code: torch.Tensor) -> torch.Tensor:
+    values = code.sort().values
+    return (values[:-1] + values[1:]) / 2
+
+
+def quantize_4bit(weight: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``weight`` (any shape, fp32/fp16/bf16) to packed 4-bit codes and float32 block absmax.
+
+    The arithmetic is bitsandbytes 0.50's (``backends/default/ops.py: quantize_4bit``): full blocks are
+    scaled by ``x * (1 / max(absmax, 1e-38))``, the short last block by ``x / max(absmax, 1e-38)`` (and
+    its stored absmax is the clamped one), both clamped to [-1, 1], then bucketized on the midpoints of
+    the sorted code book (a value on a midpoint takes the lower code).
+    """
+    flat = weight.reshape(-1).float()
+    n = flat.numel()
+    full = n - n % blocksize
+    blocks = flat[:full].reshape(-1, blocksize)
+    absmax = blocks.abs().amax(dim=-1)
+    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=_TINY).unsqueeze(-1)), -1, 1).reshape(-1)
+    if full < n:
+        tail_absmax = flat[full:].abs().max().clamp(min=_TINY)
+        absmax = torch.cat([absmax, tail_absmax.unsqueeze(0)])
+        scaled = torch.cat([scaled, torch.clamp(flat[full:] / tail_absmax, -1, 1)])
+    if scaled.numel() % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))
+    code = code_4bit(quant_type, weight.device)
+    rank = torch.bucketize(scaled, _sorted_midpoints(code))
+    if quant_type == "fp4":
+        rank = torch.tensor(FP4_RANK_TO_CODE, dtype=torch.uint8, device=weight.device)[rank]
+    nibbles = rank.to(torch.uint8)
+    packed = (nibbles[0::2] << 4) | nibbles[1::2]
+    return packed.unsqueeze(1), absmax
+
+
+def unpack_4bit(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """uint8 codes ``[numel]`` (int64) from packed bytes of any storage dtype (high nibble first)."""
+    flat = packed.reshape(-1).view(torch.uint8) if packed.dtype != torch.uint8 else packed.reshape(-1)
+    codes = torch.stack([flat >> 4, flat & 0xF], dim=-1).reshape(-1)
+    return codes[:numel].long()
+
+
+_LUT_STEPS = 65535  # the 8-bit quantizer reads codes from a table over 65536 evenly spaced points of [-1, 1]
+
+
+def _blockwise_8bit_lut(code: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[65536]``: for grid point i (``v = (i + i) / 65535 - 1`` in float32), the number of
+    midpoints ``(code[j] + code[j + 1]) * 0.5`` strictly below v, i.e. the nearest code, ties low."""
+    midpoints = (code[:-1] + code[1:]) * 0.5
+    grid = torch.arange(_LUT_STEPS + 1, dtype=torch.float32, device=code.device)
+    grid = (grid + grid) / float(_LUT_STEPS) - 1.0
+    return torch.searchsorted(midpoints, grid).to(torch.uint8)
+
+
+def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise 8-bit quantization of a float32 vector against a sorted 256-value ``code``.
+
+    Bit-exact with bitsandbytes 0.50's CPU ``quantize_blockwise`` (``quantize_cpu_impl``), which reads
+    codes from a 65536-entry table rather than searching: per block ``absmax = max |x|`` (a zero block
+    gets code 0 everywhere); ``v = clamp(x * (1 / absmax), -1, 1)``; ``t = (v + 1) * 0.5``;
+    ``i = trunc(fma(65535, t, 0.5))`` (one float32 rounding); code = ``lut[i]`` (``_blockwise_8bit_lut``).
+    Returns uint8 codes ``[n]`` and float32 absmax ``[ceil(n / blocksize)]``.
+    """
+    flat = x.reshape(-1).float()
+    n = flat.numel()
+    n_blocks = -(-n // blocksize)
+    padded = torch.nn.functional.pad(flat, (0, n_blocks * blocksize - n)).reshape(n_blocks, blocksize)
+    absmax = padded.abs().amax(dim=-1)
+    inverse = 1.0 / torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    v = torch.clamp(padded * inverse.unsqueeze(-1), -1.0, 1.0)
+    t = (v + 1.0) * 0.5
+    # 65535 * t + 0.5 is exact in float64; rounding it once to float32 is what the fused multiply-add does.
+    index = (t.double() * _LUT_STEPS + 0.5).float().trunc().long()
+    codes = _blockwise_8bit_lut(code)[index]
+    codes = torch.where((absmax > 0).unsqueeze(-1), codes, torch.zeros_like(codes))
+    return codes.reshape(-1)[:n], absmax
+
+
+def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """float32 ``code[codes[i]] * absmax[i // blocksize]``."""
+    values = code[codes.reshape(-1).long()]
+    block = torch.arange(values.numel(), device=values.device) // blocksize
+    return values * absmax[block]
+
+
+def double_quantize(absmax: torch.Tensor, nested_code: torch.Tensor, nested_blocksize: int):
+    """(uint8 codes, float32 nested_absmax, float32 scalar offset) of a float32 absmax vector."""
+    offset = absmax.mean()
+    codes, nested_absmax = quantize_blockwise_8bit(absmax - offset, nested_code, nested_blocksize)
+    return codes, nested_absmax, offset
+
+
+def block_absmax(
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    nested_blocksize: int,
+) -> torch.Tensor:
+    """float32 per-block absmax, undoing double quantization when ``nested_absmax`` is given."""
+    if nested_absmax is None:
+        return absmax.float()
+    if nested_code is None or offset is None:
+        raise ValueError("double-quantized absmax needs nested_code and offset too")
+    return dequantize_blockwise_8bit(absmax, nested_absmax, nested_code, nested_blocksize) + offset
+
+
+def dequantize_4bit(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    shape: list[int],
+    blocksize: int,
+    quant_type: str,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``code[nibble] * absmax[block]`` in float32, then cast to ``dtype``, reshaped to ``shape``."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    values = code_4bit(quant_type, packed.device)[unpack_4bit(packed, numel)]
+    n_full = numel - numel % blocksize
+    scales = absmax.float()
+    out = torch.empty(numel, dtype=torch.float32, device=packed.device)
+    out[:n_full] = (values[:n_full].reshape(-1, blocksize) * scales[: n_full // blocksize].unsqueeze(-1)).reshape(-1)
+    if n_full < numel:
+        out[n_full:] = values[n_full:] * scales[-1]
+    return out.reshape(shape).to(dtype)

@@ -1,0 +1,80 @@
+"""Plain-torch reference kernels of LLM.int8() (bitsandbytes ``Linear8bitLt``) with outlier decomposition.
+
+Weight ``W [out, in]``: ``SCB = max_k |W[o, k]|`` (float32 ``[out]``) and ``CB = round(W * 127 / SCB)``
+(int8 ``[out, in]``, round half to even), computed from ``W`` cast to float16 as bitsandbytes does.
+
+Activations ``X [m, in]`` with threshold t > 0: column k is an *outlier column* when any
+``|X[:, k]| >= t``. ``SCA = max |X[i, k]|`` over the entries below t; ``CA = round(X * 127 / SCA)`` with
+outlier columns zeroed. Output, all in static shapes (the outlier columns are a boolean mask over
+``in``, never a gathered list, so no host sync and no data-dependent shape):
+
+    Y = (CA @ CB^T) * (SCA ⊗ SCB) / 127² + bias          (int32 accumulation, float32 epilogue)
+      + (X * mask) @ (CB * SCB / 127)^T                   (outlier columns, in the compute dtype)
+"""
+
+from __future__ import annotations
+
+import torch
+
+INT8_SCALE_PRODUCT = 6.200124e-05  # 1/127² as bitsandbytes writes it (int8_mm_dequant)
+INT8_DEQUANT = 7.874015718698502e-3  # 1/127 as bitsandbytes writes it (int8_vectorwise_dequant)
+_EXACT_K = 1024  # 1024 * 127 * 127 < 2**24: an fp32 dot of this many int8 products is exact
+
+
+def int8_vectorwise_quant(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row-wise int8 quantization of a 2-D float tensor; returns (int8 ``[m, k]``, float32 ``[m]``,
+    bool outlier-column mask ``[k]``). With ``threshold <= 0`` the mask is all False."""
+    xf = x.float()
+    magnitude = xf.abs()
+    if threshold > 0:
+        outlier = magnitude >= threshold
+        columns = outlier.any(dim=0)
+        magnitude = magnitude.masked_fill(outlier, 0.0)
+    else:
+        columns = torch.zeros(x.shape[-1], dtype=torch.bool, device=x.device)
+    row_absmax = magnitude.amax(dim=-1) if x.shape[-1] else magnitude.new_zeros(x.shape[0])
+    # A zero row quantizes to zeros (bitsandbytes would divide 0 by 0 here).
+    scale = 127.0 / torch.where(row_absmax > 0, row_absmax, torch.ones_like(row_absmax))
+    quantized = torch.round(xf * scale.unsqueeze(-1))
+    quantized = quantized.masked_fill(columns.unsqueeze(0), 0.0)
+    return quantized.to(torch.int8), row_absmax, columns
+
+
+def dequantize_int8(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``CB * SCB / 127`` in float32, cast to ``dtype``."""
+    return (cb.float() * scb.float().unsqueeze(-1) * INT8_DEQUANT).to(dtype)
+
+
+def int8_matmul_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """int32 ``a @ b^T`` of int8 ``[m, k]`` and ``[n, k]`` on any device, exactly.
+
+    Sums float32 products over chunks of 1024 along k, each exact, and adds the chunks in int32.
+    """
+    out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.int32, device=a.device)
+    for start in range(0, a.shape[1], _EXACT_K):
+        chunk_a = a[:, start : start + _EXACT_K].float()
+        chunk_b = b[:, start : start + _EXACT_K].float()
+        out += (chunk_a @ chunk_b.T).to(torch.int32)
+    return out
+
+
+def linear_int8(
+    x: torch.Tensor,
+    cb: torch.Tensor,
+    scb: torch.Tensor,
+    bias: torch.Tensor | None,
+    threshold: float,
+    compute_dtype: torch.dtype,
+) -> torch.Tensor:
+    """LLM.int8() linear of a 2-D ``x``; the result is in ``compute_dtype``."""
+    x = x.to(compute_dtype)
+    ca, sca, outlier_columns = int8_vectorwise_quant(x, threshold)
+    acc = int8_matmul_exact(ca, cb)
+    out = acc.float() * (sca.unsqueeze(-1) * scb.float().unsqueeze(0)) * INT8_SCALE_PRODUCT
+    if bias is not None:
+        out = out + bias.float()
+    out = out.to(compute_dtype)
+    if threshold > 0:
+        x_outliers = x * outlier_columns.to(compute_dtype)
+        out = torch.addmm(out, x_outliers, dequantize_int8(cb, scb, compute_dtype).T)
+    return out

@@ -1,0 +1,28 @@
+"""qpass: bitsandbytes-exact NF4 / FP4 / LLM.int8() quantization, the PyTorch 2 way.
+
+    model = qpass.quantize(model, "nf4")      # or "fp4", "int8", a config, a QPassConfig
+    model = torch.compile(model, fullgraph=True)
+"""
+
+from . import kernels  # noqa: F401  (registers torch.ops.qpass.*)
+from .api import quantize
+from .config import FP4Config, Int8Config, NF4Config, QPassConfig, QuantConfig, Weight4bitConfig
+from .errors import QuantizationError
+from .footprint import Footprint, footprint
+from .modules import QuantizedLinear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FP4Config",
+    "Footprint",
+    "Int8Config",
+    "NF4Config",
+    "QPassConfig",
+    "QuantConfig",
+    "QuantizationError",
+    "QuantizedLinear",
+    "Weight4bitConfig",
+    "footprint",
+    "quantize",
+]

@@ -1,0 +1,177 @@
+"""Typed quantization configs and the per-module plan both front-ends resolve against.
+
+A *format config* says how one weight is quantized (``NF4Config``, ``FP4Config``, ``Int8Config``);
+a ``QPassConfig`` says which config each linear layer gets, by fully qualified module name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+from collections.abc import Mapping, Sequence
+from typing import ClassVar, Union
+
+import torch
+
+VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+QUANT_STORAGE_DTYPES = (torch.uint8, torch.bfloat16, torch.float16, torch.float32)
+
+
+class QuantConfig:
+    """Base of the format configs. Subclasses are frozen dataclasses that validate themselves."""
+
+    format_name: ClassVar[str]
+    version: ClassVar[int] = 1
+
+
+def _check_dtype(value: torch.dtype, allowed: Sequence[torch.dtype], field: str, owner: str) -> None:
+    if value not in allowed:
+        names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+        raise ValueError(f"{owner}: {field}={value} is not supported; use one of {names}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Weight4bitConfig(QuantConfig):
+    """Blockwise 4-bit weights (bitsandbytes ``Linear4bit``), the 4-bit code book given by the subclass.
+
+    Fields, with their bitsandbytes / transformers ``BitsAndBytesConfig`` names:
+
+    * ``blocksize`` (``bnb_4bit_blocksize``): weights per absmax, a power of two from 32 to 4096.
+    * ``double_quant`` (``bnb_4bit_use_double_quant``): quantize the absmax values again to 8 bits in
+      blocks of 256 (4.127 bits per weight instead of 4.5). On by default, as in the QLoRA recipe
+      (bitsandbytes' own default is off).
+    * ``compute_dtype`` (``bnb_4bit_compute_dtype``): dtype of the matmul; inputs are cast to it and the
+      output is cast back to the input's dtype.
+    * ``quant_storage`` (``bnb_4bit_quant_storage``): dtype the packed bytes are viewed as (uint8, or a
+      float dtype for FSDP sharding); the bytes are the same.
+    """
+
+    quant_type: ClassVar[str]
+    blocksize: int = 64
+    double_quant: bool = True
+    compute_dtype: torch.dtype = torch.bfloat16
+    quant_storage: torch.dtype = torch.uint8
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        if self.blocksize not in VALID_BLOCKSIZES:
+            raise ValueError(
+                f"{owner}: blocksize={self.blocksize!r} is not supported; use a power of two from 32 to 4096 "
+                f"({', '.join(map(str, VALID_BLOCKSIZES))})"
+            )
+        _check_dtype(self.compute_dtype, COMPUTE_DTYPES, "compute_dtype", owner)
+        _check_dtype(self.quant_storage, QUANT_STORAGE_DTYPES, "quant_storage", owner)
+
+
+@dataclasses.dataclass(frozen=True)
+class NF4Config(Weight4bitConfig):
+    """4-bit NormalFloat (``bnb_4bit_quant_type="nf4"``)."""
+
+    format_name: ClassVar[str] = "nf4"
+    quant_type: ClassVar[str] = "nf4"
+
+
+@dataclasses.dataclass(frozen=True)
+class FP4Config(Weight4bitConfig):
+    """4-bit float, bitsandbytes' sign + 3-bit magnitude code (``bnb_4bit_quant_type="fp4"``)."""
+
+    format_name: ClassVar[str] = "fp4"
+    quant_type: ClassVar[str] = "fp4"
+
+
+@dataclasses.dataclass(frozen=True)
+class Int8Config(QuantConfig):
+    """LLM.int8() (bitsandbytes ``Linear8bitLt``): int8 weights with one float32 scale per output row.
+
+    * ``threshold`` (``llm_int8_threshold``): input columns holding any |x| >= threshold are computed
+      in ``compute_dtype`` against the dequantized weights; 0 turns this outlier path off.
+    * ``compute_dtype``: dtype of the outlier matmul and of the result before it is cast back to the
+      input's dtype.
+    """
+
+    format_name: ClassVar[str] = "int8"
+    threshold: float = 6.0
+    compute_dtype: torch.dtype = torch.bfloat16
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold) and self.threshold >= 0):
+            raise ValueError(f"Int8Config: threshold={self.threshold!r} must be a finite number >= 0 (0 disables outliers)")
+        _check_dtype(self.compute_dtype, COMPUTE_DTYPES, "compute_dtype", "Int8Config")
+
+
+FORMATS: dict[str, type[QuantConfig]] = {cls.format_name: cls for cls in (NF4Config, FP4Config, Int8Config)}
+
+ConfigLike = Union[str, QuantConfig, None]
+
+
+def as_quant_config(spec: ConfigLike) -> QuantConfig | None:
+    """A format config from a format name ("nf4", "fp4", "int8"), a config object, or None (= skip)."""
+    if spec is None or isinstance(spec, QuantConfig):
+        return spec
+    if isinstance(spec, str):
+        try:
+            return FORMATS[spec.lower()]()
+        except KeyError:
+            raise ValueError(
+                f"unknown quantization format {spec!r}; use one of {sorted(FORMATS)} or a config object "
+                "such as qpass.NF4Config(blocksize=128)"
+            ) from None
+    raise TypeError(f"expected a format name, a qpass config or None, got {type(spec).__name__}")
+
+
+DEFAULT_SKIP_MODULES = ("lm_head",)
+
+
+@dataclasses.dataclass
+class QPassConfig:
+    """Which format each linear layer gets.
+
+    * ``default``: the format of every linear layer not named below.
+    * ``overrides``: ``{name_or_glob: format}`` by fully qualified module name, e.g.
+      ``{"*.self_attn.*": "int8", "model.layers.0.mlp.down_proj": None}`` (None leaves it in full
+      precision). An exact name wins over globs; among globs the first match wins.
+    * ``skip_modules``: names or globs never quantized, whatever the overrides say. Defaults to
+      ``["lm_head"]`` as in transformers; output layers tied to an input embedding are always left alone.
+    """
+
+    default: ConfigLike = "nf4"
+    overrides: Mapping[str, ConfigLike] = dataclasses.field(default_factory=dict)
+    skip_modules: Sequence[str] = DEFAULT_SKIP_MODULES
+
+    def __post_init__(self) -> None:
+        self.default = as_quant_config(self.default)
+        self.overrides = {pattern: as_quant_config(spec) for pattern, spec in self.overrides.items()}
+        if isinstance(self.skip_modules, str):
+            self.skip_modules = (self.skip_modules,)
+        self.skip_modules = tuple(self.skip_modules)
+
+    def config_for(self, module_name: str) -> QuantConfig | None:
+        """The format config for the module ``module_name``, or None to leave it in full precision."""
+        if any(_matches(module_name, pattern) for pattern in self.skip_modules):
+            return None
+        if module_name in self.overrides:
+            return self.overrides[module_name]
+        for pattern, config in self.overrides.items():
+            if _matches(module_name, pattern):
+                return config
+        return self.default
+
+
+def _matches(module_name: str, pattern: str) -> bool:
+    """Exact name, glob on the full name, or (for a bare name like "lm_head") the last component."""
+    if module_name == pattern or fnmatch.fnmatchcase(module_name, pattern):
+        return True
+    return "." not in pattern and not any(c in pattern for c in "*?[") and module_name.rsplit(".", 1)[-1] == pattern
+
+
+def as_plan(spec: ConfigLike | QPassConfig, **plan_options) -> QPassConfig:
+    """A ``QPassConfig`` from whatever ``qpass.quantize`` was given."""
+    if isinstance(spec, QPassConfig):
+        if plan_options:
+            return dataclasses.replace(spec, **plan_options)
+        return spec
+    if spec is None:
+        raise ValueError("qpass.quantize needs a format: 'nf4', 'fp4', 'int8', a config object or a QPassConfig")
+    return QPassConfig(default=spec, **plan_options)

@@ -1,0 +1,68 @@
+"""NF4 / FP4 blockwise 4-bit weights with optional double quantization (bitsandbytes ``Linear4bit``).
+
+Tensors of a quantized ``[out, in]`` weight (n = out * in), exactly as bitsandbytes 0.50 stores them:
+
+* ``weight``: packed codes, uint8 ``[(n + 1) // 2, 1]``, element 2i in the high nibble of byte i; with
+  ``quant_storage`` bf16/fp16/fp32 the same bytes viewed as that dtype (``[n // (2 * itemsize), 1]``).
+* ``absmax``: float32 ``[ceil(n / blocksize)]``; with double quantization uint8 codes of the same
+  shape, plus ``nested_absmax`` float32 ``[ceil(n_blocks / 256)]``, ``nested_quant_map`` (the 256-value
+  signed dynamic map, float32) and ``offset`` (float32 scalar).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import ClassVar
+
+import torch
+
+from ..config import Weight4bitConfig
+from ..kernels.codebooks import DOUBLE_QUANT_BLOCKSIZE, dynamic_code
+from .base import Layout, register_format
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout4bit(Layout):
+    out_features: int
+    in_features: int
+    config: Weight4bitConfig
+
+    tensor_names: ClassVar[tuple[str, ...]] = ("weight", "absmax", "nested_absmax", "nested_quant_map", "offset")
+
+    def linear_call(self, x, tensors, bias):
+        c = self.config
+        args = (x, *(tensors[name] for name in self.tensor_names), bias)
+        args += (self.out_features, self.in_features, c.blocksize, c.quant_type, c.compute_dtype)
+        return torch.ops.qpass.linear_4bit.default, args
+
+    def dequantize(self, tensors: Mapping[str, torch.Tensor | None], dtype: torch.dtype) -> torch.Tensor:
+        c = self.config
+        return torch.ops.qpass.dequantize_4bit(
+            *(tensors[name] for name in self.tensor_names),
+            [self.out_features, self.in_features],
+            c.blocksize,
+            c.quant_type,
+            dtype,
+        )
+
+
+@register_format(Weight4bitConfig)
+def quantize_4bit(weight: torch.Tensor, config: Weight4bitConfig):
+    packed, absmax = torch.ops.qpass.quantize_4bit(weight, config.blocksize, config.quant_type)
+    if config.quant_storage != torch.uint8:
+        packed = packed.reshape(-1).view(config.quant_storage).unsqueeze(1)
+    tensors: dict[str, torch.Tensor | None] = dict.fromkeys(Layout4bit.tensor_names)
+    tensors["weight"] = packed
+    if config.double_quant:
+        code = dynamic_code(weight.device)
+        offset = absmax.mean()
+        tensors["absmax"], tensors["nested_absmax"] = torch.ops.qpass.quantize_blockwise_8bit(
+            absmax - offset, code, DOUBLE_QUANT_BLOCKSIZE
+        )
+        tensors["nested_quant_map"] = code
+        tensors["offset"] = offset
+    else:
+        tensors["absmax"] = absmax
+    out_features, in_features = weight.shape
+    return Layout4bit(out_features, in_features, config), tensors

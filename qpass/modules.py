@@ -1,0 +1,53 @@
+"""``QuantizedLinear``: the module that replaces ``nn.Linear`` (and transformers' ``Conv1D``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .formats import Layout
+
+
+class QuantizedLinear(nn.Module):
+    """A linear layer whose weight is held in a qpass format; ``forward`` calls one ``torch.ops.qpass`` op.
+
+    The quantized tensors are buffers named after the format's tensors (``weight``, ``absmax``, ... for
+    4-bit; ``weight`` and ``SCB`` for int8), so ``state_dict`` keys follow bitsandbytes. They move with
+    the module between devices but never change dtype: ``model.half()`` casts only the bias.
+    """
+
+    def __init__(self, layout: Layout, tensors: dict[str, torch.Tensor | None], bias: nn.Parameter | None):
+        super().__init__()
+        self.layout = layout
+        self.in_features = layout.in_features
+        self.out_features = layout.out_features
+        for name in layout.tensor_names:
+            self.register_buffer(name, tensors[name])
+        self.bias = bias
+
+    @property
+    def quantized_tensors(self) -> dict[str, torch.Tensor | None]:
+        return {name: getattr(self, name) for name in self.layout.tensor_names}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        op, args = self.layout.linear_call(x, self.quantized_tensors, self.bias)
+        return op(*args)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight ``[out_features, in_features]`` in full precision (compute dtype by default)."""
+        return self.layout.dequantize(self.quantized_tensors, dtype or self.layout.config.compute_dtype)
+
+    def _apply(self, fn, recurse=True):
+        # Quantized tensors follow device moves only: a dtype cast would corrupt packed codes and scales.
+        saved = {name: t for name, t in self.quantized_tensors.items() if t is not None}
+        for name in saved:
+            self._buffers[name] = None
+        super()._apply(fn, recurse)
+        for name, t in saved.items():
+            target = fn(torch.empty(0, dtype=t.dtype, device=t.device)).device
+            self._buffers[name] = t.to(target)
+        return self
+
+    def extra_repr(self) -> str:
+        c = self.layout.config
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {c}"

