@@ -68,6 +68,7 @@ def quantize_exported_program(ep: ExportedProgram, plan: QPassConfig) -> tuple[E
             weight = weight.t()
         check_weight(weight, module)
         layout, tensors = quantize_weight(weight, config)
+        del state_dict[fqn]  # before the new buffers: the packed weight takes over the name <module>.weight
 
         tensor_nodes = {}
         for tensor_name in layout.tensor_names:
@@ -93,7 +94,6 @@ def quantize_exported_program(ep: ExportedProgram, plan: QPassConfig) -> tuple[E
             if match.transpose is not None and not match.transpose.users:
                 graph.erase_node(match.transpose)
         graph.erase_node(weight_node)
-        del state_dict[fqn]
         removed_params.add(weight_node.name)
         report.quantized[module] = layout.config.format_name
 

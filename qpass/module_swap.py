@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .config import QPassConfig
-from .errors import QuantizationError, check_weight
+from .errors import check_weight
 from .formats import quantize_weight
 from .modules import QuantizedLinear
 
@@ -35,7 +35,10 @@ def linear_weight(module: nn.Module) -> torch.Tensor | None:
 
 
 def quantize_module(model: nn.Module, plan: QPassConfig) -> nn.Module:
-    """Quantize every linear layer the plan selects, one at a time, freeing each original weight."""
+    """Quantize every linear layer the plan selects, one at a time, freeing each original weight.
+
+    Returns ``model``, or the new ``QuantizedLinear`` when ``model`` is itself a linear layer.
+    """
     tied = _embedding_weights(model)
     for name, module in list(model.named_modules()):
         weight = linear_weight(module)
@@ -44,15 +47,13 @@ def quantize_module(model: nn.Module, plan: QPassConfig) -> nn.Module:
         config = plan.config_for(name)
         if config is None:
             continue
-        check_weight(weight, name)
-        try:
-            layout, tensors = quantize_weight(weight.detach(), config)
-        except QuantizationError:
-            raise
-        except (RuntimeError, ValueError) as err:
-            raise QuantizationError(f"layer {name!r}: quantizing to {config} failed: {err}") from err
+        check_weight(weight, name or type(module).__name__)
+        layout, tensors = quantize_weight(weight.detach(), config)
         bias = module.bias if isinstance(module.bias, nn.Parameter) else None
-        _set_submodule(model, name, QuantizedLinear(layout, tensors, bias))
+        quantized = QuantizedLinear(layout, tensors, bias)
+        if not name:  # the model is itself a linear layer
+            return quantized
+        _set_submodule(model, name, quantized)
     return model
 
 

@@ -1,0 +1,1 @@
+"""Integrations with other libraries and offline model packages."""

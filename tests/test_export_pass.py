@@ -1,0 +1,137 @@
+"""The torch.export front-end: the graph pass, its equivalence with the module front-end, save/load."""
+
+import pytest
+import torch
+from torch import nn
+
+import qpass
+from qpass.passes import find_linear_weights
+
+from models import tiny_gpt2, tiny_llama
+
+QOPS = {torch.ops.qpass.linear_4bit.default, torch.ops.qpass.linear_int8.default}
+
+
+def _ops(ep):
+    return [n.target for n in ep.graph.nodes if n.op == "call_function"]
+
+
+class Block(nn.Module):  # noqa: D101
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(32, 64)
+        self.down = nn.Linear(64, 16, bias=False)
+        self.scale = nn.Parameter(torch.randn(16))
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x))) * self.scale
+
+
+class LogitsOnly(nn.Module):
+    """A causal LM returning plain logits (no KV-cache object in the outputs)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids):
+        return self.lm(ids, use_cache=False).logits
+
+
+def make_block():
+    torch.manual_seed(0)
+    return Block().eval()
+
+
+def test_pass_rewrites_linears_and_state():
+    model = make_block()
+    x = torch.randn(3, 32)
+    ep = torch.export.export(model, (x,))
+    ep_q = qpass.quantize(ep, "nf4", skip_modules=[])
+    ops = _ops(ep_q)
+    assert ops.count(torch.ops.qpass.linear_4bit.default) == 2
+    assert torch.ops.aten.linear.default not in ops
+    assert "up.weight" in ep_q.state_dict and ep_q.state_dict["up.weight"].dtype == torch.uint8
+    assert "up.bias" in ep_q.state_dict and "scale" in ep_q.state_dict  # untouched parameters stay
+    assert {"down.absmax", "down.nested_absmax", "down.offset"} <= set(ep_q.state_dict)
+    # the input program is left as it was
+    assert torch.ops.aten.linear.default in _ops(ep) and ep.state_dict["up.weight"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("spec", ["nf4", "fp4", "int8", qpass.NF4Config(double_quant=False, compute_dtype=torch.float32)])
+def test_exported_and_module_front_ends_agree_exactly(spec):
+    x = torch.randn(4, 32)
+    ep_q = qpass.quantize(torch.export.export(make_block(), (x,)), spec, skip_modules=[])
+    module_q = qpass.quantize(make_block(), spec, skip_modules=[])
+    assert torch.equal(ep_q.module()(x), module_q(x))
+    for key, value in module_q.state_dict().items():
+        assert torch.equal(ep_q.state_dict[key].reshape(-1).view(torch.uint8), value.reshape(-1).view(torch.uint8)), key
+
+
+def test_llama_export_quantize_save_load(tmp_path):
+    model = LogitsOnly(tiny_llama())
+    ids = torch.randint(0, 128, (1, 10))
+    ep = torch.export.export(model, (ids,))
+    plan = qpass.QPassConfig("nf4", overrides={"*.self_attn.*": "int8"})
+    ep_q = qpass.quantize(ep, plan)
+    ops = _ops(ep_q)
+    assert ops.count(torch.ops.qpass.linear_int8.default) == 8
+    assert ops.count(torch.ops.qpass.linear_4bit.default) == 6
+    assert ops.count(torch.ops.aten.linear.default) == 1  # lm_head, skipped by default
+
+    module_q = qpass.quantize(LogitsOnly(tiny_llama()), plan)
+    with torch.no_grad():
+        expected = module_q(ids)
+    torch.testing.assert_close(ep_q.module()(ids), expected, rtol=0, atol=0)
+
+    path = tmp_path / "llama_nf4.pt2"
+    torch.export.save(ep_q, path)
+    loaded = torch.export.load(path)
+    torch.testing.assert_close(loaded.module()(ids), expected, rtol=0, atol=0)
+    assert _ops(loaded).count(torch.ops.qpass.linear_4bit.default) == 6
+
+
+def test_decomposed_graphs_are_matched_too():
+    """After run_decompositions, linears are (add)mm over a transposed parameter."""
+    x = torch.randn(2, 5, 32)
+    ep = torch.export.export(make_block(), (x,)).run_decompositions()
+    assert torch.ops.aten.linear.default not in _ops(ep)
+    ep_q = qpass.quantize(ep, "int8", skip_modules=[])
+    assert _ops(ep_q).count(torch.ops.qpass.linear_int8.default) == 2
+    assert not any(t in (torch.ops.aten.addmm.default, torch.ops.aten.mm.default) for t in _ops(ep_q))
+    module_q = qpass.quantize(make_block(), "int8", skip_modules=[])
+    torch.testing.assert_close(ep_q.module()(x), module_q(x), rtol=1e-5, atol=1e-5)
+
+
+def test_conv1d_export_matches_module_front_end():
+    ids = torch.randint(0, 128, (1, 8))
+    ep_q = qpass.quantize(torch.export.export(LogitsOnly(tiny_gpt2()), (ids,)), "fp4")
+    assert _ops(ep_q).count(torch.ops.qpass.linear_4bit.default) == 8
+    module_q = qpass.quantize(LogitsOnly(tiny_gpt2()), "fp4")
+    with torch.no_grad():
+        expected = module_q(ids)
+    torch.testing.assert_close(ep_q.module()(ids), expected, rtol=0, atol=0)
+
+
+def test_tied_and_non_linear_uses_are_left_alone():
+    model = LogitsOnly(tiny_llama(tie_word_embeddings=True))
+    ep = torch.export.export(model, (torch.randint(0, 128, (1, 6)),))
+    ep_q = qpass.quantize(ep, "nf4", skip_modules=[])
+    # lm_head shares its weight with the embedding lookup: not a pure linear weight
+    assert _ops(ep_q).count(torch.ops.aten.linear.default) == 1
+    assert _ops(ep_q).count(torch.ops.aten.embedding.default) == 1
+
+
+def test_quantizing_an_exported_program_twice_changes_nothing():
+    x = torch.randn(2, 32)
+    ep_q = qpass.quantize(torch.export.export(make_block(), (x,)), "nf4", skip_modules=[])
+    again = qpass.quantize(ep_q, "int8", skip_modules=[])
+    assert _ops(again) == _ops(ep_q)
+    assert not find_linear_weights(again.graph, dict(again.graph_signature.inputs_to_parameters))
+
+
+def test_compiled_exported_program_runs():
+    x = torch.randn(3, 32)
+    ep_q = qpass.quantize(torch.export.export(make_block(), (x,)), "nf4", skip_modules=[])
+    compiled = torch.compile(ep_q.module(), fullgraph=True)
+    torch.testing.assert_close(compiled(x), ep_q.module()(x))

@@ -1,0 +1,215 @@
+"""The module front-end: which layers are replaced, transformers compatibility, errors, footprint."""
+
+import gc
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+import qpass
+from qpass import QuantizedLinear
+
+from models import tiny_gpt2, tiny_llama
+
+
+def _quantized(model):
+    return {name: m.layout.config.format_name for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+
+
+def test_every_linear_but_lm_head_is_quantized():
+    model = qpass.quantize(tiny_llama(), "nf4")
+    names = _quantized(model)
+    assert len(names) == 2 * 7 and set(names.values()) == {"nf4"}
+    assert isinstance(model.lm_head, nn.Linear)
+    assert not any(isinstance(m, nn.Linear) for n, m in model.named_modules() if n != "lm_head")
+
+
+def test_overrides_by_glob_and_name_and_skip():
+    plan = qpass.QPassConfig(
+        "nf4",
+        overrides={"*.self_attn.*": "int8", "model.layers.1.mlp.down_proj": None, "*.mlp.up_proj": qpass.FP4Config()},
+        skip_modules=["model.layers.0.self_attn.o_proj"],
+    )
+    names = _quantized(qpass.quantize(tiny_llama(), plan))
+    assert names["model.layers.0.self_attn.q_proj"] == "int8"
+    assert "model.layers.0.self_attn.o_proj" not in names
+    assert names["model.layers.1.mlp.up_proj"] == "fp4"
+    assert names["model.layers.0.mlp.down_proj"] == "nf4"
+    assert "model.layers.1.mlp.down_proj" not in names
+    # as in transformers, an explicit skip list replaces the default ["lm_head"]
+    assert names["lm_head"] == "nf4"
+
+
+def test_tied_output_embedding_is_left_alone():
+    model = tiny_llama(tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    qpass.quantize(model, "nf4", skip_modules=[])
+    assert isinstance(model.lm_head, nn.Linear)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_quantizing_twice_changes_nothing():
+    model = qpass.quantize(tiny_llama(), "nf4")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    qpass.quantize(model, "int8")
+    assert set(_quantized(model).values()) == {"nf4"}
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+# Relative logit error of a 2-layer random Llama against fp32: loose bounds that still catch a broken
+# layer (a wrong nibble order or scale gives errors near 1). FP4's code is coarser than NF4's on
+# normally distributed weights.
+MODEL_ERROR = {"nf4": 0.15, "fp4": 0.25, "int8": 0.03, "nf4-128": 0.15}
+SPECS = {"nf4": "nf4", "fp4": "fp4", "int8": "int8", "nf4-128": qpass.NF4Config(double_quant=False, blocksize=128)}
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_transformers_model_keeps_working(name):
+    spec = SPECS[name]
+    fp = tiny_llama()
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        ref = fp(ids).logits
+    model = qpass.quantize(tiny_llama(), spec)
+    with torch.no_grad():
+        out = model(ids).logits
+    rel = (out - ref).norm() / ref.norm()
+    assert rel < MODEL_ERROR[name], rel
+    generated = model.generate(ids[:1, :4], max_new_tokens=5, do_sample=False)
+    assert generated.shape == (1, 9)
+    assert model.config.to_dict()["hidden_size"] == 64
+
+
+def test_state_dict_uses_bitsandbytes_names():
+    model = qpass.quantize(tiny_llama(), "nf4")
+    keys = [k for k in model.state_dict() if k.startswith("model.layers.0.self_attn.q_proj.")]
+    assert sorted(keys) == sorted(
+        f"model.layers.0.self_attn.q_proj.{n}" for n in ("weight", "absmax", "nested_absmax", "nested_quant_map", "offset")
+    )
+    int8 = qpass.quantize(tiny_llama(), "int8")
+    assert int8.state_dict()["model.layers.0.mlp.up_proj.weight"].dtype == torch.int8
+    assert "model.layers.0.mlp.up_proj.SCB" in int8.state_dict()
+
+
+def test_dtype_casts_do_not_touch_quantized_tensors():
+    model = qpass.quantize(tiny_llama(), qpass.NF4Config(quant_storage=torch.bfloat16))
+    layer = model.model.layers[0].mlp.up_proj
+    packed, absmax = layer.weight.clone(), layer.absmax.clone()
+    model.half()
+    assert layer.weight.dtype == torch.bfloat16
+    assert torch.equal(layer.weight.view(torch.uint8), packed.view(torch.uint8))  # bytes: some are NaN patterns
+    assert torch.equal(layer.absmax, absmax)
+    out = model(torch.randint(0, 128, (1, 5))).logits
+    assert out.dtype == torch.float16 and not out.isnan().any()
+
+
+def test_conv1d_layers_of_gpt2():
+    fp = tiny_gpt2()
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        ref = fp(ids).logits
+    model = qpass.quantize(tiny_gpt2(), "int8")
+    names = _quantized(model)
+    assert "transformer.h.0.attn.c_attn" in names and "transformer.h.1.mlp.c_proj" in names
+    layer = model.transformer.h[0].attn.c_attn
+    assert (layer.in_features, layer.out_features) == (64, 192)
+    with torch.no_grad():
+        out = model(ids).logits
+    assert (out - ref).norm() / ref.norm() < 0.05
+
+
+def test_lora_trains_through_a_frozen_quantized_base():
+    """A LoRA adapter on layer 1 learns through quantized layer 2: its gradient crosses the qpass op."""
+    torch.manual_seed(3)
+    base = qpass.quantize(nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32)), qpass.NF4Config(compute_dtype=torch.float32))
+    lora_a = nn.Parameter(torch.randn(4, 32) * 0.1)
+    lora_b = nn.Parameter(torch.zeros(32, 4))
+    true_a, true_b = torch.randn(4, 32) * 0.3, torch.randn(32, 4) * 0.3
+
+    def forward(a, b, x):
+        return base[1](base[0](x) + x @ a.T @ b.T)
+
+    x = torch.randn(256, 32)
+    with torch.no_grad():
+        target = forward(true_a, true_b, x)
+    opt = torch.optim.Adam([lora_a, lora_b], lr=3e-2)
+    losses = []
+    for _ in range(60):
+        loss = torch.nn.functional.mse_loss(forward(lora_a, lora_b, x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.2 * losses[0], (losses[0], losses[-1])
+    assert all(t is None or not t.requires_grad for layer in base for t in layer.quantized_tensors.values())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"spec": "nf5"}, r"unknown quantization format 'nf5'; use one of \['fp4', 'int8', 'nf4'\]"),
+        ({"spec": qpass.NF4Config}, r"expected a format name"),
+    ],
+)
+def test_bad_format_names(kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        qpass.quantize(nn.Linear(4, 4), kwargs["spec"])
+
+
+def test_bad_config_values():
+    with pytest.raises(ValueError, match=r"NF4Config: blocksize=100 is not supported; use a power of two from 32 to 4096"):
+        qpass.NF4Config(blocksize=100)
+    with pytest.raises(ValueError, match=r"FP4Config: compute_dtype=torch.int8 is not supported; use one of bfloat16"):
+        qpass.FP4Config(compute_dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"Int8Config: threshold=-1 must be a finite number >= 0"):
+        qpass.Int8Config(threshold=-1)
+
+
+def test_bad_weights_name_the_layer():
+    model = nn.Sequential()
+    model.add_module("proj", nn.Linear(8, 8))
+    with torch.no_grad():
+        model.proj.weight[2, 3] = float("nan")
+    with pytest.raises(qpass.QuantizationError, match=r"layer 'proj': weight holds 1 NaN/Inf value\(s\).*skip_modules=\['proj'\]"):
+        qpass.quantize(model, "nf4")
+    model.proj.weight.data = model.proj.weight.data.to(torch.float64)
+    with pytest.raises(qpass.QuantizationError, match=r"layer 'proj': weight dtype torch.float64 cannot be quantized"):
+        qpass.quantize(model, "int8")
+    with torch.device("meta"):
+        meta = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(qpass.QuantizationError, match=r"layer '0': its weight is on the meta device"):
+        qpass.quantize(meta, "nf4")
+
+
+def test_a_bare_linear_is_returned_quantized():
+    layer = qpass.quantize(nn.Linear(16, 8), "fp4")
+    assert isinstance(layer, QuantizedLinear)
+    assert layer(torch.randn(2, 16)).shape == (2, 8)
+
+
+@pytest.mark.parametrize(("spec", "bits"), [("nf4", 4.127), ("fp4", 4.127), (qpass.NF4Config(double_quant=False), 4.5)])
+def test_footprint_bits_per_weight(spec, bits):
+    model = qpass.quantize(tiny_llama(), spec)
+    fp = qpass.footprint(model)
+    assert len(fp.layers) == 14
+    # tiny layers round the nested-absmax count up: within 0.02 bits of the large-layer figure
+    assert abs(fp.bits_per_quantized_weight - bits) < 0.02, fp.bits_per_quantized_weight
+    assert fp.fp32_bytes == 2 * fp.fp16_bytes and fp.total_bytes < fp.fp32_bytes
+    assert "model:" in str(fp)
+
+
+def test_footprint_int8_bits():
+    model = qpass.quantize(tiny_llama(), "int8")
+    for layer in qpass.footprint(model).layers:
+        in_features = model.get_submodule(layer.name).in_features
+        assert layer.bits_per_weight == pytest.approx(8 + 32 / in_features)
+
+
+def test_original_weights_are_freed():
+    model = nn.Sequential(*[nn.Linear(1024, 1024, bias=False) for _ in range(4)])
+    weak = [weakref.ref(m.weight) for m in model]
+    qpass.quantize(model, "nf4")
+    gc.collect()
+    assert all(w() is None for w in weak), "an original fp32 weight is still alive after quantize()"
