@@ -19,6 +19,7 @@ from torch import Tensor
 from . import reference_4bit as ref4
 from . import reference_int8 as ref8
 from .codebooks import DOUBLE_QUANT_BLOCKSIZE
+from .reference_matmul import linear_fp32_accumulate
 
 
 def _output_dtype(x: Tensor, compute_dtype: torch.dtype) -> torch.dtype:
@@ -114,8 +115,7 @@ def linear_4bit(
     weight = _dequantize_weight_4bit(
         packed, absmax, nested_absmax, nested_code, offset, [out_features, in_features], blocksize, quant_type, compute_dtype
     )
-    b = None if bias is None else bias.to(compute_dtype)
-    out = torch.nn.functional.linear(x.to(compute_dtype), weight, b)
+    out = linear_fp32_accumulate(x, weight, bias, compute_dtype)
     return out.to(_output_dtype(x, compute_dtype))
 
 
@@ -139,7 +139,7 @@ def _backward_linear_4bit(ctx, grad_out):
         weight = torch.ops.qpass.dequantize_4bit(
             packed, absmax, nested_absmax, nested_code, offset, shape, blocksize, quant_type, compute_dtype
         )
-        grad_x = (grad_out.to(compute_dtype) @ weight).to(x_dtype)
+        grad_x = (grad_out.to(compute_dtype).float() @ weight.float()).to(compute_dtype).to(x_dtype)
     if bias_dtype is not None and ctx.needs_input_grad[6]:
         grad_bias = grad_out.reshape(-1, shape[0]).sum(0).to(bias_dtype)
     return grad_x, None, None, None, None, None, grad_bias, None, None, None, None, None
@@ -209,7 +209,7 @@ def _backward_linear_int8(ctx, grad_out):
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
         weight = torch.ops.qpass.dequantize_int8(cb, scb, compute_dtype)
-        grad_x = (grad_out.to(compute_dtype) @ weight).to(x_dtype)
+        grad_x = (grad_out.to(compute_dtype).float() @ weight.float()).to(compute_dtype).to(x_dtype)
     if bias_dtype is not None and ctx.needs_input_grad[3]:
         grad_bias = grad_out.reshape(-1, cb.shape[0]).sum(0).to(bias_dtype)
     return grad_x, None, None, grad_bias, None, None

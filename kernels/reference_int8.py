@@ -8,13 +8,16 @@ Activations ``X [m, in]`` with threshold t > 0: column k is an *outlier column* 
 outlier columns zeroed. Output, all in static shapes (the outlier columns are a boolean mask over
 ``in``, never a gathered list, so no host sync and no data-dependent shape):
 
-    Y = (CA @ CB^T) * (SCA ⊗ SCB) / 127² + bias          (int32 accumulation, float32 epilogue)
-      + (X * mask) @ (CB * SCB / 127)^T                   (outlier columns, in the compute dtype)
+    Y = (CA @ CB^T) * (SCA ⊗ SCB) / 127²                 (int32 accumulation, float32 epilogue)
+      + (X * mask) @ (CB * SCB / 127)^T                   (outlier columns: compute-dtype operands)
+      + bias                                              (all summed in float32, rounded once)
 """
 
 from __future__ import annotations
 
 import torch
+
+from .reference_matmul import linear_fp32_accumulate
 
 INT8_SCALE_PRODUCT = 6.200124e-05  # 1/127² as bitsandbytes writes it (int8_mm_dequant)
 INT8_DEQUANT = 7.874015718698502e-3  # 1/127 as bitsandbytes writes it (int8_vectorwise_dequant)
@@ -66,15 +69,18 @@ def linear_int8(
     threshold: float,
     compute_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """LLM.int8() linear of a 2-D ``x``; the result is in ``compute_dtype``."""
+    """LLM.int8() linear of a 2-D ``x``; the result is in ``compute_dtype``.
+
+    Both terms are summed in float32 with the bias and rounded once (bitsandbytes rounds the int8 term
+    to the compute dtype before adding the outlier term; this is at least as accurate).
+    """
     x = x.to(compute_dtype)
     ca, sca, outlier_columns = int8_vectorwise_quant(x, threshold)
     acc = int8_matmul_exact(ca, cb)
-    out = acc.float() * (sca.unsqueeze(-1) * scb.float().unsqueeze(0)) * INT8_SCALE_PRODUCT
-    if bias is not None:
-        out = out + bias.float()
-    out = out.to(compute_dtype)
-    if threshold > 0:
-        x_outliers = x * outlier_columns.to(compute_dtype)
-        out = torch.addmm(out, x_outliers, dequantize_int8(cb, scb, compute_dtype).T)
-    return out
+    int8_term = acc.float() * (sca.unsqueeze(-1) * scb.float().unsqueeze(0)) * INT8_SCALE_PRODUCT
+    if threshold <= 0:
+        if bias is not None:
+            int8_term = int8_term + bias.to(compute_dtype).float()
+        return int8_term.to(compute_dtype)
+    x_outliers = x * outlier_columns.to(compute_dtype)
+    return linear_fp32_accumulate(x_outliers, dequantize_int8(cb, scb, compute_dtype), bias, compute_dtype, extra=int8_term)

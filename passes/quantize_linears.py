@@ -18,8 +18,7 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
 
 from qpass.config import QPassConfig
-from qpass.errors import check_weight
-from qpass.formats import quantize_weight
+from qpass.formats import quantize_layer
 
 from .linear_patterns import find_linear_weights
 
@@ -63,11 +62,10 @@ def quantize_exported_program(ep: ExportedProgram, plan: QPassConfig) -> tuple[E
         config = plan.config_for(module)
         if config is None:
             continue
-        weight = state_dict[fqn].detach()
+        weight = state_dict[fqn]
         if matches[0].weight_is_transposed:
             weight = weight.t()
-        check_weight(weight, module)
-        layout, tensors = quantize_weight(weight, config)
+        layout, tensors = quantize_layer(weight, config, module)
         del state_dict[fqn]  # before the new buffers: the packed weight takes over the name <module>.weight
 
         tensor_nodes = {}

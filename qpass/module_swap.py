@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 from .config import QPassConfig
-from .errors import check_weight
-from .formats import quantize_weight
+from .formats import quantize_layer
 from .modules import QuantizedLinear
 
 
@@ -47,8 +46,7 @@ def quantize_module(model: nn.Module, plan: QPassConfig) -> nn.Module:
         config = plan.config_for(name)
         if config is None:
             continue
-        check_weight(weight, name or type(module).__name__)
-        layout, tensors = quantize_weight(weight.detach(), config)
+        layout, tensors = quantize_layer(weight, config, name or type(module).__name__)
         bias = module.bias if isinstance(module.bias, nn.Parameter) else None
         quantized = QuantizedLinear(layout, tensors, bias)
         if not name:  # the model is itself a linear layer

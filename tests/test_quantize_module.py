@@ -183,6 +183,23 @@ def test_bad_weights_name_the_layer():
         qpass.quantize(meta, "nf4")
 
 
+def test_impossible_quant_storage_names_the_layer():
+    model = nn.Sequential()
+    model.add_module("odd", nn.Linear(5, 5))  # 25 weights: 13 packed bytes, not a multiple of 4
+    with pytest.raises(qpass.QuantizationError, match=r"layer 'odd': quant_storage=torch.float32 needs the packed size \(13 bytes for \(5, 5\)\) to be a multiple of 4 bytes"):
+        qpass.quantize(model, qpass.NF4Config(quant_storage=torch.float32))
+
+
+def test_device_moves_and_config_saving(tmp_path):
+    model = qpass.quantize(tiny_llama(), "nf4")
+    model.cpu().to("cpu")
+    model.config.save_pretrained(tmp_path)
+    assert (tmp_path / "config.json").is_file()
+    meta = qpass.quantize(tiny_llama(), "int8").to("meta")
+    assert meta.model.layers[0].mlp.up_proj.weight.device.type == "meta"
+    assert meta.model.layers[0].mlp.up_proj.weight.dtype == torch.int8
+
+
 def test_a_bare_linear_is_returned_quantized():
     layer = qpass.quantize(nn.Linear(16, 8), "fp4")
     assert isinstance(layer, QuantizedLinear)

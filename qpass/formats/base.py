@@ -15,6 +15,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 
 from ..config import QuantConfig
+from ..errors import QuantizationError, check_weight
 
 T = TypeVar("T")  # a Tensor at run time, an fx Node inside a graph pass
 
@@ -56,8 +57,18 @@ def register_format(config_type: type[QuantConfig]) -> Callable[[Quantizer], Qua
 
 
 def quantize_weight(weight: torch.Tensor, config: QuantConfig) -> tuple[Layout, dict[str, torch.Tensor | None]]:
-    """Quantize a validated float weight ``[out_features, in_features]`` with ``config``."""
+    """Quantize a float weight ``[out_features, in_features]`` with ``config``."""
     for cls in type(config).__mro__:
         if cls in _QUANTIZERS:
             return _QUANTIZERS[cls](weight, config)
     raise TypeError(f"no qpass format is registered for {type(config).__name__}")
+
+
+def quantize_layer(weight: torch.Tensor, config: QuantConfig, layer: str) -> tuple[Layout, dict[str, torch.Tensor | None]]:
+    """``quantize_weight`` for the layer named ``layer``: bad weights and impossible configs raise a
+    ``QuantizationError`` that names the layer. Both front-ends quantize through this."""
+    check_weight(weight, layer)
+    try:
+        return quantize_weight(weight.detach(), config)
+    except ValueError as err:
+        raise QuantizationError(f"layer {layer!r}: {err}") from err

@@ -49,6 +49,13 @@ class Layout4bit(Layout):
 
 @register_format(Weight4bitConfig)
 def quantize_4bit(weight: torch.Tensor, config: Weight4bitConfig):
+    itemsize = torch.empty(0, dtype=config.quant_storage).element_size()
+    n_bytes = (weight.numel() + 1) // 2
+    if n_bytes % itemsize:
+        raise ValueError(
+            f"quant_storage={config.quant_storage} needs the packed size ({n_bytes} bytes for {tuple(weight.shape)}) "
+            f"to be a multiple of {itemsize} bytes; use quant_storage=torch.uint8 for this layer"
+        )
     packed, absmax = torch.ops.qpass.quantize_4bit(weight, config.blocksize, config.quant_type)
     if config.quant_storage != torch.uint8:
         packed = packed.reshape(-1).view(config.quant_storage).unsqueeze(1)

