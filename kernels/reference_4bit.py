@@ -98,7 +98,7 @@ def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int)
     index = (t.double() * _LUT_STEPS + 0.5).float().trunc().long()
     codes = _blockwise_8bit_lut(code)[index]
     codes = torch.where((absmax > 0).unsqueeze(-1), codes, torch.zeros_like(codes))
-    return codes.reshape(-1)[:n], absmax
+    return codes.reshape(-1)[:n].clone(), absmax  # clone: not a view into the padded blocks
 
 
 def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
@@ -106,13 +106,6 @@ def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, code: t
     values = code[codes.reshape(-1).long()]
     block = torch.arange(values.numel(), device=values.device) // blocksize
     return values * absmax[block]
-
-
-def double_quantize(absmax: torch.Tensor, nested_code: torch.Tensor, nested_blocksize: int):
-    """(uint8 codes, float32 nested_absmax, float32 scalar offset) of a float32 absmax vector."""
-    offset = absmax.mean()
-    codes, nested_absmax = quantize_blockwise_8bit(absmax - offset, nested_code, nested_blocksize)
-    return codes, nested_absmax, offset
 
 
 def block_absmax(

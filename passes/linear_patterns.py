@@ -26,11 +26,23 @@ _MATMULS = (aten.mm.default, aten.matmul.default, aten.addmm.default)
 @dataclasses.dataclass(frozen=True)
 class LinearMatch:
     node: fx.Node  # the node computing x @ W^T (+ b); replaced by the quantized op
-    x: fx.Node
     weight: fx.Node  # the parameter placeholder
-    bias: fx.Node | None
     weight_is_transposed: bool  # True when the graph holds W^T, i.e. the parameter is [in, out]
     transpose: fx.Node | None  # the aten.t / permute / transpose node between W and the matmul, if any
+
+    # x and bias are read from the node when asked, not stored: rewriting one linear rewires the
+    # inputs of the next (a chain of linears), so stored references would go stale.
+    @property
+    def x(self) -> fx.Node:
+        return self.node.args[1] if self.node.target == aten.addmm.default else self.node.args[0]
+
+    @property
+    def bias(self) -> fx.Node | None:
+        if self.node.target == aten.addmm.default:
+            return self.node.args[0]
+        if self.node.target == aten.linear.default:
+            return self.node.args[2] if len(self.node.args) > 2 else self.node.kwargs.get("bias")
+        return None
 
 
 def _is_swap_of_2d(node: fx.Node) -> bool:
@@ -51,8 +63,7 @@ def _match_use(use: fx.Node, weight: fx.Node) -> list[LinearMatch] | None:
     if use.op != "call_function":
         return None
     if use.target == aten.linear.default and use.args[1] is weight and use.args[0] is not weight:
-        bias = use.args[2] if len(use.args) > 2 else use.kwargs.get("bias")
-        return [LinearMatch(use, use.args[0], weight, bias, False, None)]
+        return [LinearMatch(use, weight, False, None)]
     if use.target in _TRANSPOSES and use.args[0] is weight and _is_swap_of_2d(use):
         matches = [_match_matmul(user, use, weight, transposed_param=False) for user in use.users]
         return None if any(m is None for m in matches) else matches
@@ -68,11 +79,11 @@ def _match_matmul(node: fx.Node, rhs: fx.Node, weight: fx.Node, transposed_param
         bias, x, other = node.args[:3]
         if other is not rhs or x is rhs or not _unit_addmm(node) or not _is_vector(bias):
             return None
-        return LinearMatch(node, x, weight, bias, transposed_param, transpose)
+        return LinearMatch(node, weight, transposed_param, transpose)
     x, other = node.args[:2]
     if other is not rhs or x is rhs:
         return None
-    return LinearMatch(node, x, weight, None, transposed_param, transpose)
+    return LinearMatch(node, weight, transposed_param, transpose)
 
 
 def _is_vector(node) -> bool:

@@ -34,9 +34,20 @@ def _module_name(parameter_fqn: str) -> str:
     return parameter_fqn.removesuffix(".weight")
 
 
+def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A deep copy whose nodes keep their names (the graph signature refers to nodes by name, and
+    copying renames a placeholder called e.g. ``input`` to ``input_1``)."""
+    copied = copy.deepcopy(gm)
+    for old, new in zip(gm.graph.nodes, copied.graph.nodes):
+        if new.name != old.name:
+            new.name = old.name
+    copied.recompile()
+    return copied
+
+
 def quantize_exported_program(ep: ExportedProgram, plan: QPassConfig) -> tuple[ExportedProgram, QuantizedLinearReport]:
     """A new ``ExportedProgram`` with the selected linear layers quantized; ``ep`` is left unchanged."""
-    gm = copy.deepcopy(ep.graph_module)
+    gm = _copy_graph_module(ep.graph_module)
     graph = gm.graph
     state_dict = dict(ep.state_dict)
     input_specs = list(ep.graph_signature.input_specs)
@@ -88,7 +99,9 @@ def quantize_exported_program(ep: ExportedProgram, plan: QPassConfig) -> tuple[E
                 quantized = graph.call_function(op, args)
             quantized.meta = copy.copy(match.node.meta)
             match.node.replace_all_uses_with(quantized)
+            name = match.node.name
             graph.erase_node(match.node)
+            quantized.name = name  # output specs refer to the replaced node by name
             if match.transpose is not None and not match.transpose.users:
                 graph.erase_node(match.transpose)
         graph.erase_node(weight_node)

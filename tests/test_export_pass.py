@@ -135,3 +135,17 @@ def test_compiled_exported_program_runs():
     ep_q = qpass.quantize(torch.export.export(make_block(), (x,)), "nf4", skip_modules=[])
     compiled = torch.compile(ep_q.module(), fullgraph=True)
     torch.testing.assert_close(compiled(x), ep_q.module()(x))
+
+
+def test_sequential_chain_of_linears():
+    """nn.Sequential's input placeholder is called ``input`` (a name graph copies rename), and its
+    linears feed each other directly."""
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32)).eval()
+    x = torch.randn(2, 64)
+    ep_q = qpass.quantize(torch.export.export(model, (x,)), "nf4")
+    assert _ops(ep_q).count(torch.ops.qpass.linear_4bit.default) == 3
+    ep_q.graph.lint()
+    # a chain of linears: each rewritten op feeds the next (no stale references to erased nodes)
+    first, second = [n for n in ep_q.graph.nodes if n.target == torch.ops.qpass.linear_4bit.default][:2]
+    assert second.args[0] is first
+    torch.testing.assert_close(ep_q.module()(x), qpass.quantize(model, "nf4")(x), rtol=0, atol=0)
