@@ -25,6 +25,7 @@ class Layout(abc.ABC):
 
     out_features: int
     in_features: int
+    config: QuantConfig
     # Names of the quantized tensors, in the order the linear op takes them. A name may map to None
     # (an optional op input that this layout does not use).
     tensor_names: ClassVar[tuple[str, ...]]
@@ -37,9 +38,6 @@ class Layout(abc.ABC):
     def dequantize(self, tensors: Mapping[str, torch.Tensor | None], dtype: torch.dtype) -> torch.Tensor:
         """The weight ``[out_features, in_features]`` in ``dtype``."""
 
-    @property
-    def format_name(self) -> str:
-        return self.config.format_name  # type: ignore[attr-defined]
 
 
 Quantizer = Callable[[torch.Tensor, Any], tuple[Layout, dict[str, torch.Tensor | None]]]
