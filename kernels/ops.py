@@ -3,7 +3,12 @@
 Each op has a plain-torch reference implementation (any device, see ``reference_4bit`` and
 ``reference_int8``), a fake kernel for tracing (``torch.export``, ``torch.compile``), and, for the
 linear ops, an autograd formula for the input and bias (quantized weights are frozen), so adapters such
-as LoRA train through a quantized base layer. Faster device kernels register behind these signatures.
+as LoRA train through a quantized base layer.
+
+The linear and dequantize ops are ``torch.library.triton_op``s: their bodies (Triton launches through
+``wrap_triton`` on CUDA, plain torch elsewhere) double as fake kernels, and ``torch.compile`` traces
+into them, so Inductor places the Triton kernels, or fuses the reference, in its generated code.
+``torch.export`` keeps them as single ``qpass`` nodes.
 
 Linear ops take ``x [..., in_features]`` of any float dtype, compute in ``compute_dtype`` and return
 ``[..., out_features]`` in ``x``'s dtype, as bitsandbytes' ``Linear4bit``/``Linear8bitLt`` do.
@@ -11,6 +16,7 @@ Linear ops take ``x [..., in_features]`` of any float dtype, compute in ``comput
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Optional
 
 import torch
@@ -20,6 +26,15 @@ from . import reference_4bit as ref4
 from . import reference_int8 as ref8
 from .codebooks import DOUBLE_QUANT_BLOCKSIZE
 from .reference_matmul import linear_fp32_accumulate
+
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def use_triton(x: Tensor) -> bool:
+    """Whether the linear ops run their Triton kernels for ``x``: on CUDA, when Triton is installed.
+    Decided inside each op's body from the device, so Inductor traces the reference for CPU inputs."""
+    return HAS_TRITON and x.device.type == "cuda"
 
 
 def _output_dtype(x: Tensor, compute_dtype: torch.dtype) -> torch.dtype:
@@ -69,36 +84,34 @@ def _(x, code, blocksize):
     )
 
 
-def _dequantize_weight_4bit(packed, absmax, nested_absmax, nested_code, offset, shape, blocksize, quant_type, dtype):
+def _dequantize_weight_4bit(packed, quant_map, absmax, nested_absmax, nested_code, offset, shape, blocksize, dtype):
     scales = ref4.block_absmax(absmax, nested_absmax, nested_code, offset, DOUBLE_QUANT_BLOCKSIZE)
-    return ref4.dequantize_4bit(packed, scales, shape, blocksize, quant_type, dtype)
+    return ref4.dequantize_4bit(packed, quant_map, scales, shape, blocksize, dtype)
 
 
-@torch.library.custom_op("qpass::dequantize_4bit", mutates_args=())
+@torch.library.triton_op("qpass::dequantize_4bit", mutates_args=())
 def dequantize_4bit(
     packed: Tensor,
+    quant_map: Tensor,
     absmax: Tensor,
     nested_absmax: Optional[Tensor],
     nested_code: Optional[Tensor],
     offset: Optional[Tensor],
     shape: list[int],
     blocksize: int,
-    quant_type: str,
     dtype: torch.dtype,
 ) -> Tensor:
-    """The weight of ``shape`` in ``dtype``; absmax is uint8 when double-quantized (with nested_*)."""
-    return _dequantize_weight_4bit(packed, absmax, nested_absmax, nested_code, offset, shape, blocksize, quant_type, dtype)
+    """The weight of ``shape`` in ``dtype``; absmax is uint8 when double-quantized (with nested_*).
+
+    Plain torch on every device: under torch.compile, Inductor fuses it into its consumer."""
+    return _dequantize_weight_4bit(packed, quant_map, absmax, nested_absmax, nested_code, offset, shape, blocksize, dtype)
 
 
-@dequantize_4bit.register_fake
-def _(packed, absmax, nested_absmax, nested_code, offset, shape, blocksize, quant_type, dtype):
-    return packed.new_empty(shape, dtype=dtype)
-
-
-@torch.library.custom_op("qpass::linear_4bit", mutates_args=())
+@torch.library.triton_op("qpass::linear_4bit", mutates_args=())
 def linear_4bit(
     x: Tensor,
     packed: Tensor,
+    quant_map: Tensor,
     absmax: Tensor,
     nested_absmax: Optional[Tensor],
     nested_code: Optional[Tensor],
@@ -110,39 +123,45 @@ def linear_4bit(
     quant_type: str,
     compute_dtype: torch.dtype,
 ) -> Tensor:
-    """``x @ W^T + bias`` with ``W`` the 4-bit weight ``[out_features, in_features]``."""
-    _check_input(x, in_features, "linear_4bit")
-    weight = _dequantize_weight_4bit(
-        packed, absmax, nested_absmax, nested_code, offset, [out_features, in_features], blocksize, quant_type, compute_dtype
-    )
-    out = linear_fp32_accumulate(x, weight, bias, compute_dtype)
-    return out.to(_output_dtype(x, compute_dtype))
+    """``x @ W^T + bias`` with ``W`` the 4-bit weight ``[out_features, in_features]``.
 
-
-@linear_4bit.register_fake
-def _(x, packed, absmax, nested_absmax, nested_code, offset, bias, out_features, in_features, blocksize, quant_type, compute_dtype):
+    ``quant_map`` is the 16-value code book of ``quant_type`` ("nf4" / "fp4"). CUDA runs the fused
+    Triton kernels (``triton_4bit``); every other device the reference (dequantize, then matmul)."""
     _check_input(x, in_features, "linear_4bit")
-    return x.new_empty((*x.shape[:-1], out_features), dtype=_output_dtype(x, compute_dtype))
+    x2d = x.reshape(-1, in_features)
+    if use_triton(x):
+        from .triton_4bit import linear_4bit_triton
+
+        out = linear_4bit_triton(
+            x2d, packed, quant_map, absmax, nested_absmax, nested_code, offset, bias,
+            out_features, in_features, blocksize, compute_dtype, launch=torch.library.wrap_triton,
+        )
+    else:
+        weight = _dequantize_weight_4bit(
+            packed, quant_map, absmax, nested_absmax, nested_code, offset, [out_features, in_features], blocksize, compute_dtype
+        )
+        out = linear_fp32_accumulate(x2d, weight, bias, compute_dtype)
+    return out.reshape(*x.shape[:-1], out_features).to(_output_dtype(x, compute_dtype))
 
 
 def _setup_linear_4bit(ctx, inputs, output):
-    x, packed, absmax, nested_absmax, nested_code, offset, bias, out_f, in_f, blocksize, quant_type, compute_dtype = inputs
-    ctx.save_for_backward(packed, absmax, nested_absmax, nested_code, offset)
-    ctx.meta = (x.dtype, None if bias is None else bias.dtype, [out_f, in_f], blocksize, quant_type, compute_dtype)
+    x, packed, quant_map, absmax, nested_absmax, nested_code, offset, bias, out_f, in_f, blocksize, _, compute_dtype = inputs
+    ctx.save_for_backward(packed, quant_map, absmax, nested_absmax, nested_code, offset)
+    ctx.meta = (x.dtype, None if bias is None else bias.dtype, [out_f, in_f], blocksize, compute_dtype)
 
 
 def _backward_linear_4bit(ctx, grad_out):
-    packed, absmax, nested_absmax, nested_code, offset = ctx.saved_tensors
-    x_dtype, bias_dtype, shape, blocksize, quant_type, compute_dtype = ctx.meta
+    packed, quant_map, absmax, nested_absmax, nested_code, offset = ctx.saved_tensors
+    x_dtype, bias_dtype, shape, blocksize, compute_dtype = ctx.meta
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
         weight = torch.ops.qpass.dequantize_4bit(
-            packed, absmax, nested_absmax, nested_code, offset, shape, blocksize, quant_type, compute_dtype
+            packed, quant_map, absmax, nested_absmax, nested_code, offset, shape, blocksize, compute_dtype
         )
         grad_x = (grad_out.to(compute_dtype).float() @ weight.float()).to(compute_dtype).to(x_dtype)
-    if bias_dtype is not None and ctx.needs_input_grad[6]:
+    if bias_dtype is not None and ctx.needs_input_grad[7]:
         grad_bias = grad_out.reshape(-1, shape[0]).sum(0).to(bias_dtype)
-    return grad_x, None, None, None, None, None, grad_bias, None, None, None, None, None
+    return (grad_x,) + (None,) * 6 + (grad_bias,) + (None,) * 5
 
 
 linear_4bit.register_autograd(_backward_linear_4bit, setup_context=_setup_linear_4bit)
@@ -169,32 +188,28 @@ def _(x, threshold):
     )
 
 
-@torch.library.custom_op("qpass::dequantize_int8", mutates_args=())
+@torch.library.triton_op("qpass::dequantize_int8", mutates_args=())
 def dequantize_int8(cb: Tensor, scb: Tensor, dtype: torch.dtype) -> Tensor:
     """``CB * SCB / 127`` as ``dtype``: the int8 weight ``[out, in]`` in full precision."""
     return ref8.dequantize_int8(cb, scb, dtype)
 
 
-@dequantize_int8.register_fake
-def _(cb, scb, dtype):
-    return cb.new_empty(cb.shape, dtype=dtype)
-
-
-@torch.library.custom_op("qpass::linear_int8", mutates_args=())
+@torch.library.triton_op("qpass::linear_int8", mutates_args=())
 def linear_int8(
     x: Tensor, cb: Tensor, scb: Tensor, bias: Optional[Tensor], threshold: float, compute_dtype: torch.dtype
 ) -> Tensor:
-    """LLM.int8() ``x @ W^T + bias``, outlier columns (|x| >= threshold) in ``compute_dtype``."""
+    """LLM.int8() ``x @ W^T + bias``, outlier columns (|x| >= threshold) in ``compute_dtype``.
+
+    CUDA runs the Triton kernels (``triton_int8``); every other device the reference."""
     _check_input(x, cb.shape[1], "linear_int8")
     x2d = x.reshape(-1, x.shape[-1])
-    out = ref8.linear_int8(x2d, cb, scb, bias, threshold, compute_dtype)
+    if use_triton(x):
+        from .triton_int8 import linear_int8_triton
+
+        out = linear_int8_triton(x2d, cb, scb, bias, threshold, compute_dtype, launch=torch.library.wrap_triton)
+    else:
+        out = ref8.linear_int8(x2d, cb, scb, bias, threshold, compute_dtype)
     return out.reshape(*x.shape[:-1], cb.shape[0]).to(_output_dtype(x, compute_dtype))
-
-
-@linear_int8.register_fake
-def _(x, cb, scb, bias, threshold, compute_dtype):
-    _check_input(x, cb.shape[1], "linear_int8")
-    return x.new_empty((*x.shape[:-1], cb.shape[0]), dtype=_output_dtype(x, compute_dtype))
 
 
 def _setup_linear_int8(ctx, inputs, output):

@@ -125,17 +125,19 @@ def block_absmax(
 
 def dequantize_4bit(
     packed: torch.Tensor,
+    code: torch.Tensor,
     absmax: torch.Tensor,
     shape: list[int],
     blocksize: int,
-    quant_type: str,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """``code[nibble] * absmax[block]`` in float32, then cast to ``dtype``, reshaped to ``shape``."""
+    """``code[nibble] * absmax[block]`` in float32, then cast to ``dtype``, reshaped to ``shape``.
+
+    ``code`` is the 16-value float32 code book (``quant_map``), ``absmax`` the float32 block scales."""
     numel = 1
     for s in shape:
         numel *= s
-    values = code_4bit(quant_type, packed.device)[unpack_4bit(packed, numel)]
+    values = code.float()[unpack_4bit(packed, numel)]
     n_full = numel - numel % blocksize
     scales = absmax.float()
     out = torch.empty(numel, dtype=torch.float32, device=packed.device)

@@ -9,9 +9,9 @@ from torch import nn
 
 from .modules import QuantizedLinear
 
-# Code books are constants of a format (the 256-value nested map is the same tensor in every layer),
-# so they count once in the model total and not in a layer's bits per weight.
-_SHARED_CONSTANTS = ("nested_quant_map",)
+# Code books are constants of a format (the same tensor in every layer), so they count once in the
+# model total and not in a layer's bits per weight.
+_SHARED_CONSTANTS = ("quant_map", "nested_quant_map")
 
 
 @dataclasses.dataclass(frozen=True)

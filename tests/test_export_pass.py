@@ -7,7 +7,7 @@ from torch import nn
 import qpass
 from qpass.passes import find_linear_weights
 
-from models import tiny_gpt2, tiny_llama
+from models import COMPILE_VS_EAGER_BF16, relative_error, tiny_gpt2, tiny_llama
 
 QOPS = {torch.ops.qpass.linear_4bit.default, torch.ops.qpass.linear_int8.default}
 
@@ -134,7 +134,7 @@ def test_compiled_exported_program_runs():
     x = torch.randn(3, 32)
     ep_q = qpass.quantize(torch.export.export(make_block(), (x,)), "nf4", skip_modules=[])
     compiled = torch.compile(ep_q.module(), fullgraph=True)
-    torch.testing.assert_close(compiled(x), ep_q.module()(x))
+    assert relative_error(compiled(x), ep_q.module()(x)) < COMPILE_VS_EAGER_BF16
 
 
 def test_sequential_chain_of_linears():

@@ -27,6 +27,7 @@ def _assert_4bit_matches(w, config):
     layout, t = quantize_weight(w, config)
     assert t["weight"].dtype == packed_ref.dtype and torch.equal(t["weight"].view(torch.uint8), packed_ref.view(torch.uint8))
     assert torch.equal(t["absmax"], state.absmax)
+    assert torch.equal(t["quant_map"], state.code)
     if config.double_quant:
         assert torch.equal(t["nested_absmax"], state.state2.absmax)
         assert torch.equal(t["nested_quant_map"], state.state2.code)

@@ -86,7 +86,8 @@ def test_state_dict_uses_bitsandbytes_names():
     model = qpass.quantize(tiny_llama(), "nf4")
     keys = [k for k in model.state_dict() if k.startswith("model.layers.0.self_attn.q_proj.")]
     assert sorted(keys) == sorted(
-        f"model.layers.0.self_attn.q_proj.{n}" for n in ("weight", "absmax", "nested_absmax", "nested_quant_map", "offset")
+        f"model.layers.0.self_attn.q_proj.{n}"
+        for n in ("weight", "quant_map", "absmax", "nested_absmax", "nested_quant_map", "offset")
     )
     int8 = qpass.quantize(tiny_llama(), "int8")
     assert int8.state_dict()["model.layers.0.mlp.up_proj.weight"].dtype == torch.int8

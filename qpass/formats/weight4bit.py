@@ -4,6 +4,7 @@ Tensors of a quantized ``[out, in]`` weight (n = out * in), exactly as bitsandby
 
 * ``weight``: packed codes, uint8 ``[(n + 1) // 2, 1]``, element 2i in the high nibble of byte i; with
   ``quant_storage`` bf16/fp16/fp32 the same bytes viewed as that dtype (``[n // (2 * itemsize), 1]``).
+* ``quant_map``: the 16-value float32 code book (NF4 or FP4), indexed by 4-bit code.
 * ``absmax``: float32 ``[ceil(n / blocksize)]``; with double quantization uint8 codes of the same
   shape, plus ``nested_absmax`` float32 ``[ceil(n_blocks / 256)]``, ``nested_quant_map`` (the 256-value
   signed dynamic map, float32) and ``offset`` (float32 scalar).
@@ -18,7 +19,7 @@ from typing import ClassVar
 import torch
 
 from ..config import Weight4bitConfig
-from ..kernels.codebooks import DOUBLE_QUANT_BLOCKSIZE, dynamic_code
+from ..kernels.codebooks import DOUBLE_QUANT_BLOCKSIZE, code_4bit, dynamic_code
 from .base import Layout, register_format
 
 
@@ -28,7 +29,7 @@ class Layout4bit(Layout):
     in_features: int
     config: Weight4bitConfig
 
-    tensor_names: ClassVar[tuple[str, ...]] = ("weight", "absmax", "nested_absmax", "nested_quant_map", "offset")
+    tensor_names: ClassVar[tuple[str, ...]] = ("weight", "quant_map", "absmax", "nested_absmax", "nested_quant_map", "offset")
 
     def linear_call(self, x, tensors, bias):
         c = self.config
@@ -39,11 +40,7 @@ class Layout4bit(Layout):
     def dequantize(self, tensors: Mapping[str, torch.Tensor | None], dtype: torch.dtype) -> torch.Tensor:
         c = self.config
         return torch.ops.qpass.dequantize_4bit(
-            *(tensors[name] for name in self.tensor_names),
-            [self.out_features, self.in_features],
-            c.blocksize,
-            c.quant_type,
-            dtype,
+            *(tensors[name] for name in self.tensor_names), [self.out_features, self.in_features], c.blocksize, dtype
         )
 
 
@@ -61,6 +58,7 @@ def quantize_4bit(weight: torch.Tensor, config: Weight4bitConfig):
         packed = packed.reshape(-1).view(config.quant_storage).unsqueeze(1)
     tensors: dict[str, torch.Tensor | None] = dict.fromkeys(Layout4bit.tensor_names)
     tensors["weight"] = packed
+    tensors["quant_map"] = code_4bit(config.quant_type, weight.device)
     if config.double_quant:
         code = dynamic_code(weight.device)
         offset = absmax.mean()

@@ -1,0 +1,156 @@
+"""Triton kernels of LLM.int8() with outlier decomposition (see ``reference_int8`` for the math).
+
+Three launches, all with static shapes and no host synchronization, so CUDA graphs capture them:
+
+1. ``_outlier_columns_kernel``: ``mask[k] = any_m |x[m, k]| >= threshold`` (int32, atomic max).
+2. ``_quantize_rows_kernel``: one program per row: ``SCA[m] = max |x[m, k]|`` over entries below the
+   threshold, ``CA[m, k] = round(x * 127 / SCA)`` (half to even) with outlier columns zeroed.
+3. ``_int8_gemm_kernel``: ``CA @ CB^T`` on int8 tensor cores into int32; per K tile that holds an
+   outlier column, ``(x * mask) @ (CB * SCB / 127)^T`` in the compute dtype into a float32 accumulator
+   (tiles without outliers skip it); the epilogue applies ``SCA[m] * SCB[n] / 127²``, adds the outlier
+   term and the bias in float32 and rounds once to the compute dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference_int8 import INT8_DEQUANT, INT8_SCALE_PRODUCT
+from .triton_4bit import _m_bucket, ieee_dot
+
+
+@triton.jit
+def _outlier_columns_kernel(x_ptr, mask_ptr, M, K, stride_xm, threshold,
+                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :],
+                mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0).to(tl.float32)
+    hit = tl.max((tl.abs(x) >= threshold).to(tl.int32), axis=0)
+    tl.atomic_max(mask_ptr + cols, hit, mask=cols < K)
+
+
+@triton.jit
+def _round_half_even(v):
+    r = tl.floor(v + 0.5)
+    tie = (r - v) == 0.5
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    return tl.where(tie & odd, r - 1.0, r)
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, mask_ptr, ca_ptr, sca_ptr, K, stride_xm, threshold,
+                          HAS_OUTLIERS: tl.constexpr, BLOCK_K: tl.constexpr):
+    m = tl.program_id(0)
+    absmax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        a = tl.abs(tl.load(x_ptr + m * stride_xm + cols, mask=cols < K, other=0.0).to(tl.float32))
+        if HAS_OUTLIERS:
+            a = tl.where(a >= threshold, 0.0, a)
+        absmax = tl.maximum(absmax, a)
+    row_absmax = tl.max(absmax, axis=0)
+    tl.store(sca_ptr + m, row_absmax)
+    scale = 127.0 / tl.where(row_absmax > 0, row_absmax, 1.0)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + m * stride_xm + cols, mask=cols < K, other=0.0).to(tl.float32)
+        q = _round_half_even(x * scale)
+        if HAS_OUTLIERS:
+            q = tl.where(tl.load(mask_ptr + cols, mask=cols < K, other=0) != 0, 0.0, q)
+        tl.store(ca_ptr + m * K + cols, q.to(tl.int8), mask=cols < K)
+
+
+@triton.jit
+def _int8_gemm_kernel(
+    ca_ptr, cb_ptr, sca_ptr, scb_ptr, x_ptr, mask_ptr, bias_ptr, out_ptr,
+    M, N, K, stride_xm, stride_om, M_BUCKET, scale_product, dequant,
+    HAS_OUTLIERS: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # M_BUCKET (M rounded up to a power of two) only keys the autotuner.
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    scb = tl.load(scb_ptr + rows_n, mask=rows_n < N, other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    outliers = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(ca_ptr + rows_m[:, None] * K + cols[None, :], mask=(rows_m[:, None] < M) & (cols[None, :] < K), other=0)
+        b = tl.load(cb_ptr + rows_n[:, None] * K + cols[None, :], mask=(rows_n[:, None] < N) & (cols[None, :] < K), other=0)
+        acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+        if HAS_OUTLIERS:
+            column_mask = tl.load(mask_ptr + cols, mask=cols < K, other=0)
+            if tl.max(column_mask, axis=0) > 0:
+                x = tl.load(x_ptr + rows_m[:, None] * stride_xm + cols[None, :],
+                            mask=(rows_m[:, None] < M) & (cols[None, :] < K) & (column_mask[None, :] != 0), other=0.0)
+                w = (b.to(tl.float32) * scb[:, None] * dequant).to(x_ptr.dtype.element_ty)
+                if IEEE_DOT:
+                    outliers = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), outliers, input_precision="ieee")
+                else:
+                    outliers = tl.dot(x, tl.trans(w), outliers)
+    sca = tl.load(sca_ptr + rows_m, mask=rows_m < M, other=0.0)
+    result = acc.to(tl.float32) * (sca[:, None] * scb[None, :]) * scale_product
+    if HAS_OUTLIERS:
+        result += outliers
+    if HAS_BIAS:
+        result += tl.load(bias_ptr + rows_n, mask=rows_n < N, other=0.0).to(x_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + rows_m[:, None] * stride_om + rows_n[None, :], result.to(out_ptr.dtype.element_ty),
+             mask=(rows_m[:, None] < M) & (rows_n[None, :] < N))
+
+
+def _gemm_configs():
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in [
+            (16, 64, 64, 4, 3), (16, 128, 128, 4, 3), (32, 128, 64, 4, 3), (64, 128, 64, 4, 3),
+            (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 128, 8, 3),
+        ]
+    ]
+
+
+_int8_gemm_tuned = triton.autotune(_gemm_configs(), key=["M_BUCKET", "N", "K"], cache_results=True)(_int8_gemm_kernel)
+
+
+def int8_vectorwise_quant_triton(x: torch.Tensor, threshold: float, launch=lambda kernel: kernel):
+    """(CA int8 ``[m, k]``, SCA float32 ``[m]``, outlier column mask int32 ``[k]``) of a 2-D ``x``."""
+    M, K = x.shape
+    mask = torch.zeros(K, device=x.device, dtype=torch.int32)
+    has_outliers = threshold > 0
+    if has_outliers and M > 0:
+        grid = (triton.cdiv(M, 32), triton.cdiv(K, 128))
+        launch(_outlier_columns_kernel)[grid](x, mask, M, K, x.stride(0), threshold, BLOCK_M=32, BLOCK_K=128)
+    ca = torch.empty((M, K), device=x.device, dtype=torch.int8)
+    sca = torch.empty((M,), device=x.device, dtype=torch.float32)
+    if M > 0:
+        launch(_quantize_rows_kernel)[(M,)](x, mask, ca, sca, K, x.stride(0), threshold,
+                                            HAS_OUTLIERS=has_outliers, BLOCK_K=256)
+    return ca, sca, mask
+
+
+def linear_int8_triton(
+    x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None, threshold: float,
+    compute_dtype: torch.dtype, launch=lambda kernel: kernel, autotune: bool = True,
+) -> torch.Tensor:
+    """LLM.int8() linear of a 2-D ``x``, in ``compute_dtype``."""
+    x = x.to(compute_dtype).contiguous()
+    M, K = x.shape
+    N = cb.shape[0]
+    ca, sca, mask = int8_vectorwise_quant_triton(x, threshold, launch)
+    out = torch.empty((M, N), device=x.device, dtype=compute_dtype)
+    if M == 0:
+        return out
+    args = (ca, cb, sca, scb, x, mask, bias if bias is not None else out, out,
+            M, N, K, x.stride(0), out.stride(0), _m_bucket(M), INT8_SCALE_PRODUCT, INT8_DEQUANT)
+    statics = dict(HAS_OUTLIERS=threshold > 0, HAS_BIAS=bias is not None, IEEE_DOT=ieee_dot(compute_dtype))
+    if autotune:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+        launch(_int8_gemm_tuned)[grid](*args, **statics)
+    else:
+        config = _gemm_configs()[0].kwargs
+        grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(N, config["BLOCK_N"]))
+        launch(_int8_gemm_kernel)[grid](*args, **statics, **config)
+    return out

@@ -1,0 +1,159 @@
+"""The Triton kernels against fp64 and against the reference op: on CUDA when there is one, otherwise
+on CPU tensors under TRITON_INTERPRET=1 (small shapes: the interpreter runs kernels in NumPy)."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # must be set before the kernels are defined (imported)
+
+import qpass  # noqa: E402
+from qpass.formats import quantize_weight  # noqa: E402
+from qpass.kernels import ops  # noqa: E402
+from qpass.kernels.triton_4bit import GEMV_MAX_M, linear_4bit_triton  # noqa: E402
+from qpass.kernels.triton_int8 import int8_vectorwise_quant_triton, linear_int8_triton  # noqa: E402
+
+from models import relative_error  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRETED = DEVICE == "cpu"
+
+# Error of the kernel against the reference op on the same quantized weights. Both round operands to
+# the compute dtype and accumulate in float32, so on a GPU only summation order and the final rounding
+# differ. The interpreter (NumPy) truncates float32 -> bf16 instead of rounding to nearest, which costs
+# up to one bf16 ulp per weight: hence its looser bf16 bound.
+VS_REFERENCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2 if INTERPRETED else 8e-3}
+# Error against the exact fp64 product of x and the dequantized weight (what quantization cannot cause).
+VS_FP64 = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+SHAPES = [(1, 48, 80), (3, 33, 100), (17, 48, 80), (33, 33, 100)]  # M=1, small M, M not a tile multiple, odd N
+
+
+def _inputs(m, n, k, dtype, outlier_column=None):
+    x = torch.randn(m, k, device=DEVICE)
+    if outlier_column is not None:
+        x[:, outlier_column] *= 30
+    return x.to(dtype), torch.randn(n, device=DEVICE) * 0.1
+
+
+def _4bit_call(layout, t, x, bias):
+    c = layout.config
+    return linear_4bit_triton(
+        x, t["weight"], t["quant_map"], t["absmax"], t["nested_absmax"], t["nested_quant_map"], t["offset"], bias,
+        layout.out_features, layout.in_features, c.blocksize, c.compute_dtype, autotune=not INTERPRETED,
+    )
+
+
+def _check(out, x, layout, t, bias, reference):
+    dtype = layout.config.compute_dtype
+    assert out.dtype == dtype and not out.isnan().any()
+    exact = x.double() @ layout.dequantize(t, torch.float64).T
+    if bias is not None:
+        exact = exact + bias.double()
+    assert relative_error(out, exact) < VS_FP64[dtype]
+    assert relative_error(out, reference) < VS_REFERENCE[dtype]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("config", ["nf4", "fp4-no-dq"])
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_4bit_kernels(shape, dtype, config, has_bias):
+    m, n, k = shape
+    cls, dq = (qpass.NF4Config, True) if config == "nf4" else (qpass.FP4Config, False)
+    layout, t = quantize_weight(torch.randn(n, k) * 0.05, cls(double_quant=dq, compute_dtype=dtype))
+    t = {name: None if v is None else v.to(DEVICE) for name, v in t.items()}
+    x, bias = _inputs(m, n, k, dtype)
+    bias = bias if has_bias else None
+    out = _4bit_call(layout, t, x, bias)
+    op, args = layout.linear_call(x, t, bias)
+    with torch.no_grad():
+        ref = _reference(op, args)
+    _check(out, x, layout, t, bias, ref)
+
+
+def _reference(op, args):
+    """The op's reference path, whatever the device."""
+    original = ops.use_triton
+    ops.use_triton = lambda x: False
+    try:
+        return op(*args)
+    finally:
+        ops.use_triton = original
+
+
+def test_4bit_blocks_straddling_rows():
+    """K = 40 with blocksize 32: blocks (and, for odd K, bytes) cross row boundaries."""
+    for k in (40, 41):
+        layout, t = quantize_weight(torch.randn(9, k), qpass.NF4Config(blocksize=32, compute_dtype=torch.float32))
+        t = {name: None if v is None else v.to(DEVICE) for name, v in t.items()}
+        for m in (1, 20):
+            x, bias = _inputs(m, 9, k, torch.float32)
+            op, args = layout.linear_call(x, t, bias)
+            _check(_4bit_call(layout, t, x, bias), x, layout, t, bias, _reference(op, args))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("outliers", [True, False])
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_int8_kernels(shape, dtype, outliers, has_bias):
+    m, n, k = shape
+    layout, t = quantize_weight(torch.randn(n, k) * 0.05, qpass.Int8Config(compute_dtype=dtype))
+    t = {name: v.to(DEVICE) for name, v in t.items()}
+    x, bias = _inputs(m, n, k, dtype, outlier_column=7 if outliers else None)
+    bias = bias if has_bias else None
+    ca, sca, mask = int8_vectorwise_quant_triton(x, 6.0)
+    ca_ref, sca_ref, mask_ref = torch.ops.qpass.int8_vectorwise_quant(x, 6.0)
+    assert torch.equal(mask.bool(), mask_ref) and bool(mask[7]) == outliers
+    assert torch.equal(sca, sca_ref)
+    if dtype != torch.bfloat16 or not INTERPRETED:  # the interpreter's bf16 loads may differ in the last bit
+        assert torch.equal(ca, ca_ref)
+    out = linear_int8_triton(x, t["weight"], t["SCB"], bias, 6.0, dtype, autotune=not INTERPRETED)
+    op, args = layout.linear_call(x, t, bias)
+    ref = _reference(op, args)
+    assert out.dtype == dtype and not out.isnan().any()
+    assert relative_error(out, ref) < VS_REFERENCE[dtype]
+
+
+def test_ops_dispatch_to_the_kernels(monkeypatch):
+    """The op bodies call the kernels with the right arguments (forced on for CPU tensors here)."""
+    monkeypatch.setattr(ops, "use_triton", lambda x: True)
+    for config in (qpass.NF4Config(compute_dtype=torch.float16), qpass.Int8Config(compute_dtype=torch.float16)):
+        layout, t = quantize_weight(torch.randn(24, 64) * 0.05, config)
+        t = {name: None if v is None else v.to(DEVICE) for name, v in t.items()}
+        x = torch.randn(2, 3, 64, device=DEVICE, dtype=torch.float32)
+        op, args = layout.linear_call(x, t, None)
+        out = op(*args)
+        assert out.shape == (2, 3, 24) and out.dtype == torch.float32
+        monkeypatch.setattr(ops, "use_triton", lambda x: False)
+        assert relative_error(out, op(*args)) < VS_REFERENCE[torch.float16]
+        monkeypatch.setattr(ops, "use_triton", lambda x: True)
+
+
+def test_fuzz_random_shapes():
+    """Random shapes and options; many more on a GPU than under the interpreter."""
+    generator = torch.Generator().manual_seed(1234)
+    trials = 6 if INTERPRETED else 200
+    for _ in range(trials):
+        m = int(torch.randint(1, 40 if INTERPRETED else 600, (1,), generator=generator))
+        n = int(torch.randint(1, 70 if INTERPRETED else 3000, (1,), generator=generator))
+        k = int(torch.randint(2, 140 if INTERPRETED else 3000, (1,), generator=generator))
+        dtype = [torch.bfloat16, torch.float16][int(torch.randint(0, 2, (1,), generator=generator))]
+        blocksize = [32, 64, 128][int(torch.randint(0, 3, (1,), generator=generator))]
+        layout, t = quantize_weight(torch.randn(n, k) * 0.05, qpass.NF4Config(blocksize=blocksize, compute_dtype=dtype))
+        t = {name: None if v is None else v.to(DEVICE) for name, v in t.items()}
+        x, bias = _inputs(m, n, k, dtype)
+        op, args = layout.linear_call(x, t, bias)
+        _check(_4bit_call(layout, t, x, bias), x, layout, t, bias, _reference(op, args))
+        layout8, t8 = quantize_weight(torch.randn(n, k) * 0.05, qpass.Int8Config(compute_dtype=dtype))
+        t8 = {name: v.to(DEVICE) for name, v in t8.items()}
+        out = linear_int8_triton(x, t8["weight"], t8["SCB"], bias, 6.0, dtype, autotune=not INTERPRETED)
+        op8, args8 = layout8.linear_call(x, t8, bias)
+        assert not out.isnan().any() and relative_error(out, _reference(op8, args8)) < VS_REFERENCE[dtype]
+
+
+def test_gemv_threshold_is_exercised():
+    assert any(m <= GEMV_MAX_M for m, _, _ in SHAPES) and any(m > GEMV_MAX_M for m, _, _ in SHAPES)
