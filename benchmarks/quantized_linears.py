@@ -1,0 +1,342 @@
+"""Quantized linear layers side by side with bf16, bitsandbytes and torchao, plus end-to-end decode.
+
+    python benchmarks/quantized_linears.py            # GPU: the issue's shapes, M in {1, 16, 128, 2048}
+    python benchmarks/quantized_linears.py --device cpu --quick  # CPU: small shapes (what CI runs)
+
+One process, the same inputs for every variant. For each (N x K weight, M rows of input): the median
+time, the speedup over bf16 ``F.linear``, and the fraction of the limit
+``max(bytes / bandwidth, 2*M*N*K / peak)`` reached, with the bandwidth (device-to-device copy) and the
+bf16 matmul peak measured in the same run. Then a Llama-3-8B-shaped ``LlamaForCausalLM`` (random
+weights; a tiny one with --quick) decodes with a static KV cache, compiled: tokens/s at batch 1 and 16
+and peak memory. Results go to a JSON file, a Markdown table and a PNG plot (speedup vs M per shape).
+Peers that are not installed or do not run on the device are recorded as such, not silently dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import qpass
+
+sys.path.insert(0, str(Path(__file__).parent))
+from peers import bitsandbytes_4bit  # noqa: E402
+
+FULL_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192)]
+QUICK_SHAPES = [(256, 256), (512, 256)]
+FULL_M = [1, 16, 128, 2048]
+QUICK_M = [1, 16, 64]
+QUICK_E2E_TOKENS = 6
+
+
+# ---------------------------------------------------------------------------------------------------
+# timing and ceilings
+# ---------------------------------------------------------------------------------------------------
+
+
+def median_ms(fn: Callable[[], object], device: str, cuda_graph: bool = False) -> float:
+    """Median wall time of ``fn`` in ms: triton.testing.do_bench (CUDA events) on GPU, a timer on CPU."""
+    if device == "cuda":
+        import triton.testing
+
+        if cuda_graph:
+            return triton.testing.do_bench_cudagraph(fn, return_mode="median")
+        return triton.testing.do_bench(fn, return_mode="median")
+    for _ in range(2):
+        fn()
+    times = []
+    deadline = time.perf_counter() + 0.25
+    while len(times) < 5 or (time.perf_counter() < deadline and len(times) < 50):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def measure_ceilings(device: str, quick: bool) -> dict:
+    """Copy bandwidth (bytes read + written per second) and bf16 matmul rate on this device."""
+    n = (1 << 24) if quick else (1 << 30)  # elements of the copied buffer
+    src = torch.empty(n, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    copy_ms = median_ms(lambda: dst.copy_(src), device)
+    size = 512 if quick else 8192
+    rates = {}
+    # On CPUs without bf16 arithmetic the float32 matmul is the faster one (and what qpass' reference
+    # uses), so the compute ceiling there is the better of the two.
+    for dtype in (torch.bfloat16,) if device == "cuda" else (torch.bfloat16, torch.float32):
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
+        rates[dtype] = 2 * size**3 / (median_ms(lambda: a @ b, device) * 1e-3)
+    return {"bandwidth_bytes_per_s": 2 * n / (copy_ms * 1e-3), "matmul_flops_per_s": max(rates.values()),
+            "bf16_flops_per_s": rates[torch.bfloat16]}
+
+
+# ---------------------------------------------------------------------------------------------------
+# variants of one linear layer
+# ---------------------------------------------------------------------------------------------------
+
+
+def _torchao_variants(weight: torch.Tensor) -> dict[str, Callable | str]:
+    try:
+        import torchao  # noqa: F401
+        from torchao.dtypes.nf4tensor import to_nf4
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+    except ImportError as err:
+        return {"torchao": f"not installed ({err.name})"}
+    out: dict[str, Callable | str] = {}
+    nf4 = to_nf4(weight)
+    out["torchao nf4"] = lambda x: nn.functional.linear(x, nf4)
+    for name, config in (("torchao int8 w-only", Int8WeightOnlyConfig()), ("torchao int4 w-only", Int4WeightOnlyConfig(group_size=64))):
+        try:
+            layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+            layer.weight.data.copy_(weight)
+            quantize_(layer, config)
+            out[name] = layer
+        except Exception as err:  # a peer config that does not run here is a result, not a crash
+            out[name] = f"does not run here: {type(err).__name__}: {str(err)[:120]}"
+    return out
+
+
+def _bitsandbytes_variants(weight: torch.Tensor) -> dict[str, Callable | str]:
+    try:
+        import bitsandbytes as bnb
+    except ImportError as err:
+        return {"bitsandbytes": f"not installed ({err.name})"}
+    out: dict[str, Callable | str] = {}
+    n, k = weight.shape
+    holder = nn.Sequential(nn.Linear(k, n, bias=False, device=weight.device, dtype=weight.dtype))
+    holder[0].weight.data.copy_(weight)
+    out["bnb nf4+dq"] = bitsandbytes_4bit(holder, "nf4", double_quant=True, skip=())[0]
+    int8 = bnb.nn.Linear8bitLt(k, n, bias=False, has_fp16_weights=False, threshold=6.0)
+    int8.weight = bnb.nn.Int8Params(weight.half().cpu(), requires_grad=False, has_fp16_weights=False)._quantize(weight.device)
+    out["bnb int8 (t=6)"] = int8.eval()
+    return out
+
+
+def layer_variants(weight: torch.Tensor, device: str) -> dict[str, Callable | str]:
+    """name -> a callable taking x, or a string saying why that variant does not run."""
+    variants: dict[str, Callable | str] = {"bf16": lambda x: nn.functional.linear(x, weight)}
+    for fmt in ("nf4", "fp4", "int8"):
+        layer = qpass.quantize(_linear_with(weight), fmt)
+        variants[f"qpass {fmt}"] = layer
+        compiled = torch.compile(layer, mode="reduce-overhead" if device == "cuda" else None, fullgraph=True)
+        variants[f"qpass {fmt} compiled"] = compiled
+    variants.update(_bitsandbytes_variants(weight))
+    variants.update(_torchao_variants(weight))
+    return variants
+
+
+def _linear_with(weight: torch.Tensor) -> nn.Linear:
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+    layer.weight.data.copy_(weight)
+    return layer
+
+
+def weight_bytes(name: str, n: int, k: int) -> float:
+    if "int8" in name:
+        return n * k + 4 * n
+    if any(f in name for f in ("nf4", "fp4", "int4")):
+        return n * k * 4.127 / 8
+    return 2 * n * k
+
+
+def bench_layers(device: str, shapes, ms, ceilings) -> list[dict]:
+    rows = []
+    for n, k in shapes:
+        weight = (torch.randn(n, k, device=device) * 0.02).to(torch.bfloat16)
+        variants = layer_variants(weight, device)
+        for m in ms:
+            x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+            x16 = x.half()
+            base = None
+            for name, fn in variants.items():
+                row = {"N": n, "K": k, "M": m, "variant": name}
+                if isinstance(fn, str):
+                    rows.append({**row, "skipped": fn})
+                    continue
+                inp = x16 if name.startswith("bnb int8") else x
+                try:
+                    with torch.no_grad():
+                        fn(inp)
+                        t = median_ms(lambda: fn(inp), device)
+                except Exception as err:  # a peer failing at one shape is recorded, the run goes on
+                    rows.append({**row, "skipped": f"failed: {type(err).__name__}: {str(err)[:120]}"})
+                    continue
+                base = t if name == "bf16" else base
+                moved = weight_bytes(name, n, k) + 2 * m * (n + k)
+                limit_ms = max(moved / ceilings["bandwidth_bytes_per_s"], 2 * m * n * k / ceilings["matmul_flops_per_s"]) * 1e3
+                rows.append({**row, "ms": t, "speedup_vs_bf16": base / t if base else None, "fraction_of_limit": limit_ms / t})
+                print(f"{n:>6}x{k:<6} M={m:<5} {name:<22} {t:9.4f} ms  x{(base or t) / t:5.2f}  {100 * limit_ms / t:5.1f}% of limit", flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# end to end decode
+# ---------------------------------------------------------------------------------------------------
+
+
+def llama(device: str, quick: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if quick:
+        config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    else:  # Llama-3-8B shapes
+        config = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                             num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                             rope_theta=500000.0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    return model
+
+
+def decode_tokens_per_s(model, batch: int, device: str, prompt_len: int, new_tokens: int) -> float:
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens + 1)
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=device)
+
+    def step(token, position):
+        return model(token, past_key_values=cache, cache_position=position, use_cache=True).logits[:, -1]
+
+    compiled = torch.compile(step, mode="reduce-overhead" if device == "cuda" else None, fullgraph=True)
+    with torch.no_grad():
+        logits = model(ids, past_key_values=cache, cache_position=torch.arange(prompt_len, device=device)).logits[:, -1]
+        token = logits.argmax(-1, keepdim=True)
+        for warm in range(2):  # compile and record the graph
+            compiled(token, torch.tensor([prompt_len + warm], device=device))
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for i in range(2, new_tokens):
+            token = compiled(token, torch.tensor([prompt_len + i], device=device)).argmax(-1, keepdim=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    return batch * (new_tokens - 2) / (time.perf_counter() - start)
+
+
+def peak_memory_bytes(device: str) -> int | None:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # process-wide: indicative only
+
+
+def bench_end_to_end(device: str, quick: bool) -> list[dict]:
+    rows = []
+    new_tokens = QUICK_E2E_TOKENS if quick else 64
+    for name in ("bf16", "qpass nf4", "qpass int8", "bnb nf4+dq"):
+        for batch in (1, 16):
+            torch._dynamo.reset()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            model = llama(device, quick)
+            try:
+                if name.startswith("qpass"):
+                    qpass.quantize(model, name.split()[1])
+                elif name.startswith("bnb"):
+                    bitsandbytes_4bit(model, "nf4", double_quant=True)
+                tps = decode_tokens_per_s(model, batch, device, prompt_len=16, new_tokens=new_tokens)
+            except Exception as err:
+                rows.append({"variant": name, "batch": batch, "skipped": f"failed: {type(err).__name__}: {str(err)[:160]}"})
+                continue
+            finally:
+                del model
+            rows.append({"variant": name, "batch": batch, "tokens_per_s": tps, "peak_memory_bytes": peak_memory_bytes(device)})
+            print(f"decode {name:<12} batch {batch:>2}: {tps:9.1f} tok/s", flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------------
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| N x K | M | variant | ms | speedup vs bf16 | % of limit |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "ms" in r:
+            lines.append(f"| {r['N']} x {r['K']} | {r['M']} | {r['variant']} | {r['ms']:.4f} | "
+                         f"{r['speedup_vs_bf16']:.2f} | {100 * r['fraction_of_limit']:.0f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = sorted({(r["N"], r["K"]) for r in rows})
+    fig, axes = plt.subplots(1, len(shapes), figsize=(4.5 * len(shapes), 4), squeeze=False)
+    for ax, (n, k) in zip(axes[0], shapes):
+        for variant in sorted({r["variant"] for r in rows if "ms" in r and r["variant"] != "bf16"}):
+            points = sorted((r["M"], r["speedup_vs_bf16"]) for r in rows
+                            if r.get("variant") == variant and (r["N"], r["K"]) == (n, k) and "ms" in r)
+            if points:
+                ax.plot(*zip(*points), marker="o", label=variant)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set(xscale="log", yscale="log", title=f"{n} x {k}", xlabel="M", ylabel="speedup vs bf16")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> dict:
+    # Every compiled layer variant is its own frame; the default limit of 8 recompiles would make the
+    # later ones fall back to eager and time the wrong thing.
+    torch._dynamo.config.recompile_limit = 256
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="small shapes and a tiny model (CPU, CI)")
+    parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    quick = args.quick or args.device == "cpu"
+
+    ceilings = measure_ceilings(args.device, quick)
+    print(f"ceilings: {ceilings['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s copy, "
+          f"{ceilings['matmul_flops_per_s'] / 1e12:.2f} TFLOP/s matmul ({ceilings['bf16_flops_per_s'] / 1e12:.2f} bf16)")
+    layers = bench_layers(args.device, QUICK_SHAPES if quick else FULL_SHAPES, QUICK_M if quick else FULL_M, ceilings)
+    e2e = [] if args.skip_e2e else bench_end_to_end(args.device, quick)
+    report = {
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine(),
+        "versions": _versions(),
+        "ceilings": ceilings,
+        "layers": layers,
+        "end_to_end": e2e,
+    }
+    tag = "cuda" if args.device == "cuda" else "cpu"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"kernels_{tag}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / f"kernels_{tag}.md").write_text(f"Device: {report['device']}; {report['versions']}\n\n" + markdown_table(layers))
+    plot(layers, args.out / f"kernels_{tag}.png")
+    print(f"wrote {args.out / f'kernels_{tag}.json'}")
+    return report
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for package in ("torch", "triton", "bitsandbytes", "torchao", "transformers"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = None
+    return out
+
+
+if __name__ == "__main__":
+    main()

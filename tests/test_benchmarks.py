@@ -1,0 +1,28 @@
+"""The kernel benchmark runs end to end on CPU with small shapes and writes its report."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import quantized_linears as bench  # noqa: E402
+
+
+def test_kernel_benchmark_writes_json_table_and_plot(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "QUICK_SHAPES", [(64, 128)])
+    monkeypatch.setattr(bench, "QUICK_M", [1, 16])
+    monkeypatch.setattr(bench, "QUICK_E2E_TOKENS", 4)
+    report = bench.main(["--device", "cpu", "--quick", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "kernels_cpu.json").read_text())
+    assert saved["ceilings"]["bandwidth_bytes_per_s"] > 0 and saved["ceilings"]["matmul_flops_per_s"] > 0
+    timed = {(r["variant"], r["M"]) for r in saved["layers"] if "ms" in r}
+    for variant in ("bf16", "qpass nf4", "qpass fp4", "qpass int8", "qpass nf4 compiled", "bnb nf4+dq", "bnb int8 (t=6)"):
+        assert {(variant, 1), (variant, 16)} <= timed, variant
+    # peers that cannot run here are listed with the reason, not dropped
+    assert all("ms" in r or r["skipped"] for r in saved["layers"])
+    assert any(r["variant"].startswith("torchao") for r in saved["layers"])
+    e2e = {(r["variant"], r["batch"]) for r in saved["end_to_end"] if "tokens_per_s" in r}
+    assert {("bf16", 1), ("qpass nf4", 16), ("qpass int8", 1), ("bnb nf4+dq", 1)} <= e2e
+    assert (tmp_path / "kernels_cpu.png").stat().st_size > 0
+    assert "| 64 x 128 | 1 | qpass nf4 |" in (tmp_path / "kernels_cpu.md").read_text()
+    assert report["device"]
