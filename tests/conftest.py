@@ -1,5 +1,13 @@
-import pytest
+import os
+
 import torch
+
+# Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors. The variable must be set
+# before any kernel is defined (imported), so it is set here, before the test modules are collected.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -6,19 +6,17 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # must be set before the kernels are defined (imported)
+import qpass
+from qpass.formats import quantize_weight
+from qpass.kernels import ops
+from qpass.kernels.triton_4bit import GEMV_MAX_M, linear_4bit_triton
+from qpass.kernels.triton_int8 import int8_vectorwise_quant_triton, linear_int8_triton
 
-import qpass  # noqa: E402
-from qpass.formats import quantize_weight  # noqa: E402
-from qpass.kernels import ops  # noqa: E402
-from qpass.kernels.triton_4bit import GEMV_MAX_M, linear_4bit_triton  # noqa: E402
-from qpass.kernels.triton_int8 import int8_vectorwise_quant_triton, linear_int8_triton  # noqa: E402
-
-from models import relative_error  # noqa: E402
+from models import relative_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = DEVICE == "cpu"
+assert not INTERPRETED or os.environ.get("TRITON_INTERPRET") == "1", "conftest.py sets TRITON_INTERPRET=1 without a GPU"
 
 # Error of the kernel against the reference op on the same quantized weights. Both round operands to
 # the compute dtype and accumulate in float32, so on a GPU only summation order and the final rounding
@@ -28,7 +26,9 @@ VS_REFERENCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2
 # Error against the exact fp64 product of x and the dequantized weight (what quantization cannot cause).
 VS_FP64 = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
-SHAPES = [(1, 48, 80), (3, 33, 100), (17, 48, 80), (33, 33, 100)]  # M=1, small M, M not a tile multiple, odd N
+# M=1, small M, M not a tile multiple, odd N; K a multiple of the block size (the row-aligned fast path
+# every LLM layer takes) and not (blocks and bytes straddling rows: the general path)
+SHAPES = [(1, 48, 128), (1, 48, 80), (3, 33, 256), (3, 33, 100), (17, 48, 192), (17, 48, 80), (33, 33, 100)]
 
 
 def _inputs(m, n, k, dtype, outlier_column=None):
@@ -143,6 +143,8 @@ def test_fuzz_random_shapes():
         k = int(torch.randint(2, 140 if INTERPRETED else 3000, (1,), generator=generator))
         dtype = [torch.bfloat16, torch.float16][int(torch.randint(0, 2, (1,), generator=generator))]
         blocksize = [32, 64, 128][int(torch.randint(0, 3, (1,), generator=generator))]
+        if torch.rand(1, generator=generator) < 0.5:  # half the time on the row-aligned fast path
+            k = blocksize * max(1, k // blocksize)
         layout, t = quantize_weight(torch.randn(n, k) * 0.05, qpass.NF4Config(blocksize=blocksize, compute_dtype=dtype))
         t = {name: None if v is None else v.to(DEVICE) for name, v in t.items()}
         x, bias = _inputs(m, n, k, dtype)
