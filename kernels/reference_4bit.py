@@ -41,8 +41,8 @@ def quantize_4bit(weight: torch.Tensor, blocksize: int, quant_type: str) -> tupl
     n = flat.numel()
     full = n - n % blocksize
     blocks = flat[:full].reshape(-1, blocksize)
-    absmax = blocks.abs().amax(dim=-1)
-    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=_TINY).unsqueeze(-1)), -1, 1).reshape(-1)
+    absmax = torch.linalg.vector_norm(blocks, float("inf"), dim=-1)  # max |x| without a |x| temporary
+    scaled = (blocks * (1.0 / absmax.clamp(min=_TINY).unsqueeze(-1))).clamp_(-1, 1).reshape(-1)
     if full < n:
         tail_absmax = flat[full:].abs().max().clamp(min=_TINY)
         absmax = torch.cat([absmax, tail_absmax.unsqueeze(0)])
@@ -50,9 +50,9 @@ def quantize_4bit(weight: torch.Tensor, blocksize: int, quant_type: str) -> tupl
     if scaled.numel() % 2:
         scaled = torch.nn.functional.pad(scaled, (0, 1))
     code = code_4bit(quant_type, weight.device)
-    rank = torch.bucketize(scaled, _sorted_midpoints(code))
+    rank = torch.bucketize(scaled, _sorted_midpoints(code), out_int32=True)
     if quant_type == "fp4":
-        rank = torch.tensor(FP4_RANK_TO_CODE, dtype=torch.uint8, device=weight.device)[rank]
+        rank = torch.tensor(FP4_RANK_TO_CODE, dtype=torch.uint8, device=weight.device)[rank.long()]
     nibbles = rank.to(torch.uint8)
     packed = (nibbles[0::2] << 4) | nibbles[1::2]
     return packed.unsqueeze(1), absmax

@@ -6,6 +6,7 @@
 
 from . import kernels  # noqa: F401  (registers torch.ops.qpass.*)
 from .api import quantize
+from .checkpoints import CheckpointError, from_pretrained, save_pretrained
 from .config import FP4Config, Int8Config, NF4Config, QPassConfig, QuantConfig, Weight4bitConfig
 from .errors import QuantizationError
 from .footprint import Footprint, footprint
@@ -14,6 +15,7 @@ from .modules import QuantizedLinear
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
     "FP4Config",
     "Footprint",
     "Int8Config",
@@ -24,5 +26,7 @@ __all__ = [
     "QuantizedLinear",
     "Weight4bitConfig",
     "footprint",
+    "from_pretrained",
     "quantize",
+    "save_pretrained",
 ]

@@ -51,11 +51,11 @@ def quantize_module(model: nn.Module, plan: QPassConfig) -> nn.Module:
         quantized = QuantizedLinear(layout, tensors, bias)
         if not name:  # the model is itself a linear layer
             return quantized
-        _set_submodule(model, name, quantized)
+        set_submodule(model, name, quantized)
     return model
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)

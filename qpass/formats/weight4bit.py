@@ -28,6 +28,7 @@ class Layout4bit(Layout):
     out_features: int
     in_features: int
     config: Weight4bitConfig
+    source_dtype: torch.dtype = torch.float32  # dtype of the weight before quantization (bitsandbytes' quant_state.dtype)
 
     tensor_names: ClassVar[tuple[str, ...]] = ("weight", "quant_map", "absmax", "nested_absmax", "nested_quant_map", "offset")
 
@@ -70,4 +71,4 @@ def quantize_4bit(weight: torch.Tensor, config: Weight4bitConfig):
     else:
         tensors["absmax"] = absmax
     out_features, in_features = weight.shape
-    return Layout4bit(out_features, in_features, config), tensors
+    return Layout4bit(out_features, in_features, config, weight.dtype), tensors

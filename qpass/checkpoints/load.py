@@ -1,0 +1,148 @@
+"""``qpass.from_pretrained``: load a quantized checkpoint, or quantize a full-precision one while loading.
+
+The model is built on the meta device (parameters only; buffers such as rotary tables stay real) and
+filled tensor by tensor from the safetensors files: a quantized layer is built straight from its
+stored tensors, and when quantizing while loading, each linear weight is read, quantized and dropped
+before the next, so peak memory stays near the quantized size plus the largest tensor.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import ConfigLike, QPassConfig, as_plan
+from ..formats import quantize_layer
+from ..module_swap import linear_weight, set_submodule
+from ..modules import QuantizedLinear
+from .bnb_layout import dtype_from_name, is_quantized_layer, layer_from_bnb
+from .errors import CheckpointError
+from .safetensors_io import SafetensorsReader
+
+
+def from_pretrained(
+    path: str | Path,
+    spec: ConfigLike | QPassConfig = None,
+    *,
+    model_class=None,
+    dtype: torch.dtype | None = None,
+    **plan_options,
+) -> nn.Module:
+    """A transformers model from the checkpoint folder ``path``.
+
+    * A checkpoint with a bitsandbytes (or qpass) ``quantization_config``: its quantized layers load
+      as they are stored (give no ``spec``).
+    * A full-precision checkpoint: ``spec`` ("nf4", "fp4", "int8", a config or a ``QPassConfig``;
+      ``plan_options`` as for ``qpass.quantize``) quantizes each selected linear layer as it is read.
+
+    ``dtype`` casts the tensors that stay in full precision (default: as stored). ``model_class``
+    defaults to ``AutoModelForCausalLM``.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    reader = SafetensorsReader(path)
+    config = AutoConfig.from_pretrained(path)
+    stored = getattr(config, "quantization_config", None)
+    if stored is not None and not isinstance(stored, dict):
+        stored = stored.to_dict()
+    if stored and spec is not None:
+        raise CheckpointError(f"{path} is already quantized ({stored.get('quant_method')}); load it without a format")
+    if stored and stored.get("quant_method") not in ("bitsandbytes", "qpass"):
+        raise CheckpointError(f"{path}: quant_method {stored.get('quant_method')!r} is not one qpass reads "
+                              "(bitsandbytes or qpass)")
+    if stored:
+        del config.quantization_config
+    plan = as_plan(spec, **plan_options) if spec is not None else None
+    with init_empty_weights(include_buffers=False):
+        try:
+            model = (model_class or AutoModelForCausalLM).from_config(config)
+        except ValueError as err:
+            raise CheckpointError(f"{path}: transformers cannot build this architecture ({err})") from err
+
+    consumed: set[str] = set()
+    for name, module in list(model.named_modules()):
+        if not name or linear_weight(module) is None:
+            continue
+        suffixes = {k[len(name) + 1 :] for k in reader.keys() if k.startswith(name + ".")}
+        if stored and is_quantized_layer(suffixes):
+            layer = _stored_layer(name, reader, suffixes, stored, module, dtype)
+        elif plan is not None and f"{name}.weight" in reader and (layer_config := plan.config_for(name)) is not None:
+            layer = _quantize_while_loading(name, reader, module, layer_config, dtype)
+        else:
+            continue
+        consumed.update(f"{name}.{s}" for s in suffixes)
+        set_submodule(model, name, layer)
+
+    for key in reader.keys():
+        if key not in consumed:
+            _assign(model, key, reader.get(key), dtype, path)
+    if stored:
+        config.quantization_config = stored
+    model.tie_weights()
+    missing = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.device.type == "meta"]
+    if missing:
+        raise CheckpointError(f"{path}: tensor {missing[0]!r} is missing from the checkpoint"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return model.eval()
+
+
+def _layer_settings(name: str, stored: dict) -> tuple[torch.dtype, float]:
+    """(compute dtype, int8 threshold) of layer ``name`` from the stored quantization config."""
+    if stored.get("quant_method") == "qpass":
+        layer = stored.get("layers", {}).get(name)
+        if layer is None:
+            raise CheckpointError(f"{name}: quantized in the checkpoint but missing from quantization_config.layers")
+        return dtype_from_name(layer["compute_dtype"]), float(layer.get("threshold", 6.0))
+    if stored.get("load_in_8bit"):
+        return torch.bfloat16, float(stored.get("llm_int8_threshold", 6.0))  # bitsandbytes computes in the input dtype
+    return dtype_from_name(stored.get("bnb_4bit_compute_dtype") or "float32"), float(stored.get("llm_int8_threshold", 6.0))
+
+
+def _stored_layer(name, reader, suffixes, stored, module, dtype) -> QuantizedLinear:
+    compute_dtype, threshold = _layer_settings(name, stored)
+    layout, tensors = layer_from_bnb(name, lambda s: reader.get(f"{name}.{s}"), suffixes, compute_dtype, threshold)
+    expected = tuple(linear_weight(module).shape)
+    if (layout.out_features, layout.in_features) != expected:
+        raise CheckpointError(f"{name}: the checkpoint holds a {layout.out_features}x{layout.in_features} weight, "
+                              f"the model's layer is {expected[0]}x{expected[1]}")
+    return QuantizedLinear(layout, tensors, _bias(name, reader, module, dtype))
+
+
+def _quantize_while_loading(name, reader, module, config, dtype) -> QuantizedLinear:
+    weight = reader.get(f"{name}.weight")
+    conv1d = not isinstance(module, nn.Linear)
+    if tuple(weight.shape) != tuple(module.weight.shape):
+        raise CheckpointError(f"{name}.weight: shape {tuple(weight.shape)} in the checkpoint, {tuple(module.weight.shape)} in the model")
+    layout, tensors = quantize_layer(weight.t() if conv1d else weight, config, name)
+    del weight
+    return QuantizedLinear(layout, tensors, _bias(name, reader, module, dtype))
+
+
+def _bias(name, reader, module, dtype) -> nn.Parameter | None:
+    if getattr(module, "bias", None) is None:
+        return None
+    bias = reader.get(f"{name}.bias")
+    return nn.Parameter(bias.to(dtype) if dtype else bias)
+
+
+def _assign(model: nn.Module, key: str, tensor: torch.Tensor, dtype, path) -> None:
+    module_name, _, attr = key.rpartition(".")
+    try:
+        owner = model.get_submodule(module_name)
+    except AttributeError:
+        raise CheckpointError(f"{path}: tensor {key!r} does not belong to this {type(model).__name__}") from None
+    current = getattr(owner, attr, None)
+    if not isinstance(current, torch.Tensor):
+        raise CheckpointError(f"{path}: tensor {key!r} does not belong to this {type(model).__name__}")
+    if tuple(current.shape) != tuple(tensor.shape):
+        raise CheckpointError(f"{path}: tensor {key!r} has shape {tuple(tensor.shape)}, the model expects {tuple(current.shape)}")
+    if dtype is not None and tensor.is_floating_point():
+        tensor = tensor.to(dtype)
+    if attr in owner._parameters:
+        owner._parameters[attr] = nn.Parameter(tensor, requires_grad=current.requires_grad)
+    else:
+        owner._buffers[attr] = tensor

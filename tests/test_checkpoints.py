@@ -1,0 +1,228 @@
+"""Checkpoints: bit-exact round trips, both directions with transformers + bitsandbytes, atomic writes,
+clear errors, and quantize-while-loading memory."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+import qpass
+from qpass.checkpoints import safetensors_io
+
+from models import relative_error, tiny_llama
+
+IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+BNB_CONFIGS = {
+    "nf4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16),
+    "fp4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.bfloat16),
+    "int8": BitsAndBytesConfig(load_in_8bit=True),
+}
+QPASS_SPECS = {"nf4": "nf4", "fp4": qpass.FP4Config(double_quant=False), "int8": "int8"}
+# bitsandbytes computes int8 layers in fp16, qpass in bf16 (the config's compute dtype): logits differ
+# by that rounding. 4-bit layers give identical logits on CPU.
+BNB_AGREEMENT = {"nf4": 1e-6, "fp4": 1e-6, "int8": 2e-2}
+
+
+@pytest.fixture(scope="module")
+def fp_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fp") / "llama"
+    tiny_llama().save_pretrained(path)
+    return path
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "fp4", "int8"])
+def test_round_trip_is_bit_exact(fmt, tmp_path):
+    model = qpass.quantize(tiny_llama(), QPASS_SPECS[fmt])
+    qpass.save_pretrained(model, tmp_path / "q")
+    loaded = qpass.from_pretrained(tmp_path / "q")
+    assert torch.equal(_logits(loaded), _logits(model))
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key].reshape(-1).view(torch.uint8), value.reshape(-1).view(torch.uint8)), key
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "fp4", "int8"])
+def test_qpass_checkpoint_loads_in_transformers_bitsandbytes(fmt, tmp_path):
+    model = qpass.quantize(tiny_llama(), QPASS_SPECS[fmt])
+    qpass.save_pretrained(model, tmp_path / "q")
+    config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "bitsandbytes"
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cpu")
+    layer = theirs.model.layers[0].mlp.up_proj
+    assert type(layer).__name__ == ("Linear8bitLt" if fmt == "int8" else "Linear4bit")
+    ours = model.model.layers[0].mlp.up_proj
+    assert torch.equal(layer.weight.data.reshape(-1).view(torch.uint8), ours.weight.reshape(-1).view(torch.uint8))
+    assert relative_error(_logits(theirs), _logits(model)) <= BNB_AGREEMENT[fmt]
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "fp4", "int8"])
+def test_transformers_bitsandbytes_checkpoint_loads_in_qpass(fmt, fp_checkpoint, tmp_path):
+    theirs = AutoModelForCausalLM.from_pretrained(fp_checkpoint, quantization_config=BNB_CONFIGS[fmt], device_map="cpu")
+    theirs.save_pretrained(tmp_path / "bnb")
+    ours = qpass.from_pretrained(tmp_path / "bnb")
+    layer = ours.model.layers[1].self_attn.o_proj
+    assert isinstance(layer, qpass.QuantizedLinear)
+    assert torch.equal(layer.weight.reshape(-1).view(torch.uint8), theirs.model.layers[1].self_attn.o_proj.weight.data.reshape(-1).view(torch.uint8))
+    assert relative_error(_logits(ours), _logits(theirs)) <= BNB_AGREEMENT[fmt]
+    # and qpass writes it back byte for byte
+    qpass.save_pretrained(ours, tmp_path / "again")
+    before, after = load_file(tmp_path / "bnb" / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    assert before.keys() == after.keys()
+    for key in before:
+        assert torch.equal(before[key].reshape(-1).view(torch.uint8), after[key].reshape(-1).view(torch.uint8)), key
+
+
+def test_quantize_while_loading_equals_quantizing_after(fp_checkpoint):
+    loaded = qpass.from_pretrained(fp_checkpoint, "nf4", overrides={"*.self_attn.*": "int8"})
+    after = qpass.quantize(tiny_llama(), "nf4", overrides={"*.self_attn.*": "int8"})
+    assert torch.equal(_logits(loaded), _logits(after))
+
+
+def test_mixed_formats_save_as_qpass_config(tmp_path):
+    model = qpass.quantize(tiny_llama(), "nf4", overrides={"*.self_attn.*": "int8"})
+    qpass.save_pretrained(model, tmp_path / "q")
+    config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "qpass"
+    assert config["layers"]["model.layers.0.self_attn.q_proj"]["format"] == "int8"
+    assert torch.equal(_logits(qpass.from_pretrained(tmp_path / "q")), _logits(model))
+
+
+def test_sharded_checkpoint(tmp_path):
+    model = qpass.quantize(tiny_llama(), "nf4")
+    qpass.save_pretrained(model, tmp_path / "q", max_shard_size="20KB")
+    assert (tmp_path / "q" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "q").glob("model-*.safetensors"))) > 1
+    assert torch.equal(_logits(qpass.from_pretrained(tmp_path / "q")), _logits(model))
+
+
+def test_interrupted_save_leaves_the_old_checkpoint(tmp_path, monkeypatch):
+    model = qpass.quantize(tiny_llama(), "nf4")
+    qpass.save_pretrained(model, tmp_path / "q")
+
+    def crash(folder, tensors, max_shard_size):
+        (folder / "model.safetensors").write_bytes(b"half a file")
+        raise KeyboardInterrupt  # e.g. the user's Ctrl-C half way
+
+    monkeypatch.setattr("qpass.checkpoints.save.write_tensors", crash)
+    with pytest.raises(KeyboardInterrupt):
+        qpass.save_pretrained(qpass.quantize(tiny_llama(), "int8"), tmp_path / "q")
+    with pytest.raises(KeyboardInterrupt):
+        qpass.save_pretrained(model, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["q"]  # no staging folder left behind
+    assert torch.equal(_logits(qpass.from_pretrained(tmp_path / "q")), _logits(model))
+
+
+def _saved(tmp_path):
+    qpass.save_pretrained(qpass.quantize(tiny_llama(), "nf4"), tmp_path / "q")
+    return tmp_path / "q"
+
+
+def test_truncated_file_names_the_file(tmp_path):
+    path = _saved(tmp_path)
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(qpass.CheckpointError, match=r"model.safetensors: cannot read it .*truncated or corrupted"):
+        qpass.from_pretrained(path)
+
+
+def test_missing_tensor_is_named(tmp_path):
+    path = _saved(tmp_path)
+    tensors = load_file(path / "model.safetensors")
+    del tensors["model.layers.1.mlp.down_proj.weight.absmax"]
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(qpass.CheckpointError, match=r"tensor 'model.layers.1.mlp.down_proj.weight.absmax' is missing"):
+        qpass.from_pretrained(path)
+    path = _saved(tmp_path / "fresh")
+    tensors = load_file(path / "model.safetensors")
+    del tensors["model.norm.weight"]
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(qpass.CheckpointError, match=r"tensor 'model.norm.weight' is missing"):
+        qpass.from_pretrained(path)
+
+
+def test_shape_mismatch_is_named(tmp_path):
+    path = _saved(tmp_path)
+    tensors = load_file(path / "model.safetensors")
+    tensors["model.layers.0.mlp.up_proj.weight.absmax"] = tensors["model.layers.0.mlp.up_proj.weight.absmax"][:-1].clone()
+    tensors["model.norm.weight"] = torch.ones(7)
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(qpass.CheckpointError, match=r"model.layers.0.mlp.up_proj.weight.absmax: shape \(127,\) does not match"):
+        qpass.from_pretrained(path)
+
+
+def test_pickle_is_never_loaded(tmp_path):
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not unpickled")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(qpass.CheckpointError, match=r"qpass reads safetensors only and never unpickles"):
+        qpass.from_pretrained(tmp_path)
+
+
+def test_errors_for_bad_arguments(tmp_path, fp_checkpoint):
+    with pytest.raises(qpass.CheckpointError, match=r"no such checkpoint folder"):
+        qpass.from_pretrained(tmp_path / "nowhere")
+    with pytest.raises(qpass.CheckpointError, match=r"already quantized \(bitsandbytes\); load it without a format"):
+        qpass.from_pretrained(_saved(tmp_path), "int8")
+    with pytest.raises(qpass.CheckpointError, match=r"has no qpass-quantized layer"):
+        qpass.save_pretrained(tiny_llama(), tmp_path / "x")
+    with pytest.raises(qpass.CheckpointError, match=r"needs a transformers model"):
+        qpass.save_pretrained(qpass.quantize(torch.nn.Sequential(torch.nn.Linear(4, 4)), "nf4"), tmp_path / "y")
+
+
+MEASURE = textwrap.dedent("""
+    import sys, threading, time, qpass
+
+    def anonymous_rss():  # resident memory the process owns (not file pages mapped from safetensors)
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+
+    peak, done = [anonymous_rss()], []
+    def sample():
+        while not done:
+            peak.append(max(peak[-1], anonymous_rss()))
+            time.sleep(0.002)
+    base = anonymous_rss()
+    thread = threading.Thread(target=sample)
+    thread.start()
+    model = qpass.from_pretrained(sys.argv[1], sys.argv[2])
+    done.append(True)
+    thread.join()
+    print(max(peak) - base)
+""")
+
+
+def test_quantize_while_loading_peak_memory(tmp_path):
+    """Peak anonymous memory while quantizing a 321 MiB float32 checkpoint to nf4 as it loads stays
+    near the quantized size plus a few times the largest tensor (the reference quantizer's float32 and
+    int32 temporaries for one tensor), far below the full-precision model. Sampled from
+    /proc/self/status every 2 ms in a fresh process; measured 119 MiB on the development machine."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=256, hidden_size=1024, intermediate_size=4096, num_hidden_layers=5,
+                         num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "big")
+    fp32_bytes = (tmp_path / "big" / "model.safetensors").stat().st_size
+    largest = 4 * 1024 * 4096
+    # A fixed mmap threshold makes glibc return each freed tensor to the system at once; with its
+    # default dynamic threshold freed 16 MiB temporaries stay in the heap and RSS counts them as used.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    out = subprocess.run([sys.executable, "-c", MEASURE, str(tmp_path / "big"), "nf4"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    peak = int(out.stdout.strip().splitlines()[-1])
+    quantized_bytes = fp32_bytes * 4.127 / 32
+    print(f"checkpoint {fp32_bytes / 2**20:.0f} MiB (fp32), quantized {quantized_bytes / 2**20:.0f} MiB, largest tensor "
+          f"{largest / 2**20:.0f} MiB; peak anonymous memory growth while quantizing as it loads: {peak / 2**20:.0f} MiB")
+    assert peak < quantized_bytes + 6 * largest
+    assert peak < 0.5 * fp32_bytes
