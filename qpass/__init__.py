@@ -9,6 +9,7 @@ from .api import quantize
 from .checkpoints import CheckpointError, from_pretrained, save_pretrained
 from .config import FP4Config, Int8Config, NF4Config, QPassConfig, QuantConfig, Weight4bitConfig
 from .errors import QuantizationError
+from .estimate import Estimate, estimate
 from .footprint import Footprint, footprint
 from .modules import QuantizedLinear
 
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
+    "Estimate",
     "FP4Config",
     "Footprint",
     "Int8Config",
@@ -25,6 +27,7 @@ __all__ = [
     "QuantizationError",
     "QuantizedLinear",
     "Weight4bitConfig",
+    "estimate",
     "footprint",
     "from_pretrained",
     "quantize",

@@ -19,7 +19,8 @@ def _conv1d_type() -> type | None:
     return getattr(pytorch_utils, "Conv1D", None)
 
 
-def _embedding_weights(model: nn.Module) -> set[int]:
+def embedding_weight_ids(model: nn.Module) -> set[int]:
+    """ids of the input-embedding weights: a linear layer sharing one is tied to it and stays as is."""
     return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
 
 
@@ -38,7 +39,7 @@ def quantize_module(model: nn.Module, plan: QPassConfig) -> nn.Module:
 
     Returns ``model``, or the new ``QuantizedLinear`` when ``model`` is itself a linear layer.
     """
-    tied = _embedding_weights(model)
+    tied = embedding_weight_ids(model)
     for name, module in list(model.named_modules()):
         weight = linear_weight(module)
         if weight is None or id(module.weight) in tied:

@@ -21,7 +21,7 @@ import torch
 
 from ..config import FP4Config, Int8Config, NF4Config, QuantConfig, Weight4bitConfig
 from ..formats import Layout, Layout4bit, LayoutInt8
-from ..kernels.codebooks import DOUBLE_QUANT_BLOCKSIZE
+from ..kernels.codebooks import DOUBLE_QUANT_BLOCKSIZE, code_4bit, dynamic_code
 from .errors import CheckpointError
 
 QUANT_STATE_PREFIX = "weight.quant_state.bitsandbytes__"
@@ -100,7 +100,16 @@ def layer_from_bnb(name: str, read, suffixes: set[str], compute_dtype: torch.dty
             raise CheckpointError(f"{name}.{suffix}: shape {actual} does not match the quant state ({shape} for a "
                                   f"{out_features}x{in_features} {quant_type} weight, blocksize {blocksize})")
     layout = Layout4bit(out_features, in_features, config, dtype_from_name(state.get("dtype", "float32")))
-    return layout, tensors
+    return layout, _share_code_books(tensors, quant_type)
+
+
+def _share_code_books(tensors: dict, quant_type: str) -> dict:
+    """Stored code books equal to the standard ones become the one shared tensor, as after quantize()."""
+    if torch.equal(tensors["quant_map"], code_4bit(quant_type)):
+        tensors["quant_map"] = code_4bit(quant_type)
+    if tensors["nested_quant_map"] is not None and torch.equal(tensors["nested_quant_map"], dynamic_code()):
+        tensors["nested_quant_map"] = dynamic_code()
+    return tensors
 
 
 def quantization_config(configs: dict[str, QuantConfig], skipped: list[str]) -> dict:

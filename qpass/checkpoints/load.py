@@ -28,6 +28,7 @@ def from_pretrained(
     *,
     model_class=None,
     dtype: torch.dtype | None = None,
+    progress: bool = False,
     **plan_options,
 ) -> nn.Module:
     """A transformers model from the checkpoint folder ``path``.
@@ -38,7 +39,7 @@ def from_pretrained(
       ``plan_options`` as for ``qpass.quantize``) quantizes each selected linear layer as it is read.
 
     ``dtype`` casts the tensors that stay in full precision (default: as stored). ``model_class``
-    defaults to ``AutoModelForCausalLM``.
+    defaults to ``AutoModelForCausalLM``. ``progress`` shows a progress bar over the stored tensors.
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -63,6 +64,10 @@ def from_pretrained(
         except ValueError as err:
             raise CheckpointError(f"{path}: transformers cannot build this architecture ({err})") from err
 
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(reader.keys()), unit="tensor", desc=f"{'quantizing' if plan else 'loading'} {path.name}",
+               disable=not progress)
     consumed: set[str] = set()
     for name, module in list(model.named_modules()):
         if not name or linear_weight(module) is None:
@@ -76,10 +81,13 @@ def from_pretrained(
             continue
         consumed.update(f"{name}.{s}" for s in suffixes)
         set_submodule(model, name, layer)
+        bar.update(len(suffixes))
 
     for key in reader.keys():
         if key not in consumed:
             _assign(model, key, reader.get(key), dtype, path)
+            bar.update(1)
+    bar.close()
     if stored:
         config.quantization_config = stored
     model.tie_weights()

@@ -35,31 +35,50 @@ class Layout(abc.ABC):
         """``(op, args)`` such that ``op(*args)`` is ``x @ W^T + bias``."""
 
     @abc.abstractmethod
+    def nbytes(self) -> int:
+        """Bytes of this layer's quantized tensors, computed from shapes alone; code books shared by
+        every layer (``quant_map``, ``nested_quant_map``) are not counted."""
+
+    def shared_nbytes(self) -> dict[str, int]:
+        """The code books this layer shares with every layer of its kind: ``{name: bytes}``."""
+        return {}
+
+    @abc.abstractmethod
     def dequantize(self, tensors: Mapping[str, torch.Tensor | None], dtype: torch.dtype) -> torch.Tensor:
         """The weight ``[out_features, in_features]`` in ``dtype``."""
 
 
 
 Quantizer = Callable[[torch.Tensor, Any], tuple[Layout, dict[str, torch.Tensor | None]]]
-_QUANTIZERS: dict[type, Quantizer] = {}
+_FORMATS: dict[type, tuple[type[Layout], Quantizer]] = {}
 
 
-def register_format(config_type: type[QuantConfig]) -> Callable[[Quantizer], Quantizer]:
-    """Register ``fn(weight, config) -> (layout, tensors)`` as the quantizer for ``config_type``."""
+def register_format(config_type: type[QuantConfig], layout_type: type[Layout]) -> Callable[[Quantizer], Quantizer]:
+    """Register ``fn(weight, config) -> (layout, tensors)`` as the quantizer for ``config_type``, whose
+    layouts are ``layout_type(out_features, in_features, config)``."""
 
     def register(fn: Quantizer) -> Quantizer:
-        _QUANTIZERS[config_type] = fn
+        _FORMATS[config_type] = (layout_type, fn)
         return fn
 
     return register
 
 
+def _lookup(config: QuantConfig) -> tuple[type[Layout], Quantizer]:
+    for cls in type(config).__mro__:
+        if cls in _FORMATS:
+            return _FORMATS[cls]
+    raise TypeError(f"no qpass format is registered for {type(config).__name__}")
+
+
 def quantize_weight(weight: torch.Tensor, config: QuantConfig) -> tuple[Layout, dict[str, torch.Tensor | None]]:
     """Quantize a float weight ``[out_features, in_features]`` with ``config``."""
-    for cls in type(config).__mro__:
-        if cls in _QUANTIZERS:
-            return _QUANTIZERS[cls](weight, config)
-    raise TypeError(f"no qpass format is registered for {type(config).__name__}")
+    return _lookup(config)[1](weight, config)
+
+
+def layout_for(config: QuantConfig, out_features: int, in_features: int) -> Layout:
+    """The layout a ``[out_features, in_features]`` weight gets under ``config``, without quantizing."""
+    return _lookup(config)[0](out_features, in_features, config)
 
 
 def quantize_layer(weight: torch.Tensor, config: QuantConfig, layer: str) -> tuple[Layout, dict[str, torch.Tensor | None]]:

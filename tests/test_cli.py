@@ -1,0 +1,104 @@
+"""The qpass command line and qpass.estimate."""
+
+import errno
+import re
+
+import pytest
+import torch
+
+import qpass
+from qpass import cli
+
+from models import tiny_gpt2, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def fp_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "llama"
+    tiny_llama().save_pretrained(path)
+    return path
+
+
+def test_quantize_inspect_estimate(fp_checkpoint, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert cli.main(["quantize", str(fp_checkpoint), "--format", "nf4", "--override", "*.self_attn.*=int8", "--out", str(out), "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert "14 layers quantized" in printed and f"wrote {out}" in printed
+    assert isinstance(qpass.from_pretrained(out).model.layers[0].self_attn.q_proj, qpass.QuantizedLinear)
+    assert cli.main(["inspect", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "model.layers.0.self_attn.q_proj" in table and "int8" in table and "against" in table
+    assert cli.main(["estimate", str(fp_checkpoint), "-f", "nf4"]) == 0
+    assert "MiB quantized (14 layers)" in capsys.readouterr().out
+
+
+def test_eval_on_a_text_file(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    # a word-level tokenizer over the tiny model's 128-token vocabulary, saved beside the checkpoint
+    vocab = {f"w{i}": i for i in range(127)} | {"[UNK]": 127}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    model = qpass.quantize(tiny_llama(), "nf4")
+    qpass.save_pretrained(model, tmp_path / "q")
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]").save_pretrained(tmp_path / "q")
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{i % 127}" for i in range(300)))
+    assert cli.main(["eval", str(tmp_path / "q"), "--text", str(text), "--window", "64", "--windows", "2"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["quantize", "/no/such/dir", "-f", "nf4", "-o", "x"], r"/no/such/dir: no such checkpoint folder"),
+        (["inspect", "/no/such/dir"], r"/no/such/dir: no such checkpoint folder"),
+        (["quantize", "{fp}", "-f", "nf5", "-o", "{tmp}/o"], r"unknown quantization format 'nf5'"),
+        (["quantize", "{fp}", "-f", "nf4", "--override", "oops", "-o", "{tmp}/o"], r"--override 'oops': expected PATTERN=FORMAT"),
+        (["eval", "{fp}", "--text", "/no/such.txt"], r"/no/such.txt: no such text file"),
+    ],
+)
+def test_errors_are_one_clear_line(argv, message, fp_checkpoint, tmp_path, capsys):
+    argv = [a.format(fp=fp_checkpoint, tmp=tmp_path) for a in argv]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"qpass {argv[0]}: error: ") and len(err.strip().splitlines()) == 1
+    assert re.search(message, err), err
+
+
+def test_unsupported_architecture(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert cli.main(["inspect", str(tmp_path)]) == 2
+    assert "qpass inspect: error:" in capsys.readouterr().err
+
+
+def test_full_disk(fp_checkpoint, tmp_path, monkeypatch, capsys):
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("qpass.checkpoints.save.write_tensors", no_space)
+    assert cli.main(["quantize", str(fp_checkpoint), "-f", "nf4", "-o", str(tmp_path / "q"), "-q"]) == 2
+    assert "the disk is full" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
+
+
+def test_help_for_every_command(capsys):
+    for command in ("quantize", "inspect", "eval", "estimate", "bench"):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main([command, "--help"])
+        assert exit_.value.code == 0
+        assert "usage: qpass " + command in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("spec", ["nf4", "fp4", "int8", qpass.NF4Config(double_quant=False, blocksize=128),
+                                  qpass.QPassConfig("nf4", overrides={"*.self_attn.*": "int8"}, skip_modules=[])])
+@pytest.mark.parametrize("make", [tiny_llama, lambda: tiny_llama(tie_word_embeddings=True), tiny_gpt2])
+def test_estimate_is_exact(spec, make):
+    model = make().to(torch.float16)
+    estimate = qpass.estimate(model.config, spec)
+    footprint = qpass.footprint(qpass.quantize(model, spec))
+    assert estimate.total_bytes == footprint.total_bytes
+    assert estimate.fp16_bytes == footprint.fp16_bytes and estimate.fp32_bytes == footprint.fp32_bytes
+    assert sorted(estimate.layers) == sorted(layer.name for layer in footprint.layers)
