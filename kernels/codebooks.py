@@ -34,7 +34,8 @@ NF4_CODE = (
 
 # FP4 (e2m1 flavour of bitsandbytes): bit 3 is the sign, bits 0..2 index these magnitudes, all / 12.
 _FP4_MAGNITUDES = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0)
-FP4_CODE = tuple(m / 12.0 for m in _FP4_MAGNITUDES) + tuple(-(m / 12.0) for m in _FP4_MAGNITUDES)
+# Code 8 is +0.0, not -0.0: bitsandbytes writes it as the integer literal -0.
+FP4_CODE = tuple(m / 12.0 for m in _FP4_MAGNITUDES) + tuple(-(m / 12.0) if m else 0.0 for m in _FP4_MAGNITUDES)
 
 # The FP4 code book is not sorted. Quantization bucketizes against the sorted values; this maps a
 # sorted rank back to its 4-bit code. The two zeros (code 0 = +0.0, code 8 = -0.0) tie: rank 7 is

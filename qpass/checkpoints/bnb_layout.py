@@ -105,9 +105,12 @@ def layer_from_bnb(name: str, read, suffixes: set[str], compute_dtype: torch.dty
 
 def _share_code_books(tensors: dict, quant_type: str) -> dict:
     """Stored code books equal to the standard ones become the one shared tensor, as after quantize()."""
-    if torch.equal(tensors["quant_map"], code_4bit(quant_type)):
+    def same_bytes(a, b):
+        return a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+    if same_bytes(tensors["quant_map"], code_4bit(quant_type)):
         tensors["quant_map"] = code_4bit(quant_type)
-    if tensors["nested_quant_map"] is not None and torch.equal(tensors["nested_quant_map"], dynamic_code()):
+    if tensors["nested_quant_map"] is not None and same_bytes(tensors["nested_quant_map"], dynamic_code()):
         tensors["nested_quant_map"] = dynamic_code()
     return tensors
 
