@@ -147,6 +147,32 @@ class QPassConfig:
             self.skip_modules = (self.skip_modules,)
         self.skip_modules = tuple(self.skip_modules)
 
+    @property
+    def quant_method(self) -> str:
+        """"qpass": how transformers' ``from_pretrained(..., quantization_config=...)`` finds qpass'
+        quantizer, which is registered here, when transformers first asks."""
+        from .integrations.transformers import QUANT_METHOD, register
+
+        register()
+        return QUANT_METHOD
+
+    def to_dict(self) -> dict:
+        """JSON-ready form (transformers writes it into config.json)."""
+
+        def config_dict(config):
+            if config is None:
+                return None
+            fields = {k: (str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v) for k, v in vars(config).items()}
+            return {"format": config.format_name, **fields}
+
+        return {"quant_method": "qpass", "default": config_dict(self.default),
+                "overrides": {k: config_dict(v) for k, v in self.overrides.items()}, "skip_modules": list(self.skip_modules)}
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        import json
+
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
     def config_for(self, module_name: str) -> QuantConfig | None:
         """The format config for the module ``module_name``, or None to leave it in full precision."""
         if any(_matches(module_name, pattern) for pattern in self.skip_modules):

@@ -1,0 +1,43 @@
+"""AutoModelForCausalLM.from_pretrained(..., quantization_config=qpass.QPassConfig(...))."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import qpass
+
+from models import tiny_llama
+
+
+@pytest.fixture(scope="module")
+def fp_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf") / "llama"
+    tiny_llama().save_pretrained(path)
+    return path
+
+
+def test_from_pretrained_with_a_qpass_config(fp_checkpoint, tmp_path):
+    plan = qpass.QPassConfig("nf4", overrides={"*.self_attn.*": "int8"})
+    model = AutoModelForCausalLM.from_pretrained(fp_checkpoint, quantization_config=plan)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, qpass.QuantizedLinear)
+    assert model.model.layers[0].self_attn.q_proj.layout.config.format_name == "int8"
+    assert isinstance(model.lm_head, torch.nn.Linear)
+    ids = torch.randint(0, 128, (1, 7))
+    expected = qpass.quantize(tiny_llama(), plan)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, expected(ids).logits)
+    assert '"quant_method": "qpass"' in model.config.to_json_string()
+    # saving goes through qpass (the bitsandbytes layout); transformers' own save is refused
+    with pytest.raises(Exception, match=r"(?i)serializ|quantiz"):
+        model.save_pretrained(tmp_path / "hf")
+    qpass.save_pretrained(model, tmp_path / "q")
+    assert torch.equal(qpass.from_pretrained(tmp_path / "q")(ids).logits, model(ids).logits)
+
+
+def test_importing_qpass_does_not_import_transformers():
+    code = "import sys, qpass; qpass.QPassConfig('nf4'); assert 'transformers' not in sys.modules, 'imported'"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
