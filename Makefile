@@ -17,6 +17,8 @@ $(BIN)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: $(BIN)/.installed
+	$(BIN)/qpass quantize smollm2 --format nf4 --out .demo/smollm2-nf4 --quiet
+	$(BIN)/qpass inspect .demo/smollm2-nf4 | tail -n 3
 	$(BIN)/python examples/demo.py
 
 test: $(BIN)/.installed
@@ -26,4 +28,4 @@ wheel: $(BIN)/.installed
 	$(BIN)/pip wheel --no-deps -q -w dist .
 
 clean:
-	rm -rf $(VENV) dist build *.egg-info
+	rm -rf $(VENV) dist build *.egg-info .demo
