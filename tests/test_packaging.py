@@ -19,6 +19,11 @@ def test_wheel_installs_one_namespace_and_imports(tmp_path):
     top_level = {n.split("/")[0] for n in names if not n.startswith("qpass-")}
     assert top_level == {"qpass"}, top_level
     assert "qpass/kernels/ops.py" in names and "qpass/passes/quantize_linears.py" in names
+    # every source file is packaged: qpass/** as is, kernels/ and passes/ under qpass/
+    sources = [p.relative_to(ROOT).as_posix() for p in ROOT.glob("qpass/**/*.py")]
+    sources += ["qpass/" + p.relative_to(ROOT).as_posix() for d in ("kernels", "passes") for p in (ROOT / d).glob("*.py")]
+    missing = sorted(set(sources) - set(names))
+    assert not missing, f"not in the wheel: {missing}"
 
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
