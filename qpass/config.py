@@ -159,14 +159,8 @@ class QPassConfig:
     def to_dict(self) -> dict:
         """JSON-ready form (transformers writes it into config.json)."""
 
-        def config_dict(config):
-            if config is None:
-                return None
-            fields = {k: (str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v) for k, v in vars(config).items()}
-            return {"format": config.format_name, **fields}
-
-        return {"quant_method": "qpass", "default": config_dict(self.default),
-                "overrides": {k: config_dict(v) for k, v in self.overrides.items()}, "skip_modules": list(self.skip_modules)}
+        return {"quant_method": "qpass", "default": config_to_dict(self.default),
+                "overrides": {k: config_to_dict(v) for k, v in self.overrides.items()}, "skip_modules": list(self.skip_modules)}
 
     def to_json_string(self, use_diff: bool = True) -> str:
         import json
@@ -183,6 +177,14 @@ class QPassConfig:
             if _matches(module_name, pattern):
                 return config
         return self.default
+
+
+def config_to_dict(config: QuantConfig | None) -> dict | None:
+    """JSON-ready ``{"format": name, field: value, ...}`` (dtypes by name) of a format config."""
+    if config is None:
+        return None
+    fields = {k: (str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v) for k, v in vars(config).items()}
+    return {"format": config.format_name, **fields}
 
 
 def _matches(module_name: str, pattern: str) -> bool:

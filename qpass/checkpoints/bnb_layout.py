@@ -19,7 +19,7 @@ import json
 
 import torch
 
-from ..config import FP4Config, Int8Config, NF4Config, QuantConfig, Weight4bitConfig
+from ..config import FP4Config, Int8Config, NF4Config, QuantConfig, Weight4bitConfig, config_to_dict
 from ..formats import Layout, Layout4bit, LayoutInt8
 from ..kernels.codebooks import DOUBLE_QUANT_BLOCKSIZE, code_4bit, dynamic_code
 from .errors import CheckpointError
@@ -134,9 +134,4 @@ def quantization_config(configs: dict[str, QuantConfig], skipped: list[str]) -> 
         if isinstance(config, Int8Config):
             return {"quant_method": "bitsandbytes", "load_in_4bit": False, "load_in_8bit": True,
                     "llm_int8_threshold": config.threshold, **common}
-    return {"quant_method": "qpass", "layers": {name: _config_dict(c) for name, c in configs.items()}, **common}
-
-
-def _config_dict(config: QuantConfig) -> dict:
-    fields = {k: (dtype_name(v) if isinstance(v, torch.dtype) else v) for k, v in vars(config).items()}
-    return {"format": config.format_name, **fields}
+    return {"quant_method": "qpass", "layers": {name: config_to_dict(c) for name, c in configs.items()}, **common}
