@@ -24,6 +24,7 @@ class QuantizedLinear(nn.Module):
         for name in layout.tensor_names:
             self.register_buffer(name, tensors[name])
         self.bias = bias
+        self.from_conv1d = False  # the original was transformers' Conv1D ([in, out] weight)
 
     @property
     def quantized_tensors(self) -> dict[str, torch.Tensor | None]:

@@ -37,6 +37,17 @@ def test_from_pretrained_with_a_qpass_config(fp_checkpoint, tmp_path):
     assert torch.equal(qpass.from_pretrained(tmp_path / "q")(ids).logits, model(ids).logits)
 
 
+def test_conv1d_models_through_transformers(tmp_path):
+    from models import tiny_gpt2
+
+    tiny_gpt2().save_pretrained(tmp_path / "gpt2")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2", quantization_config=qpass.QPassConfig("fp4"))
+    assert isinstance(model.transformer.h[0].attn.c_attn, qpass.QuantizedLinear)
+    ids = torch.randint(0, 128, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, qpass.quantize(tiny_gpt2(), "fp4")(ids).logits)
+
+
 def test_importing_qpass_does_not_import_transformers():
     code = "import sys, qpass; qpass.QPassConfig('nf4'); assert 'transformers' not in sys.modules, 'imported'"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -2,21 +2,50 @@
 
 transformers finds a quantizer by the config's ``quant_method``; ``QPassConfig.quant_method`` registers
 ``QPassHfQuantizer`` under "qpass" on first access (so ``import qpass`` never imports transformers).
-transformers loads the full-precision weights and the quantizer then runs ``qpass.quantize`` over the
-model. To quantize tensor by tensor while reading (lower peak memory), or to load a checkpoint that
-qpass saved, use ``qpass.from_pretrained``; to save, ``qpass.save_pretrained``.
+
+Before the weights load, every selected linear layer becomes a ``QuantizedLinear`` whose tensors are
+meta placeholders (their shapes come from quantizing a meta weight: the same code path as the real
+thing). As transformers reads each linear weight from the checkpoint it hands it to ``QPassQuantize``,
+which quantizes it and returns the layer's tensors in its place: tensor by tensor, as
+``qpass.from_pretrained`` does. Save with ``qpass.save_pretrained`` (the bitsandbytes layout).
 """
 
 from __future__ import annotations
 
+import torch
+from transformers.core_model_loading import ConversionOps
 from transformers.quantizers import HfQuantizer, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+from transformers.quantizers.quantizers_utils import get_module_from_name
+
+from ..formats import quantize_layer, quantize_weight
+from ..module_swap import embedding_weight_ids, linear_weight, set_submodule
+from ..modules import QuantizedLinear
 
 QUANT_METHOD = "qpass"
 
 
+class QPassQuantize(ConversionOps):
+    """Quantize one loaded linear weight into the tensors of its ``QuantizedLinear``."""
+
+    def __init__(self, hf_quantizer):
+        self.hf_quantizer = hf_quantizer
+
+    def convert(self, input_dict, full_layer_name=None, model=None, **kwargs):
+        result = {}
+        for param_name, value in input_dict.items():
+            value = value[0] if isinstance(value, list) else value
+            layer, _ = get_module_from_name(model, param_name)
+            prefix = param_name.rpartition(".")[0]
+            weight = value.t() if layer.from_conv1d else value
+            _, tensors = quantize_layer(weight, layer.layout.config, prefix)
+            result.update({f"{prefix}.{name}": t for name, t in tensors.items() if t is not None})
+            layer._is_hf_initialized = True
+        return result
+
+
 class QPassHfQuantizer(HfQuantizer):
-    """Quantizes the linear layers with qpass once transformers has loaded the weights."""
+    """Quantizes each selected linear weight with qpass as transformers loads it."""
 
     requires_calibration = False
 
@@ -25,12 +54,27 @@ class QPassHfQuantizer(HfQuantizer):
             raise ValueError("this checkpoint was saved by qpass: load it with qpass.from_pretrained(path)")
 
     def _process_model_before_weight_loading(self, model, **kwargs):
+        plan = self.quantization_config
+        tied = embedding_weight_ids(model)
+        for name, module in list(model.named_modules()):
+            weight = linear_weight(module)
+            if not name or weight is None or id(module.weight) in tied or (config := plan.config_for(name)) is None:
+                continue
+            layout, placeholders = quantize_weight(torch.empty(weight.shape, dtype=weight.dtype, device="meta"), config)
+            layer = QuantizedLinear(layout, placeholders, module.bias)
+            layer.from_conv1d = not isinstance(module, torch.nn.Linear)
+            set_submodule(model, name, layer)
         return model
 
-    def _process_model_after_weight_loading(self, model, **kwargs):
-        from ..api import quantize
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        module, tensor_name = get_module_from_name(model, param_name)
+        return isinstance(module, QuantizedLinear) and tensor_name == "weight"
 
-        return quantize(model, self.quantization_config)
+    def get_quantize_ops(self):
+        return QPassQuantize(self)
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        return model
 
     def is_serializable(self):
         # model.save_pretrained would write qpass' in-memory names; qpass.save_pretrained writes the
