@@ -25,9 +25,10 @@ BNB_CONFIGS = {
     "int8": BitsAndBytesConfig(load_in_8bit=True),
 }
 QPASS_SPECS = {"nf4": "nf4", "fp4": qpass.FP4Config(double_quant=False), "int8": "int8"}
-# bitsandbytes computes int8 layers in fp16, qpass in bf16 (the config's compute dtype): logits differ
-# by that rounding. 4-bit layers give identical logits on CPU.
-BNB_AGREEMENT = {"nf4": 1e-6, "fp4": 1e-6, "int8": 2e-2}
+# 4-bit layers give identical logits on CPU. int8: a bitsandbytes checkpoint loads with float16
+# compute, as bitsandbytes runs it (3.5e-3 apart, summation order and rounding); a qpass int8 model
+# computes in bf16 by default, which bitsandbytes replaces by float16 when it loads the file (8e-3).
+BNB_AGREEMENT = {"nf4": 1e-6, "fp4": 1e-6, "int8": 1e-2}
 
 
 @pytest.fixture(scope="module")

@@ -133,5 +133,6 @@ def quantization_config(configs: dict[str, QuantConfig], skipped: list[str]) -> 
                     "bnb_4bit_quant_storage": dtype_name(config.quant_storage), "llm_int8_threshold": 6.0, **common}
         if isinstance(config, Int8Config):
             return {"quant_method": "bitsandbytes", "load_in_4bit": False, "load_in_8bit": True,
-                    "llm_int8_threshold": config.threshold, **common}
+                    "llm_int8_threshold": config.threshold, "qpass_int8_compute_dtype": dtype_name(config.compute_dtype),
+                    **common}
     return {"quant_method": "qpass", "layers": {name: config_to_dict(c) for name, c in configs.items()}, **common}

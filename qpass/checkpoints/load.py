@@ -106,7 +106,9 @@ def _layer_settings(name: str, stored: dict) -> tuple[torch.dtype, float]:
             raise CheckpointError(f"{name}: quantized in the checkpoint but missing from quantization_config.layers")
         return dtype_from_name(layer["compute_dtype"]), float(layer.get("threshold", 6.0))
     if stored.get("load_in_8bit"):
-        return torch.bfloat16, float(stored.get("llm_int8_threshold", 6.0))  # bitsandbytes computes in the input dtype
+        # qpass records its compute dtype; bitsandbytes' own checkpoints compute as bitsandbytes does,
+        # activations quantized from float16
+        return dtype_from_name(stored.get("qpass_int8_compute_dtype", "float16")), float(stored.get("llm_int8_threshold", 6.0))
     return dtype_from_name(stored.get("bnb_4bit_compute_dtype") or "float32"), float(stored.get("llm_int8_threshold", 6.0))
 
 
