@@ -90,6 +90,20 @@ def test_quantize_while_loading_equals_quantizing_after(fp_checkpoint):
     assert torch.equal(_logits(loaded), _logits(after))
 
 
+def test_tied_output_layer_stays_tied_when_quantizing_while_loading(tmp_path):
+    from safetensors.torch import save_file as write
+
+    model = tiny_llama(tie_word_embeddings=True)
+    model.save_pretrained(tmp_path / "tied")
+    tensors = load_file(tmp_path / "tied" / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()  # some checkpoints store both
+    write(tensors, tmp_path / "tied" / "model.safetensors", metadata={"format": "pt"})
+    loaded = qpass.from_pretrained(tmp_path / "tied", "nf4", skip_modules=[])
+    assert isinstance(loaded.lm_head, torch.nn.Linear)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert torch.equal(_logits(loaded), _logits(qpass.quantize(tiny_llama(tie_word_embeddings=True), "nf4", skip_modules=[])))
+
+
 def test_mixed_formats_save_as_qpass_config(tmp_path):
     model = qpass.quantize(tiny_llama(), "nf4", overrides={"*.self_attn.*": "int8"})
     qpass.save_pretrained(model, tmp_path / "q")

@@ -48,6 +48,13 @@ def test_conv1d_models_through_transformers(tmp_path):
         assert torch.equal(model(ids).logits, qpass.quantize(tiny_gpt2(), "fp4")(ids).logits)
 
 
+def test_tied_output_layer_is_left_alone(tmp_path):
+    tiny_llama(tie_word_embeddings=True).save_pretrained(tmp_path / "tied")
+    plan = qpass.QPassConfig("nf4", skip_modules=[])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "tied", quantization_config=plan)
+    assert isinstance(model.lm_head, torch.nn.Linear) and model.lm_head.weight is model.model.embed_tokens.weight
+
+
 def test_importing_qpass_does_not_import_transformers():
     code = "import sys, qpass; qpass.QPassConfig('nf4'); assert 'transformers' not in sys.modules, 'imported'"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

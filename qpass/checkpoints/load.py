@@ -15,7 +15,7 @@ from torch import nn
 
 from ..config import ConfigLike, QPassConfig, as_plan
 from ..formats import quantize_layer
-from ..module_swap import linear_weight, set_submodule
+from ..module_swap import embedding_weight_ids, linear_weight, set_submodule
 from ..modules import QuantizedLinear
 from .bnb_layout import dtype_from_name, is_quantized_layer, layer_from_bnb
 from .errors import CheckpointError
@@ -69,8 +69,11 @@ def from_pretrained(
     bar = tqdm(total=len(reader.keys()), unit="tensor", desc=f"{'quantizing' if plan else 'loading'} {path.name}",
                disable=not progress)
     consumed: set[str] = set()
+    # An output layer tied to the input embedding stays as it is (tie_weights() runs after loading).
+    tied = embedding_weight_ids(model)
+    tied_output = model.get_output_embeddings() if getattr(config.get_text_config(), "tie_word_embeddings", False) else None
     for name, module in list(model.named_modules()):
-        if not name or linear_weight(module) is None:
+        if not name or linear_weight(module) is None or id(module.weight) in tied or module is tied_output:
             continue
         suffixes = {k[len(name) + 1 :] for k in reader.keys() if k.startswith(name + ".")}
         if stored and is_quantized_layer(suffixes):

@@ -56,9 +56,13 @@ class QPassHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, **kwargs):
         plan = self.quantization_config
         tied = embedding_weight_ids(model)
+        tie = getattr(model.config.get_text_config(), "tie_word_embeddings", False)
+        tied_output = model.get_output_embeddings() if tie else None  # tied after loading: left as is
         for name, module in list(model.named_modules()):
             weight = linear_weight(module)
-            if not name or weight is None or id(module.weight) in tied or (config := plan.config_for(name)) is None:
+            if not name or weight is None or id(module.weight) in tied or module is tied_output:
+                continue
+            if (config := plan.config_for(name)) is None:
                 continue
             layout, placeholders = quantize_weight(torch.empty(weight.shape, dtype=weight.dtype, device="meta"), config)
             layer = QuantizedLinear(layout, placeholders, module.bias)
