@@ -19,6 +19,18 @@ COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 QUANT_STORAGE_DTYPES = (torch.uint8, torch.bfloat16, torch.float16, torch.float32)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """"bfloat16" for torch.bfloat16: how configs and checkpoints write dtypes."""
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dtype
+
+
 class QuantConfig:
     """Base of the format configs. Subclasses are frozen dataclasses that validate themselves."""
 
@@ -28,7 +40,7 @@ class QuantConfig:
 
 def _check_dtype(value: torch.dtype, allowed: Sequence[torch.dtype], field: str, owner: str) -> None:
     if value not in allowed:
-        names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+        names = ", ".join(dtype_name(d) for d in allowed)
         raise ValueError(f"{owner}: {field}={value} is not supported; use one of {names}")
 
 
@@ -183,7 +195,7 @@ def config_to_dict(config: QuantConfig | None) -> dict | None:
     """JSON-ready ``{"format": name, field: value, ...}`` (dtypes by name) of a format config."""
     if config is None:
         return None
-    fields = {k: (str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v) for k, v in vars(config).items()}
+    fields = {k: (dtype_name(v) if isinstance(v, torch.dtype) else v) for k, v in vars(config).items()}
     return {"format": config.format_name, **fields}
 
 

@@ -9,11 +9,6 @@ from torch import nn
 
 from .modules import QuantizedLinear
 
-# Code books are constants of a format (the same tensor in every layer), so they count once in the
-# model total and not in a layer's bits per weight.
-_SHARED_CONSTANTS = ("quant_map", "nested_quant_map")
-
-
 @dataclasses.dataclass(frozen=True)
 class LayerFootprint:
     name: str
@@ -72,7 +67,9 @@ def footprint(model: nn.Module) -> Footprint:
     for name, module in model.named_modules():
         if isinstance(module, QuantizedLinear):
             nbytes = sum(
-                t.nbytes for n, t in module.quantized_tensors.items() if t is not None and n not in _SHARED_CONSTANTS
+                # code books (one tensor for every layer) count once in the total, not per layer
+                t.nbytes for n, t in module.quantized_tensors.items()
+                if t is not None and n not in module.layout.shared_tensor_names
             )
             weights = module.in_features * module.out_features
             layers.append(LayerFootprint(name, module.layout.config.format_name, weights, nbytes))

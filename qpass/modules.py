@@ -16,7 +16,8 @@ class QuantizedLinear(nn.Module):
     the module between devices but never change dtype: ``model.half()`` casts only the bias.
     """
 
-    def __init__(self, layout: Layout, tensors: dict[str, torch.Tensor | None], bias: nn.Parameter | None):
+    def __init__(self, layout: Layout, tensors: dict[str, torch.Tensor | None], bias: nn.Parameter | None,
+                 from_conv1d: bool = False):
         super().__init__()
         self.layout = layout
         self.in_features = layout.in_features
@@ -24,7 +25,7 @@ class QuantizedLinear(nn.Module):
         for name in layout.tensor_names:
             self.register_buffer(name, tensors[name])
         self.bias = bias
-        self.from_conv1d = False  # the original was transformers' Conv1D ([in, out] weight)
+        self.from_conv1d = from_conv1d  # the original was transformers' Conv1D ([in, out] weight)
 
     @property
     def quantized_tensors(self) -> dict[str, torch.Tensor | None]:

@@ -19,7 +19,8 @@ import json
 
 import torch
 
-from ..config import FP4Config, Int8Config, NF4Config, QuantConfig, Weight4bitConfig, config_to_dict
+from ..config import FP4Config, Int8Config, NF4Config, QuantConfig, Weight4bitConfig, config_to_dict, dtype_name
+from ..config import dtype_from_name as config_dtype_from_name
 from ..formats import Layout, Layout4bit, LayoutInt8
 from ..kernels.codebooks import DOUBLE_QUANT_BLOCKSIZE, code_4bit, dynamic_code
 from .errors import CheckpointError
@@ -27,15 +28,11 @@ from .errors import CheckpointError
 QUANT_STATE_PREFIX = "weight.quant_state.bitsandbytes__"
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def dtype_from_name(name: str) -> torch.dtype:
-    dtype = getattr(torch, name.removeprefix("torch."), None)
-    if not isinstance(dtype, torch.dtype):
-        raise CheckpointError(f"unknown dtype {name!r} in a checkpoint")
-    return dtype
+    try:
+        return config_dtype_from_name(name)
+    except ValueError:
+        raise CheckpointError(f"unknown dtype {name!r} in a checkpoint") from None
 
 
 def layer_to_bnb(layout: Layout, tensors: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:

@@ -132,7 +132,7 @@ def _quantize_while_loading(name, reader, module, config, dtype) -> QuantizedLin
         raise CheckpointError(f"{name}.weight: shape {tuple(weight.shape)} in the checkpoint, {tuple(module.weight.shape)} in the model")
     layout, tensors = quantize_layer(weight.t() if conv1d else weight, config, name)
     del weight
-    return QuantizedLinear(layout, tensors, _bias(name, reader, module, dtype))
+    return QuantizedLinear(layout, tensors, _bias(name, reader, module, dtype), from_conv1d=conv1d)
 
 
 def _bias(name, reader, module, dtype) -> nn.Parameter | None:

@@ -29,6 +29,8 @@ class Layout(abc.ABC):
     # Names of the quantized tensors, in the order the linear op takes them. A name may map to None
     # (an optional op input that this layout does not use).
     tensor_names: ClassVar[tuple[str, ...]]
+    # Those of them that are code books: one tensor shared by every layer of the format.
+    shared_tensor_names: ClassVar[tuple[str, ...]] = ()
 
     @abc.abstractmethod
     def linear_call(self, x: T, tensors: Mapping[str, T | None], bias: T | None) -> tuple[Callable, tuple]:

@@ -31,6 +31,7 @@ class Layout4bit(Layout):
     source_dtype: torch.dtype = torch.float32  # dtype of the weight before quantization (bitsandbytes' quant_state.dtype)
 
     tensor_names: ClassVar[tuple[str, ...]] = ("weight", "quant_map", "absmax", "nested_absmax", "nested_quant_map", "offset")
+    shared_tensor_names: ClassVar[tuple[str, ...]] = ("quant_map", "nested_quant_map")
 
     def linear_call(self, x, tensors, bias):
         c = self.config
