@@ -6,11 +6,20 @@ Triton's compiler and ptxas ship in the triton wheel, so a CPU machine can compi
 sm_90 (H100/H200) and read registers per thread, spill stack and shared memory off the cubin
 (``cuobjdump -res-usage``). A config that spills or exceeds the 227 KiB of shared memory an H100 block
 may use is worth dropping before any GPU time is spent on autotuning it.
+
+Each kernel is compiled as a launch on a Llama-sized layer (28672 x 8192) would specialize it: every
+pointer and every integer argument divisible by 16 is marked so, which decides how wide the loads
+are. The report also counts the SASS instructions of the kernel's main loop per weight element it
+handles per thread (``instr/weight``): a static cost that bounds how fast a memory-bound kernel can
+go, since an SM sub-partition issues one warp instruction per cycle. At M=1 on an H100 (528
+sub-partitions, ~1.75 GHz) a 28672 x 8192 layer takes ``instr/weight * 28672 * 8192 / (32 * 528) /
+1.75e9`` s of issue alone, against ~40 us to read its 4-bit weights at 3 TB/s.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import re
@@ -43,37 +52,77 @@ def _signature(kernel, types: dict[str, str]) -> dict[str, str]:
     return {name: types.get(name, "constexpr") for name in kernel.arg_names}
 
 
+# Integer arguments of a launch on a 28672 x 8192 layer (M=16 for the GEMMs), for specialization.
+LAYER_INTS = {"M": 16, "N": 28672, "K": 8192, "stride_xm": 8192, "stride_om": 28672, "M_BUCKET": 16,
+              "BLOCKS_PER_SPLIT": 13}
+
+
+def _divisibility(kernel, signature: dict[str, str]) -> dict:
+    """The ``tt.divisibility`` attributes a runtime launch would give: pointers (torch allocations are
+    16-byte aligned) and integers divisible by 16."""
+    return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+            if signature[name].startswith("*") or (signature[name] == "i32" and LAYER_INTS.get(name, 1) % 16 == 0)}
+
+
 def kernel_cases():
-    """(name, kernel, signature, constexprs, num_warps, num_stages) for every autotune config."""
-    gemv_types = {**FOURBIT_POINTERS, "partial_ptr": _ptr("fp32"), "N": "i32", "K": "i32", "K_PER_SPLIT": "i32", "stride_xm": "i32"}
+    """(name, kernel, signature, constexprs, num_warps, num_stages, weights per main-loop iteration)
+    for every autotune config."""
+    gemv_types = {**FOURBIT_POINTERS, "qword_ptr": _ptr("i64"), "partial_ptr": _ptr("fp32"), "N": "i32", "K": "i32",
+                  "BLOCKS_PER_SPLIT": "i32", "stride_xm": "i32"}
+    gemv_consts = {name: FOURBIT_CONSTS[name] for name in ("BLOCKSIZE", "NESTED_BLOCKSIZE", "DOUBLE_QUANT")}
     for config in triton_4bit._gemv_configs():
-        consts = {**FOURBIT_CONSTS, **config.kwargs}
+        consts = {**gemv_consts, **config.kwargs}
         yield (f"4bit gemv {config.kwargs}", triton_4bit._gemv_kernel, _signature(triton_4bit._gemv_kernel, gemv_types),
-               consts, config.num_warps, config.num_stages)
+               consts, config.num_warps, config.num_stages, config.kwargs["BLOCK_N"] * consts["BLOCKSIZE"])
     gemm_types = {**FOURBIT_POINTERS, "bias_ptr": _ptr("bf16"), "out_ptr": _ptr("bf16"), "M": "i32", "N": "i32", "K": "i32",
                   "stride_xm": "i32", "stride_om": "i32", "M_BUCKET": "i32"}
     for config in triton_4bit._gemm_configs():
         consts = {**FOURBIT_CONSTS, "HAS_BIAS": True, "IEEE_DOT": False, **config.kwargs}
         yield (f"4bit gemm {config.kwargs}", triton_4bit._gemm_kernel, _signature(triton_4bit._gemm_kernel, gemm_types),
-               consts, config.num_warps, config.num_stages)
+               consts, config.num_warps, config.num_stages, config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_K"])
     int8_types = {"ca_ptr": _ptr("i8"), "cb_ptr": _ptr("i8"), "sca_ptr": _ptr("fp32"), "scb_ptr": _ptr("fp32"), "x_ptr": _ptr("bf16"),
                   "mask_ptr": _ptr("i32"), "bias_ptr": _ptr("bf16"), "out_ptr": _ptr("bf16"), "M": "i32", "N": "i32", "K": "i32",
                   "stride_xm": "i32", "stride_om": "i32", "M_BUCKET": "i32", "scale_product": "fp32", "dequant": "fp32"}
     for config in triton_int8._gemm_configs():
         consts = {"HAS_OUTLIERS": True, "HAS_BIAS": True, "IEEE_DOT": False, **config.kwargs}
         yield (f"int8 gemm {config.kwargs}", triton_int8._int8_gemm_kernel, _signature(triton_int8._int8_gemm_kernel, int8_types),
-               consts, config.num_warps, config.num_stages)
+               consts, config.num_warps, config.num_stages, config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_K"])
 
 
-def compile_case(kernel, signature, constexprs, num_warps, num_stages, arch: int) -> dict:
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+def compile_case(kernel, signature, constexprs, num_warps, num_stages, arch: int, weights_per_iteration: int) -> dict:
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=_divisibility(kernel, signature))
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
-        usage = subprocess.run([str(BIN / "cuobjdump"), "-res-usage", cubin.name], capture_output=True, text=True, check=True).stdout
+        usage = _cuobjdump("-res-usage", cubin.name)
+        sass = _cuobjdump("-sass", cubin.name)
     match = re.search(r"REG:(\d+) STACK:(\d+)", usage)
-    return {"registers": int(match.group(1)), "spill_stack_bytes": int(match.group(2)), "shared_bytes": compiled.metadata.shared}
+    loop = main_loop(sass)
+    return {"registers": int(match.group(1)), "spill_stack_bytes": int(match.group(2)), "shared_bytes": compiled.metadata.shared,
+            "main_loop_instructions": len(loop),
+            "instructions_per_weight": len(loop) * 32 * num_warps / weights_per_iteration,
+            "main_loop_mix": dict(collections.Counter(_opcode(line) for line in loop).most_common(8))}
+
+
+def _cuobjdump(flag: str, path: str) -> str:
+    return subprocess.run([str(BIN / "cuobjdump"), flag, path], capture_output=True, text=True, check=True).stdout
+
+
+def _opcode(instruction: str) -> str:
+    return re.sub(r"^@!?U?P\w+\s+", "", instruction).split()[0].split(".")[0]
+
+
+def main_loop(sass: str) -> list[str]:
+    """The instructions of the largest loop body in a SASS listing (a backward branch's span)."""
+    instructions = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*?)\s*;", sass)]
+    best: list[str] = []
+    for address, text in instructions:
+        target = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)|0x([0-9a-f]+))", text)
+        if target and target.group(1) and int(target.group(1), 16) < address:
+            body = [t for a, t in instructions if int(target.group(1), 16) <= a <= address]
+            best = max(best, body, key=len)
+    return best
 
 
 def main(argv=None) -> list[dict]:
@@ -84,16 +133,17 @@ def main(argv=None) -> list[dict]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
     rows = []
-    for name, kernel, signature, constexprs, warps, stages in kernel_cases():
+    for name, kernel, signature, constexprs, warps, stages, weights in kernel_cases():
         row = {"kernel": name, "num_warps": warps, "num_stages": stages,
-               **compile_case(kernel, signature, constexprs, warps, stages, args.arch)}
+               **compile_case(kernel, signature, constexprs, warps, stages, args.arch, weights)}
         flags = []
         if row["spill_stack_bytes"]:
             flags.append("SPILLS")
         if row["shared_bytes"] > H100_MAX_SHARED:
             flags.append("TOO MUCH SHARED MEMORY")
         print(f"{name:<70} warps={warps} regs={row['registers']:>3} spill={row['spill_stack_bytes']:>5} "
-              f"shared={row['shared_bytes'] / 1024:6.1f} KiB {' '.join(flags)}", flush=True)
+              f"shared={row['shared_bytes'] / 1024:6.1f} KiB instr/weight={row['instructions_per_weight']:5.2f} "
+              f"{' '.join(flags)}", flush=True)
         rows.append(row)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")

@@ -8,16 +8,20 @@ a multiple of BLOCKSIZE: every index is computed from e, so any K works.
 
 Numerics (the contract of ``reference_matmul``): the weight is dequantized in float32, rounded to the
 compute dtype, multiplied with ``x`` (in the compute dtype) accumulating in float32; bias is added in
-float32 and the result is rounded once.
+float32 and the result is rounded once. The GEMV is the one exception: it never materializes the
+weight, so it skips the weight's rounding (``scale * sum(code * x)`` in float32 per block), which is
+closer to the exact product and within one compute-dtype rounding per weight of the reference.
 
-Two kernels, picked by M (rows of x):
+Two kernels:
 
-* ``_gemv_kernel`` (M <= GEMV_MAX_M, decode): one program per (BLOCK_N outputs, K slice, row of x).
-  Weights are dequantized in registers and reduced with ``tl.sum`` (no tensor cores at M=1); each K
-  slice writes a float32 partial sum and the slices are added by one small reduction (split-K,
-  deterministic, no atomics).
-* ``_gemm_kernel`` (larger M, prefill/training): BLOCK_M x BLOCK_N tiles; each K step dequantizes a
-  [BLOCK_N, BLOCK_K] weight tile in registers and feeds ``tl.dot`` (tensor cores).
+* ``_gemv_kernel`` (decode: M <= GEMV_MAX_M, K a multiple of BLOCKSIZE): single-warp programs, one
+  weight row per lane, reading the packed codes as int64 (16 codes); the code-book lookup is a
+  ``tl.gather`` that lowers to one warp shuffle per weight. No tensor cores at M=1. The K range is
+  split so that enough programs stream weights; each split writes float32 partial sums that one small
+  reduction adds (deterministic, no atomics). Programs of the M rows of x for the same weight tile
+  are adjacent in the grid, so the weight is read from DRAM once.
+* ``_gemm_kernel`` (everything else: prefill, training, and any K): BLOCK_M x BLOCK_N tiles; each K
+  step dequantizes a [BLOCK_N, BLOCK_K] weight tile in registers and feeds ``tl.dot`` (tensor cores).
 """
 
 from __future__ import annotations
@@ -87,26 +91,42 @@ def _dequant_tile(
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, partial_ptr,
-    N, K, K_PER_SPLIT, stride_xm,
-    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr, qword_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, partial_ptr,
+    N, K, BLOCKS_PER_SPLIT, stride_xm,
+    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # partial[split, m, n] = sum over k in this split's slice of x[m, k] * W[n, k]
-    pid_n, split, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # partial[split, m, n] = sum over this split's quantization blocks b of scale[n, b] * sum_{k in b} x[m, k] * code[n, k]
+    #
+    # One row of W per lane (BLOCK_N rows per single-warp program), so nothing crosses lanes but the
+    # code-book lookup: tl.gather from the 16-entry table, which a one-warp program lowers to one
+    # warp shuffle per weight (no memory access). qword_ptr is the packed weight as int64: 16 codes
+    # each, byte i (little-endian) holding elements 2i (high nibble) and 2i + 1. Each weight costs one
+    # shuffle, one FMA and about two integer ops; the scale multiplies the block's dot product once.
+    m, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    QWORDS_PER_BLOCK: tl.constexpr = BLOCKSIZE // 16
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    inside = rows < N
+    blocks_per_row = K // BLOCKSIZE
+    row_qwords = qword_ptr + rows.to(tl.int64) * (K // 16)
+    row_blocks = rows.to(tl.int64) * blocks_per_row
+    code = tl.load(code_ptr + tl.arange(0, 16))
+    x_row = x_ptr + m * stride_xm
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k_offset in range(0, K_PER_SPLIT, BLOCK_K):
-        k0 = split * K_PER_SPLIT + k_offset
-        cols = k0 + tl.arange(0, BLOCK_K)
-        w = _dequant_tile(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-                          rows, k0, N, K, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K)
-        x = tl.load(x_ptr + m * stride_xm + cols, mask=cols < K, other=0.0)
-        # round both operands to the compute dtype, multiply and accumulate in float32
-        w = w.to(x_ptr.dtype.element_ty).to(tl.float32)
-        acc += tl.sum(w * x.to(tl.float32)[None, :], axis=1)
-    M = tl.num_programs(2)
-    tl.store(partial_ptr + (split * M + m) * N + rows, acc, mask=rows < N)
+    first = split * BLOCKS_PER_SPLIT
+    for b in range(first, tl.minimum(first + BLOCKS_PER_SPLIT, blocks_per_row)):
+        block_dot = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for j in tl.static_range(QWORDS_PER_BLOCK):
+            qword = tl.load(row_qwords + b * QWORDS_PER_BLOCK + j, mask=inside, other=0)
+            for i in tl.static_range(8):
+                k = b * BLOCKSIZE + j * 16 + 2 * i
+                byte = (qword >> (8 * i)).to(tl.int32)
+                block_dot += tl.gather(code, (byte >> 4) & 0xF, 0) * tl.load(x_row + k).to(tl.float32)
+                block_dot += tl.gather(code, byte & 0xF, 0) * tl.load(x_row + k + 1).to(tl.float32)
+        scale = _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, row_blocks + b, inside,
+                              NESTED_BLOCKSIZE, DOUBLE_QUANT)
+        acc += block_dot * scale
+    M = tl.num_programs(0)
+    tl.store(partial_ptr + (split * M + m) * N + rows, acc, mask=inside)
 
 
 @triton.jit
@@ -152,10 +172,9 @@ def _gemm_configs():
 
 
 def _gemv_configs():
-    return [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
-        for bn, bk, w in [(16, 256, 4), (32, 128, 4), (32, 256, 4), (64, 128, 4), (64, 256, 8), (32, 128, 8)]
-    ]
+    # Single-warp programs: tl.gather lowers to warp shuffles only when the table and the indices live
+    # in one warp (more warps go through shared memory with a barrier per lookup).
+    return [triton.Config({"BLOCK_N": bn}, num_warps=1) for bn in (32, 64, 128, 256)]
 
 
 def ieee_dot(compute_dtype: torch.dtype) -> bool:
@@ -171,6 +190,28 @@ def _m_bucket(m: int) -> int:
 # Autotuned variants for real GPUs; the interpreter (TRITON_INTERPRET=1) uses the plain kernels with
 # the first config. cache_results keeps tuning results on disk so a second process does not retune.
 _gemm_tuned = triton.autotune(_gemm_configs(), key=["M_BUCKET", "N", "K"], cache_results=True)(_gemm_kernel)
+_gemv_tuned = triton.autotune(_gemv_configs(), key=["N", "K", "BLOCKS_PER_SPLIT"], cache_results=True)(_gemv_kernel)
+
+# Split-K of the GEMV: enough single-warp programs to keep every SM streaming weights (an H100 holds
+# 32 such programs on each of its 132 SMs) when rows alone do not make enough of them.
+GEMV_TARGET_PROGRAMS = 2048
+GEMV_ROWS_PER_PROGRAM = 128  # the typical tuned BLOCK_N, used only to size the split
+
+
+def gemv_applies(m: int, in_features: int, blocksize: int, packed: torch.Tensor) -> bool:
+    """Whether the GEMV kernel runs: few rows of x, whole quantization blocks per weight row (every
+    LLM layer), blocks of whole 16-code qwords, and packed bytes that can be read as int64."""
+    return (m <= GEMV_MAX_M and in_features % blocksize == 0 and blocksize % 16 == 0
+            and packed.storage_offset() * packed.element_size() % 8 == 0)
+
+
+def gemv_split(out_features: int, in_features: int, blocksize: int) -> tuple[int, int]:
+    """(number of K splits, quantization blocks per split) of the GEMV for a weight shape."""
+    blocks_per_row = in_features // blocksize
+    row_tiles = triton.cdiv(out_features, GEMV_ROWS_PER_PROGRAM)
+    split = max(1, min(max(blocks_per_row // 2, 1), triton.cdiv(GEMV_TARGET_PROGRAMS, row_tiles)))
+    blocks_per_split = triton.cdiv(blocks_per_row, split)
+    return triton.cdiv(blocks_per_row, blocks_per_split), blocks_per_split
 
 
 def linear_4bit_triton(
@@ -189,17 +230,19 @@ def linear_4bit_triton(
     dq = (nested_absmax, nested_code, offset) if double_quant else (absmax, absmax, absmax)  # unused pointers
     statics = dict(BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=DOUBLE_QUANT_BLOCKSIZE, DOUBLE_QUANT=double_quant,
                    ROW_ALIGNED=K % blocksize == 0)
-    if M <= GEMV_MAX_M:
-        config = _gemv_configs()[2].kwargs
-        block_k = config["BLOCK_K"]
-        split_k = max(1, min(triton.cdiv(K, block_k), 8 if N < 8192 else 4))
-        k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
-        split_k = triton.cdiv(K, k_per_split)
-        partial = torch.empty((split_k, M, N), device=x.device, dtype=torch.float32)
-        grid = (triton.cdiv(N, config["BLOCK_N"]), split_k, M)
-        launch(_gemv_kernel)[grid](x, packed, code, absmax, *dq, partial, N, K, k_per_split, x.stride(0),
-                                   **statics, **config)
-        out = partial.sum(0)
+    if gemv_applies(M, K, blocksize, packed):
+        split, blocks_per_split = gemv_split(N, K, blocksize)
+        partial = torch.empty((split, M, N), device=x.device, dtype=torch.float32)
+        args = (x, packed.view(torch.int64), code, absmax, *dq, partial, N, K, blocks_per_split, x.stride(0))
+        gemv_statics = dict(BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=DOUBLE_QUANT_BLOCKSIZE, DOUBLE_QUANT=double_quant)
+        if autotune:
+            grid = lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]), split)  # noqa: E731
+            launch(_gemv_tuned)[grid](*args, **gemv_statics)
+        else:
+            config = _gemv_configs()[0]
+            launch(_gemv_kernel)[(M, triton.cdiv(N, config.kwargs["BLOCK_N"]), split)](
+                *args, **gemv_statics, **config.kwargs, num_warps=config.num_warps)
+        out = partial.sum(0)  # fixed order: deterministic, no atomics
         if bias is not None:
             out = out + bias.to(compute_dtype).float()
         return out.to(compute_dtype)
