@@ -22,6 +22,8 @@ Two kernels:
   are adjacent in the grid, so the weight is read from DRAM once.
 * ``_gemm_kernel`` (everything else: prefill, training, and any K): BLOCK_M x BLOCK_N tiles; each K
   step dequantizes a [BLOCK_N, BLOCK_K] weight tile in registers and feeds ``tl.dot`` (tensor cores).
+  For whole blocks per row, the high and low nibbles stay in two half tiles that meet the even and
+  odd columns of x in two dots (no interleave), and the lookup is a ``tl.gather`` (shared memory).
 """
 
 from __future__ import annotations
@@ -52,41 +54,58 @@ def _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, bl
 
 
 @triton.jit
-def _dequant_tile(
-    packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-    rows, k0, N, K,
-    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-    ROW_ALIGNED: tl.constexpr, BLOCK_K: tl.constexpr,
+def _dequant_halves(
+    packed_ptr, code, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, rows, k0, N, K,
+    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """float32 W[rows, k0:k0 + BLOCK_K] (zero outside the matrix).
+    """float32 (W[rows, k0::2], W[rows, k0 + 1::2]) over k0 : k0 + BLOCK_K, zero outside the matrix,
+    for K % BLOCKSIZE == 0 (no block crosses a row: every LLM layer).
 
-    ROW_ALIGNED (K % BLOCKSIZE == 0, so K is even and no block crosses a row; every LLM layer): the
-    tile's bytes are loaded contiguously and split into nibbles with ``tl.join``, and each row loads
-    one scale per block it covers. Otherwise every element computes its own byte and block index."""
-    if ROW_ALIGNED:
-        BLOCKS: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_K >= BLOCKSIZE else 1
-        byte_cols = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        inside_bytes = (rows[:, None] < N) & (byte_cols[None, :] < K // 2)
-        byte = tl.load(packed_ptr + rows[:, None].to(tl.int64) * (K // 2) + byte_cols[None, :], mask=inside_bytes, other=0)
-        nibble = tl.join(byte >> 4, byte & 0xF).reshape(rows.shape[0], BLOCK_K).to(tl.int32)  # high nibble first
-        value = tl.load(code_ptr + nibble)
-        block_cols = k0 // BLOCKSIZE + tl.arange(0, BLOCKS)
-        inside_blocks = (rows[:, None] < N) & (block_cols[None, :] < K // BLOCKSIZE)
-        block = rows[:, None].to(tl.int64) * (K // BLOCKSIZE) + block_cols[None, :]
-        scale = _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block, inside_blocks,
-                              NESTED_BLOCKSIZE, DOUBLE_QUANT)
-        per_block = tl.reshape(value, (rows.shape[0], BLOCKS, BLOCK_K // BLOCKS)) * scale[:, :, None]
-        return tl.reshape(per_block, (rows.shape[0], BLOCK_K))
-    else:
-        cols = k0 + tl.arange(0, BLOCK_K)
-        inside = (rows[:, None] < N) & (cols[None, :] < K)
-        e = rows[:, None].to(tl.int64) * K + cols[None, :]
-        byte = tl.load(packed_ptr + e // 2, mask=inside, other=0).to(tl.int32)
-        nibble = tl.where(e % 2 == 0, byte >> 4, byte & 0xF)
-        value = tl.load(code_ptr + nibble, mask=inside, other=0.0)
-        scale = _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, e // BLOCKSIZE, inside,
-                              NESTED_BLOCKSIZE, DOUBLE_QUANT)
-        return value * scale
+    The tile's bytes load contiguously; high nibbles (even k) and low nibbles (odd k) stay apart, so
+    the caller multiplies them with the even and odd columns of x instead of interleaving them. The
+    lookup in the 16-value ``code`` is one ``tl.gather`` per half; each row loads one scale per block."""
+    HALF: tl.constexpr = BLOCK_K // 2
+    BLOCKS: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_K >= BLOCKSIZE else 1
+    BLOCK_N: tl.constexpr = rows.shape[0]
+    byte_cols = k0 // 2 + tl.arange(0, HALF)
+    inside_bytes = (rows[:, None] < N) & (byte_cols[None, :] < K // 2)
+    byte = tl.load(packed_ptr + rows[:, None].to(tl.int64) * (K // 2) + byte_cols[None, :], mask=inside_bytes, other=0)
+    byte = byte.to(tl.int32)
+    high = tl.reshape(tl.gather(code, tl.reshape(byte >> 4, (BLOCK_N * HALF,)), 0), (BLOCK_N, BLOCKS, HALF // BLOCKS))
+    low = tl.reshape(tl.gather(code, tl.reshape(byte & 0xF, (BLOCK_N * HALF,)), 0), (BLOCK_N, BLOCKS, HALF // BLOCKS))
+    block_cols = k0 // BLOCKSIZE + tl.arange(0, BLOCKS)
+    inside_blocks = (rows[:, None] < N) & (block_cols[None, :] < K // BLOCKSIZE)
+    block = rows[:, None].to(tl.int64) * (K // BLOCKSIZE) + block_cols[None, :]
+    scale = _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block, inside_blocks,
+                          NESTED_BLOCKSIZE, DOUBLE_QUANT)[:, :, None]
+    return tl.reshape(high * scale, (BLOCK_N, HALF)), tl.reshape(low * scale, (BLOCK_N, HALF))
+
+
+@triton.jit
+def _dequant_tile(
+    packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, rows, k0, N, K,
+    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """float32 W[rows, k0:k0 + BLOCK_K] (zero outside the matrix) for any K: blocks and bytes may
+    straddle rows, so every element computes its own byte and block index."""
+    cols = k0 + tl.arange(0, BLOCK_K)
+    inside = (rows[:, None] < N) & (cols[None, :] < K)
+    e = rows[:, None].to(tl.int64) * K + cols[None, :]
+    byte = tl.load(packed_ptr + e // 2, mask=inside, other=0).to(tl.int32)
+    nibble = tl.where(e % 2 == 0, byte >> 4, byte & 0xF)
+    value = tl.load(code_ptr + nibble, mask=inside, other=0.0)
+    scale = _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, e // BLOCKSIZE, inside,
+                          NESTED_BLOCKSIZE, DOUBLE_QUANT)
+    return value * scale
+
+
+@triton.jit
+def _dot(x, w, acc, IEEE_DOT: tl.constexpr):
+    """acc + x @ w^T, operands in the compute dtype. IEEE_DOT: exact float32 products of the rounded
+    operands (float32 compute, or the interpreter)."""
+    if IEEE_DOT:
+        return tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+    return tl.dot(x, tl.trans(w), acc)
 
 
 @triton.jit
@@ -142,17 +161,22 @@ def _gemm_kernel(
     rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if ROW_ALIGNED:
+        code = tl.load(code_ptr + tl.arange(0, 16))
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rows_m[:, None] * stride_xm + cols[None, :],
                     mask=(rows_m[:, None] < M) & (cols[None, :] < K), other=0.0)
-        w = _dequant_tile(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-                          rows_n, k0, N, K, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K)
-        w = w.to(x_ptr.dtype.element_ty)
-        if IEEE_DOT:  # exact float32 products of the rounded operands (fp32 compute, or the interpreter)
-            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+        if ROW_ALIGNED:  # even and odd columns of x against the high and low nibbles
+            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
+            w_even, w_odd = _dequant_halves(packed_ptr, code, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                                            rows_n, k0, N, K, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, BLOCK_K)
+            acc = _dot(x_even, w_even.to(x_ptr.dtype.element_ty), acc, IEEE_DOT)
+            acc = _dot(x_odd, w_odd.to(x_ptr.dtype.element_ty), acc, IEEE_DOT)
         else:
-            acc = tl.dot(x, tl.trans(w), acc)
+            w = _dequant_tile(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                              rows_n, k0, N, K, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, BLOCK_K)
+            acc = _dot(x, w.to(x_ptr.dtype.element_ty), acc, IEEE_DOT)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows_n, mask=rows_n < N, other=0.0).to(x_ptr.dtype.element_ty).to(tl.float32)
     tl.store(out_ptr + rows_m[:, None] * stride_om + rows_n[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -160,15 +184,22 @@ def _gemm_kernel(
 
 
 def _gemm_configs():
-    # Each compiles for sm_90 without register spills and within an H100 block's shared memory
-    # (``benchmarks/compile_report.py``, checked by ``tests/test_compile_report.py``).
+    # Each compiles for sm_90 without register spills and within an H100 block's shared memory, at
+    # 8.6-11.4 main-loop instructions per weight (``benchmarks/compile_report.py``, checked by
+    # ``tests/test_compile_report.py``).
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=3)
         for bm, bn, bk, w in [
-            (16, 64, 64, 4), (32, 64, 64, 4), (64, 64, 64, 8), (128, 64, 64, 8), (64, 128, 64, 8),
-            (128, 128, 32, 8), (128, 256, 32, 8),
+            (16, 64, 64, 4), (16, 128, 64, 4), (16, 256, 64, 8), (32, 128, 64, 4), (64, 128, 64, 4),
+            (128, 128, 64, 8), (128, 256, 64, 8), (128, 256, 32, 8),
         ]
     ]
+
+
+def _prune_gemm_configs(configs, named_args, **kwargs):
+    """Tiles no taller than M (rounded up to a power of two, at least 16): fewer configs to time."""
+    m_bucket = max(named_args["M_BUCKET"], 16)
+    return [c for c in configs if c.kwargs["BLOCK_M"] <= m_bucket]
 
 
 def _gemv_configs():
@@ -189,7 +220,8 @@ def _m_bucket(m: int) -> int:
 
 # Autotuned variants for real GPUs; the interpreter (TRITON_INTERPRET=1) uses the plain kernels with
 # the first config. cache_results keeps tuning results on disk so a second process does not retune.
-_gemm_tuned = triton.autotune(_gemm_configs(), key=["M_BUCKET", "N", "K"], cache_results=True)(_gemm_kernel)
+_gemm_tuned = triton.autotune(_gemm_configs(), key=["M_BUCKET", "N", "K"], cache_results=True,
+                              prune_configs_by={"early_config_prune": _prune_gemm_configs})(_gemm_kernel)
 _gemv_tuned = triton.autotune(_gemv_configs(), key=["N", "K", "BLOCKS_PER_SPLIT"], cache_results=True)(_gemv_kernel)
 
 # Split-K of the GEMV: enough single-warp programs to keep every SM streaming weights (an H100 holds

@@ -9,7 +9,7 @@ import torch
 import qpass
 from qpass.formats import quantize_weight
 from qpass.kernels import ops
-from qpass.kernels.triton_4bit import GEMV_MAX_M, linear_4bit_triton
+from qpass.kernels.triton_4bit import gemv_applies, linear_4bit_triton
 from qpass.kernels.triton_int8 import int8_vectorwise_quant_triton, linear_int8_triton
 
 from models import relative_error
@@ -20,8 +20,9 @@ assert not INTERPRETED or os.environ.get("TRITON_INTERPRET") == "1", "conftest.p
 
 # Error of the kernel against the reference op on the same quantized weights. Both round operands to
 # the compute dtype and accumulate in float32, so on a GPU only summation order and the final rounding
-# differ. The interpreter (NumPy) truncates float32 -> bf16 instead of rounding to nearest, which costs
-# up to one bf16 ulp per weight: hence its looser bf16 bound.
+# differ (the GEMV does not round the weight at all: within one rounding per weight of the reference).
+# The interpreter (NumPy) truncates float32 -> bf16 instead of rounding to nearest, which costs up to
+# one bf16 ulp per weight: hence its looser bf16 bound.
 VS_REFERENCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2 if INTERPRETED else 8e-3}
 # Error against the exact fp64 product of x and the dequantized weight (what quantization cannot cause).
 VS_FP64 = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
@@ -157,8 +158,36 @@ def test_fuzz_random_shapes():
         assert not out.isnan().any() and relative_error(out, _reference(op8, args8)) < VS_REFERENCE[dtype]
 
 
-def test_gemv_threshold_is_exercised():
-    assert any(m <= GEMV_MAX_M for m, _, _ in SHAPES) and any(m > GEMV_MAX_M for m, _, _ in SHAPES)
+def test_both_4bit_kernels_are_exercised():
+    packed = torch.empty(64, dtype=torch.uint8)
+    assert any(gemv_applies(m, k, 64, packed) for m, _, k in SHAPES)
+    assert any(not gemv_applies(m, k, 64, packed) for m, _, k in SHAPES)
+
+
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 256])
+@pytest.mark.parametrize("m", [1, 4, 5, 20])
+def test_4bit_block_sizes_on_both_kernels(blocksize, m):
+    """GEMV (M <= 4) and GEMM half-tile paths for every block size: qwords per block, blocks per tile."""
+    n, k = 24, 2 * blocksize
+    layout, t = quantize_weight(torch.randn(n, k) * 0.05, qpass.NF4Config(blocksize=blocksize, compute_dtype=torch.float16))
+    t = {name: None if v is None else v.to(DEVICE) for name, v in t.items()}
+    assert gemv_applies(m, k, blocksize, t["weight"]) == (m <= 4)
+    x, bias = _inputs(m, n, k, torch.float16)
+    op, args = layout.linear_call(x, t, bias)
+    _check(_4bit_call(layout, t, x, bias), x, layout, t, bias, _reference(op, args))
+
+
+def test_4bit_unaligned_packed_storage_takes_the_gemm():
+    """Packed bytes that cannot be read as int64 (a view at an odd offset) fall back to the GEMM."""
+    layout, t = quantize_weight(torch.randn(16, 128) * 0.05, qpass.NF4Config(compute_dtype=torch.float32))
+    t = {name: None if v is None else v.to(DEVICE) for name, v in t.items()}
+    shifted = torch.empty(t["weight"].numel() + 1, dtype=torch.uint8, device=DEVICE)
+    shifted[1:] = t["weight"].reshape(-1)
+    t_shifted = {**t, "weight": shifted[1:].reshape(t["weight"].shape)}
+    x, bias = _inputs(1, 16, 128, torch.float32)
+    assert not gemv_applies(1, 128, 64, t_shifted["weight"]) and gemv_applies(1, 128, 64, t["weight"])
+    op, args = layout.linear_call(x, t, bias)
+    _check(_4bit_call(layout, t_shifted, x, bias), x, layout, t, bias, _reference(op, args))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
