@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
-# Everything a lent GPU machine is for, in one call (device time is scarce): install the carried
-# wheels and qpass, run the kernel tests on CUDA, compile report, then the benchmark. Results land in
-# $OUT (the device tool brings that folder back). See benchmarks/README.md for the wheels to carry.
+# What a lent GPU machine is for, in calls that each fit its 10-minute limit (device time is scarce):
+#
+#   bash benchmarks/gpu_session.sh tests                      # CUDA kernel tests + compile report
+#   bash benchmarks/gpu_session.sh bench --part layers --shapes 4096x4096,11008x4096 --tag a
+#   bash benchmarks/gpu_session.sh bench --part layers --shapes 4096x11008,28672x8192 --tag b
+#   bash benchmarks/gpu_session.sh bench --part e2e --e2e-variants bf16,"qpass nf4" --tag c
+#
+# Each call installs the carried wheels and qpass (the machine starts bare), then writes its logs and
+# results to $OUT, which the device tool brings back. See benchmarks/README.md for the wheels to carry.
 set -uo pipefail
+step=${1:?usage: gpu_session.sh tests|bench [benchmark arguments]}
+shift
 OUT=${OUT:-results}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -12,6 +20,12 @@ fi
 python3 -m pip install -q --no-deps --no-build-isolation --no-cache-dir --target /tmp/qpass . || exit 1
 export PYTHONPATH=/tmp/qpass${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_ops.py tests/test_compile.py 2>&1 | tee "$OUT/tests.log"
-python3 benchmarks/quantized_linears.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+case "$step" in
+  tests)
+    python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_ops.py tests/test_compile.py 2>&1 | tee "$OUT/tests.log"
+    python3 benchmarks/compile_report.py --json "$OUT/compile_report.json" 2>&1 | tee "$OUT/compile_report.log" ;;
+  bench)
+    python3 benchmarks/quantized_linears.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" ;;
+  *) echo "unknown step $step: tests or bench" >&2; exit 2 ;;
+esac

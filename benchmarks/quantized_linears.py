@@ -2,6 +2,11 @@
 
     python benchmarks/quantized_linears.py            # GPU: the issue's shapes, M in {1, 16, 128, 2048}
     python benchmarks/quantized_linears.py --device cpu --quick  # CPU: small shapes (what CI runs)
+    python benchmarks/quantized_linears.py --part layers --shapes 28672x8192 --ms 1,16 --tag big
+
+A lent GPU gives 10 minutes per command: ``--part``, ``--shapes`` and ``--ms`` split the run, and the
+JSON is rewritten after every shape and every decode run, so a run stopped at its limit keeps what it
+measured.
 
 One process, the same inputs for every variant. For each (N x K weight, M rows of input): the median
 time, the speedup over bf16 ``F.linear``, and the fraction of the limit
@@ -149,7 +154,7 @@ def weight_bytes(name: str, n: int, k: int) -> float:
     return 2 * n * k
 
 
-def bench_layers(device: str, shapes, ms, ceilings) -> list[dict]:
+def bench_layers(device: str, shapes, ms, ceilings, on_progress=lambda rows: None) -> list[dict]:
     rows = []
     for n, k in shapes:
         weight = (torch.randn(n, k, device=device) * 0.02).to(torch.bfloat16)
@@ -176,6 +181,8 @@ def bench_layers(device: str, shapes, ms, ceilings) -> list[dict]:
                 limit_ms = max(moved / ceilings["bandwidth_bytes_per_s"], 2 * m * n * k / ceilings["matmul_flops_per_s"]) * 1e3
                 rows.append({**row, "ms": t, "speedup_vs_bf16": base / t if base else None, "fraction_of_limit": limit_ms / t})
                 print(f"{n:>6}x{k:<6} M={m:<5} {name:<22} {t:9.4f} ms  x{(base or t) / t:5.2f}  {100 * limit_ms / t:5.1f}% of limit", flush=True)
+        on_progress(rows)
+        del variants
     return rows
 
 
@@ -194,8 +201,13 @@ def llama(device: str, quick: bool):
         config = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                              num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
                              rope_theta=500000.0)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16: an 8B model in float32 would take 32 GB first
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
     return model
 
 
@@ -232,11 +244,15 @@ def peak_memory_bytes(device: str) -> int | None:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # process-wide: indicative only
 
 
-def bench_end_to_end(device: str, quick: bool) -> list[dict]:
+E2E_VARIANTS = ("bf16", "qpass nf4", "qpass int8", "bnb nf4+dq")
+
+
+def bench_end_to_end(device: str, quick: bool, on_progress=lambda rows: None, variants=E2E_VARIANTS,
+                     batches=(1, 16)) -> list[dict]:
     rows = []
     new_tokens = QUICK_E2E_TOKENS if quick else 64
-    for name in ("bf16", "qpass nf4", "qpass int8", "bnb nf4+dq"):
-        for batch in (1, 16):
+    for name in variants:
+        for batch in batches:
             torch._dynamo.reset()
             if device == "cuda":
                 torch.cuda.empty_cache()
@@ -250,11 +266,13 @@ def bench_end_to_end(device: str, quick: bool) -> list[dict]:
                 tps = decode_tokens_per_s(model, batch, device, prompt_len=16, new_tokens=new_tokens)
             except Exception as err:
                 rows.append({"variant": name, "batch": batch, "skipped": f"failed: {type(err).__name__}: {str(err)[:160]}"})
+                on_progress(rows)
                 continue
             finally:
                 del model
             rows.append({"variant": name, "batch": batch, "tokens_per_s": tps, "peak_memory_bytes": peak_memory_bytes(device)})
             print(f"decode {name:<12} batch {batch:>2}: {tps:9.1f} tok/s", flush=True)
+            on_progress(rows)
     return rows
 
 
@@ -293,6 +311,11 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _shape(text: str) -> tuple[int, int]:
+    n, k = text.lower().split("x")
+    return int(n), int(k)
+
+
 def main(argv=None) -> dict:
     # Every compiled layer variant is its own frame; the default limit of 8 recompiles would make the
     # later ones fall back to eager and time the wrong thing.
@@ -300,28 +323,50 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="small shapes and a tiny model (CPU, CI)")
-    parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--part", choices=["all", "layers", "e2e"], default="all")
+    parser.add_argument("--shapes", type=lambda s: [_shape(v) for v in s.split(",")], help="N x K list, e.g. 4096x4096,28672x8192")
+    parser.add_argument("--ms", type=lambda s: [int(v) for v in s.split(",")], help="rows of x, e.g. 1,16")
+    parser.add_argument("--e2e-variants", type=lambda s: s.split(","), default=list(E2E_VARIANTS),
+                        help=f"decode variants, from {','.join(E2E_VARIANTS)}")
+    parser.add_argument("--batches", type=lambda s: [int(v) for v in s.split(",")], default=[1, 16])
+    parser.add_argument("--tag", help="names the result files kernels_<tag>.*; default: the device")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     quick = args.quick or args.device == "cpu"
+    tag = args.tag or ("cuda" if args.device == "cuda" else "cpu")
+    args.out.mkdir(parents=True, exist_ok=True)
 
     ceilings = measure_ceilings(args.device, quick)
     print(f"ceilings: {ceilings['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s copy, "
           f"{ceilings['matmul_flops_per_s'] / 1e12:.2f} TFLOP/s matmul ({ceilings['bf16_flops_per_s'] / 1e12:.2f} bf16)")
-    layers = bench_layers(args.device, QUICK_SHAPES if quick else FULL_SHAPES, QUICK_M if quick else FULL_M, ceilings)
-    e2e = [] if args.skip_e2e else bench_end_to_end(args.device, quick)
     report = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine(),
         "versions": _versions(),
+        "command": " ".join(["benchmarks/quantized_linears.py", *(sys.argv[1:] if argv is None else argv)]),
         "ceilings": ceilings,
-        "layers": layers,
-        "end_to_end": e2e,
+        "layers": [],
+        "end_to_end": [],
     }
-    tag = "cuda" if args.device == "cuda" else "cpu"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"kernels_{tag}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / f"kernels_{tag}.md").write_text(f"Device: {report['device']}; {report['versions']}\n\n" + markdown_table(layers))
-    plot(layers, args.out / f"kernels_{tag}.png")
+
+    def save(section: str):
+        def update(rows: list[dict]) -> None:
+            report[section] = rows
+            (args.out / f"kernels_{tag}.json").write_text(json.dumps(report, indent=2) + "\n")
+        return update
+
+    if args.part in ("all", "layers"):
+        shapes = args.shapes or (QUICK_SHAPES if quick else FULL_SHAPES)
+        ms = args.ms or (QUICK_M if quick else FULL_M)
+        bench_layers(args.device, shapes, ms, ceilings, on_progress=save("layers"))
+        (args.out / f"kernels_{tag}.md").write_text(
+            f"Device: {report['device']}; {report['versions']}\n\n" + markdown_table(report["layers"]))
+        plot(report["layers"], args.out / f"kernels_{tag}.png")
+    if args.part in ("all", "e2e"):
+        unknown = set(args.e2e_variants) - set(E2E_VARIANTS)
+        if unknown:
+            parser.error(f"unknown --e2e-variants {sorted(unknown)}; choose from {', '.join(E2E_VARIANTS)}")
+        bench_end_to_end(args.device, quick, on_progress=save("end_to_end"), variants=args.e2e_variants, batches=args.batches)
+    save("layers")(report["layers"])
     print(f"wrote {args.out / f'kernels_{tag}.json'}")
     return report
 

@@ -26,3 +26,17 @@ def test_kernel_benchmark_writes_json_table_and_plot(tmp_path, monkeypatch):
     assert (tmp_path / "kernels_cpu.png").stat().st_size > 0
     assert "| 64 x 128 | 1 | qpass nf4 |" in (tmp_path / "kernels_cpu.md").read_text()
     assert report["device"]
+
+
+def test_kernel_benchmark_runs_in_parts(tmp_path):
+    """--part/--shapes/--ms/--tag split a GPU run into calls that fit the device's time limit."""
+    bench.main(["--device", "cpu", "--part", "layers", "--shapes", "32x64", "--ms", "2", "--tag", "part1", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "kernels_part1.json").read_text())
+    assert {(r["N"], r["K"], r["M"]) for r in saved["layers"]} == {(32, 64, 2)}
+    assert saved["end_to_end"] == [] and "--tag part1" in saved["command"]
+    try:
+        bench.main(["--device", "cpu", "--part", "e2e", "--e2e-variants", "bf16,fp8", "--out", str(tmp_path)])
+    except SystemExit as exit_:
+        assert exit_.code == 2
+    else:
+        raise AssertionError("an unknown decode variant must be refused")
