@@ -114,15 +114,18 @@ def _opcode(instruction: str) -> str:
 
 
 def main_loop(sass: str) -> list[str]:
-    """The instructions of the largest loop body in a SASS listing (a backward branch's span)."""
+    """The instructions of the kernel's first loop (a backward branch's span) in a SASS listing: the
+    K loop of every kernel here (the int8 GEMM's second loop, over outlier tiles, is rarely taken)."""
     instructions = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*?)\s*;", sass)]
-    best: list[str] = []
+    loops = []
     for address, text in instructions:
         target = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)|0x([0-9a-f]+))", text)
         if target and target.group(1) and int(target.group(1), 16) < address:
-            body = [t for a, t in instructions if int(target.group(1), 16) <= a <= address]
-            best = max(best, body, key=len)
-    return best
+            loops.append((int(target.group(1), 16), address))
+    if not loops:
+        return []
+    start, end = min(loops)
+    return [t for a, t in instructions if start <= a <= end]
 
 
 def main(argv=None) -> list[dict]:

@@ -196,7 +196,7 @@ def _gemm_configs():
     ]
 
 
-def _prune_gemm_configs(configs, named_args, **kwargs):
+def prune_gemm_configs(configs, named_args, **kwargs):
     """Tiles no taller than M (rounded up to a power of two, at least 16): fewer configs to time."""
     m_bucket = max(named_args["M_BUCKET"], 16)
     return [c for c in configs if c.kwargs["BLOCK_M"] <= m_bucket]
@@ -221,7 +221,7 @@ def _m_bucket(m: int) -> int:
 # Autotuned variants for real GPUs; the interpreter (TRITON_INTERPRET=1) uses the plain kernels with
 # the first config. cache_results keeps tuning results on disk so a second process does not retune.
 _gemm_tuned = triton.autotune(_gemm_configs(), key=["M_BUCKET", "N", "K"], cache_results=True,
-                              prune_configs_by={"early_config_prune": _prune_gemm_configs})(_gemm_kernel)
+                              prune_configs_by={"early_config_prune": prune_gemm_configs})(_gemm_kernel)
 _gemv_tuned = triton.autotune(_gemv_configs(), key=["N", "K", "BLOCKS_PER_SPLIT"], cache_results=True)(_gemv_kernel)
 
 # Split-K of the GEMV: enough single-warp programs to keep every SM streaming weights (an H100 holds

@@ -5,10 +5,10 @@ Three launches, all with static shapes and no host synchronization, so CUDA grap
 1. ``_outlier_columns_kernel``: ``mask[k] = any_m |x[m, k]| >= threshold`` (int32, atomic max).
 2. ``_quantize_rows_kernel``: one program per row: ``SCA[m] = max |x[m, k]|`` over entries below the
    threshold, ``CA[m, k] = round(x * 127 / SCA)`` (half to even) with outlier columns zeroed.
-3. ``_int8_gemm_kernel``: ``CA @ CB^T`` on int8 tensor cores into int32; per K tile that holds an
-   outlier column, ``(x * mask) @ (CB * SCB / 127)^T`` in the compute dtype into a float32 accumulator
-   (tiles without outliers skip it); the epilogue applies ``SCA[m] * SCB[n] / 127²``, adds the outlier
-   term and the bias in float32 and rounds once to the compute dtype.
+3. ``_int8_gemm_kernel``: ``CA @ CB^T`` on int8 tensor cores into int32, scaled once by
+   ``SCA[m] * SCB[n] / 127²`` into float32; then, per K tile that holds an outlier column (others are
+   skipped), ``(x * mask) @ (CB * SCB / 127)^T`` in the compute dtype added into that float32 tile;
+   bias in float32, one rounding to the compute dtype.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .reference_int8 import INT8_DEQUANT, INT8_SCALE_PRODUCT
-from .triton_4bit import _m_bucket, ieee_dot
+from .triton_4bit import _dot, _m_bucket, ieee_dot, prune_gemm_configs
 
 
 @triton.jit
@@ -70,32 +70,32 @@ def _int8_gemm_kernel(
     HAS_OUTLIERS: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # Two K loops, so that one accumulator tile is live at a time (two would halve the tile that fits
+    # in registers): the int8 loop into int32, scaled into float32 once, then the outlier loop adds
+    # into that float32 tile, visiting only K tiles that hold an outlier column.
     # M_BUCKET (M rounded up to a power of two) only keys the autotuner.
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    scb = tl.load(scb_ptr + rows_n, mask=rows_n < N, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    outliers = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(ca_ptr + rows_m[:, None] * K + cols[None, :], mask=(rows_m[:, None] < M) & (cols[None, :] < K), other=0)
         b = tl.load(cb_ptr + rows_n[:, None] * K + cols[None, :], mask=(rows_n[:, None] < N) & (cols[None, :] < K), other=0)
         acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
-        if HAS_OUTLIERS:
+    scb = tl.load(scb_ptr + rows_n, mask=rows_n < N, other=0.0)
+    sca = tl.load(sca_ptr + rows_m, mask=rows_m < M, other=0.0)
+    result = acc.to(tl.float32) * (sca[:, None] * scb[None, :]) * scale_product
+    if HAS_OUTLIERS:
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
             column_mask = tl.load(mask_ptr + cols, mask=cols < K, other=0)
             if tl.max(column_mask, axis=0) > 0:
                 x = tl.load(x_ptr + rows_m[:, None] * stride_xm + cols[None, :],
                             mask=(rows_m[:, None] < M) & (cols[None, :] < K) & (column_mask[None, :] != 0), other=0.0)
+                b = tl.load(cb_ptr + rows_n[:, None] * K + cols[None, :], mask=(rows_n[:, None] < N) & (cols[None, :] < K), other=0)
                 w = (b.to(tl.float32) * scb[:, None] * dequant).to(x_ptr.dtype.element_ty)
-                if IEEE_DOT:
-                    outliers = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), outliers, input_precision="ieee")
-                else:
-                    outliers = tl.dot(x, tl.trans(w), outliers)
-    sca = tl.load(sca_ptr + rows_m, mask=rows_m < M, other=0.0)
-    result = acc.to(tl.float32) * (sca[:, None] * scb[None, :]) * scale_product
-    if HAS_OUTLIERS:
-        result += outliers
+                result = _dot(x, w, result, IEEE_DOT)
     if HAS_BIAS:
         result += tl.load(bias_ptr + rows_n, mask=rows_n < N, other=0.0).to(x_ptr.dtype.element_ty).to(tl.float32)
     tl.store(out_ptr + rows_m[:, None] * stride_om + rows_n[None, :], result.to(out_ptr.dtype.element_ty),
@@ -103,15 +103,19 @@ def _int8_gemm_kernel(
 
 
 def _gemm_configs():
-    # Spill-free on sm_90 with the outlier path compiled in (``benchmarks/compile_report.py``). Two
-    # accumulators (int32 and the float32 outlier term) cost registers: 128x128 tiles spill today.
+    # Spill-free on sm_90 with the outlier loop compiled in, at 0.9-1.8 main-loop instructions per
+    # weight (``benchmarks/compile_report.py``): with one accumulator live at a time, 128 x 256 tiles fit.
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=3)
-        for bm, bn, bk, w in [(16, 64, 64, 4), (16, 128, 64, 8), (64, 64, 64, 8), (64, 128, 32, 8), (128, 64, 32, 8)]
+        for bm, bn, bk, w in [
+            (16, 64, 64, 4), (16, 128, 128, 4), (16, 256, 128, 8), (64, 128, 128, 4), (64, 256, 128, 8),
+            (128, 128, 128, 8), (128, 256, 64, 8), (128, 256, 128, 8),
+        ]
     ]
 
 
-_int8_gemm_tuned = triton.autotune(_gemm_configs(), key=["M_BUCKET", "N", "K"], cache_results=True)(_int8_gemm_kernel)
+_int8_gemm_tuned = triton.autotune(_gemm_configs(), key=["M_BUCKET", "N", "K"], cache_results=True,
+                                   prune_configs_by={"early_config_prune": prune_gemm_configs})(_int8_gemm_kernel)
 
 
 def int8_vectorwise_quant_triton(x: torch.Tensor, threshold: float, launch=lambda kernel: kernel):
