@@ -54,7 +54,7 @@ def _signature(kernel, types: dict[str, str]) -> dict[str, str]:
 
 # Integer arguments of a launch on a 28672 x 8192 layer (M=16 for the GEMMs), for specialization.
 LAYER_INTS = {"M": 16, "N": 28672, "K": 8192, "stride_xm": 8192, "stride_om": 28672, "M_BUCKET": 16,
-              "BLOCKS_PER_SPLIT": 13}
+              "BLOCKS_PER_SPLIT": 13, "K_PER_SPLIT": 2816}
 
 
 def _divisibility(kernel, signature: dict[str, str]) -> dict:
@@ -75,7 +75,7 @@ def kernel_cases():
         yield (f"4bit gemv {config.kwargs}", triton_4bit._gemv_kernel, _signature(triton_4bit._gemv_kernel, gemv_types),
                consts, config.num_warps, config.num_stages, config.kwargs["BLOCK_N"] * consts["BLOCKSIZE"])
     gemm_types = {**FOURBIT_POINTERS, "bias_ptr": _ptr("bf16"), "out_ptr": _ptr("bf16"), "M": "i32", "N": "i32", "K": "i32",
-                  "stride_xm": "i32", "stride_om": "i32", "M_BUCKET": "i32"}
+                  "stride_xm": "i32", "stride_om": "i32", "M_BUCKET": "i32", "K_PER_SPLIT": "i32"}
     for config in triton_4bit._gemm_configs():
         consts = {**FOURBIT_CONSTS, "HAS_BIAS": True, "IEEE_DOT": False, **config.kwargs}
         yield (f"4bit gemm {config.kwargs}", triton_4bit._gemm_kernel, _signature(triton_4bit._gemm_kernel, gemm_types),

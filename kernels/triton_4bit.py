@@ -24,6 +24,8 @@ Two kernels:
   step dequantizes a [BLOCK_N, BLOCK_K] weight tile in registers and feeds ``tl.dot`` (tensor cores).
   For whole blocks per row, the high and low nibbles stay in two half tiles that meet the even and
   odd columns of x in two dots (no interleave), and the lookup is a ``tl.gather`` (shared memory).
+  For M <= GEMM_SPLIT_MAX_M the K range is split when the output tiles alone are too few programs
+  for the GPU; the splits' float32 sums are added as in the GEMV.
 """
 
 from __future__ import annotations
@@ -151,19 +153,21 @@ def _gemv_kernel(
 @triton.jit
 def _gemm_kernel(
     x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, bias_ptr, out_ptr,
-    M, N, K, stride_xm, stride_om, M_BUCKET,
+    M, N, K, stride_xm, stride_om, M_BUCKET, K_PER_SPLIT,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr,
     HAS_BIAS: tl.constexpr, IEEE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # out[m, n] = round(sum_k x[m, k] * W[n, k] + bias[n]) over a BLOCK_M x BLOCK_N tile.
+    # out[split, m, n] = round(sum over this split's k of x[m, k] * W[n, k] (+ bias[n])) over a
+    # BLOCK_M x BLOCK_N tile. With one split, out is the [M, N] result in the compute dtype; with
+    # several, a float32 [splits, M, N] buffer of partial sums (bias added after their sum).
     # M_BUCKET (M rounded up to a power of two) only keys the autotuner.
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    pid_m, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if ROW_ALIGNED:
         code = tl.load(code_ptr + tl.arange(0, 16))
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(split * K_PER_SPLIT, tl.minimum((split + 1) * K_PER_SPLIT, K), BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rows_m[:, None] * stride_xm + cols[None, :],
                     mask=(rows_m[:, None] < M) & (cols[None, :] < K), other=0.0)
@@ -179,7 +183,7 @@ def _gemm_kernel(
             acc = _dot(x, w.to(x_ptr.dtype.element_ty), acc, IEEE_DOT)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows_n, mask=rows_n < N, other=0.0).to(x_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(out_ptr + rows_m[:, None] * stride_om + rows_n[None, :], acc.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + (split * M + rows_m[:, None]) * stride_om + rows_n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=(rows_m[:, None] < M) & (rows_n[None, :] < N))
 
 
@@ -220,7 +224,7 @@ def _m_bucket(m: int) -> int:
 
 # Autotuned variants for real GPUs; the interpreter (TRITON_INTERPRET=1) uses the plain kernels with
 # the first config. cache_results keeps tuning results on disk so a second process does not retune.
-_gemm_tuned = triton.autotune(_gemm_configs(), key=["M_BUCKET", "N", "K"], cache_results=True,
+_gemm_tuned = triton.autotune(_gemm_configs(), key=["M_BUCKET", "N", "K", "K_PER_SPLIT"], cache_results=True,
                               prune_configs_by={"early_config_prune": prune_gemm_configs})(_gemm_kernel)
 _gemv_tuned = triton.autotune(_gemv_configs(), key=["N", "K", "BLOCKS_PER_SPLIT"], cache_results=True)(_gemv_kernel)
 
@@ -228,6 +232,35 @@ _gemv_tuned = triton.autotune(_gemv_configs(), key=["N", "K", "BLOCKS_PER_SPLIT"
 # 32 such programs on each of its 132 SMs) when rows alone do not make enough of them.
 GEMV_TARGET_PROGRAMS = 2048
 GEMV_ROWS_PER_PROGRAM = 128  # the typical tuned BLOCK_N, used only to size the split
+
+
+# Split-K of the GEMM for small M, where M x N tiles alone leave SMs idle or too few warps per SM to
+# hide latency: aim at 512 four-warp programs (about 4 per SM on an H100), in K slices of whole
+# 128-column steps (a multiple of every BLOCK_K), at least 512 columns each.
+GEMM_SPLIT_MAX_M = 128
+GEMM_TARGET_PROGRAMS = 512
+GEMM_SPLIT_STEP = 128
+
+
+def gemm_split(m: int, out_features: int, in_features: int) -> tuple[int, int]:
+    """(number of K splits, columns per split) of the GEMM for M rows of x and a weight shape."""
+    if m > GEMM_SPLIT_MAX_M:
+        return 1, in_features
+    tiles = triton.cdiv(m, 16 if m <= 16 else 64) * triton.cdiv(out_features, 128)
+    split = max(1, min(in_features // 512, triton.cdiv(GEMM_TARGET_PROGRAMS, tiles)))
+    if split == 1:
+        return 1, in_features
+    per_split = triton.cdiv(triton.cdiv(in_features, split), GEMM_SPLIT_STEP) * GEMM_SPLIT_STEP
+    return triton.cdiv(in_features, per_split), per_split
+
+
+def _sum_partials(partial: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype) -> torch.Tensor:
+    """float32 partial sums [splits, M, N] -> [M, N] in compute_dtype, bias added in float32 (in a fixed
+    order: deterministic, no atomics). Under torch.compile, Inductor fuses this with its neighbours."""
+    out = partial.sum(0)
+    if bias is not None:
+        out = out + bias.to(compute_dtype).float()
+    return out.to(compute_dtype)
 
 
 def gemv_applies(m: int, in_features: int, blocksize: int, packed: torch.Tensor) -> bool:
@@ -274,20 +307,20 @@ def linear_4bit_triton(
             config = _gemv_configs()[0]
             launch(_gemv_kernel)[(M, triton.cdiv(N, config.kwargs["BLOCK_N"]), split)](
                 *args, **gemv_statics, **config.kwargs, num_warps=config.num_warps)
-        out = partial.sum(0)  # fixed order: deterministic, no atomics
-        if bias is not None:
-            out = out + bias.to(compute_dtype).float()
-        return out.to(compute_dtype)
-    out = torch.empty((M, N), device=x.device, dtype=compute_dtype)
+        return _sum_partials(partial, bias, compute_dtype)
+    split, k_per_split = gemm_split(M, N, K)
+    if split > 1:
+        out = torch.empty((split, M, N), device=x.device, dtype=torch.float32)
+    else:
+        out = torch.empty((M, N), device=x.device, dtype=compute_dtype)
     bias_arg = bias if bias is not None else out
-    gemm_statics = dict(HAS_BIAS=bias is not None, IEEE_DOT=ieee_dot(compute_dtype))
+    gemm_statics = dict(HAS_BIAS=bias is not None and split == 1, IEEE_DOT=ieee_dot(compute_dtype))
+    args = (x, packed, code, absmax, *dq, bias_arg, out, M, N, K, x.stride(0), N, _m_bucket(M), k_per_split)
     if autotune:
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
-        launch(_gemm_tuned)[grid](x, packed, code, absmax, *dq, bias_arg, out, M, N, K, x.stride(0), out.stride(0),
-                                  _m_bucket(M), **statics, **gemm_statics)
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), split)  # noqa: E731
+        launch(_gemm_tuned)[grid](*args, **statics, **gemm_statics)
     else:
         config = _gemm_configs()[0].kwargs
-        grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(N, config["BLOCK_N"]))
-        launch(_gemm_kernel)[grid](x, packed, code, absmax, *dq, bias_arg, out, M, N, K, x.stride(0), out.stride(0),
-                                   _m_bucket(M), **statics, **gemm_statics, **config)
-    return out
+        grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(N, config["BLOCK_N"]), split)
+        launch(_gemm_kernel)[grid](*args, **statics, **gemm_statics, **config)
+    return _sum_partials(out, bias, compute_dtype) if split > 1 else out

@@ -9,7 +9,7 @@ import torch
 import qpass
 from qpass.formats import quantize_weight
 from qpass.kernels import ops
-from qpass.kernels.triton_4bit import gemv_applies, linear_4bit_triton
+from qpass.kernels.triton_4bit import gemm_split, gemv_applies, linear_4bit_triton
 from qpass.kernels.triton_int8 import int8_vectorwise_quant_triton, linear_int8_triton
 
 from models import relative_error
@@ -175,6 +175,18 @@ def test_4bit_block_sizes_on_both_kernels(blocksize, m):
     t = {name: None if v is None else v.to(DEVICE) for name, v in t.items()}
     assert gemv_applies(m, k, blocksize, t["weight"]) == (m <= 4)
     x, bias = _inputs(m, n, k, torch.float16)
+    op, args = layout.linear_call(x, t, bias)
+    _check(_4bit_call(layout, t, x, bias), x, layout, t, bias, _reference(op, args))
+
+
+@pytest.mark.parametrize("m, k", [(5, 1024), (20, 1040), (1, 1040)], ids=str)
+def test_4bit_gemm_split_k(m, k):
+    """Small M on a long K splits K across programs (float32 partial sums, then bias); K = 1040 is not
+    a multiple of the block size, so that case runs the general dequantization."""
+    assert gemm_split(m, 8, k)[0] == 2
+    layout, t = quantize_weight(torch.randn(8, k) * 0.05, qpass.NF4Config(compute_dtype=torch.float16))
+    t = {name: None if v is None else v.to(DEVICE) for name, v in t.items()}
+    x, bias = _inputs(m, 8, k, torch.float16)
     op, args = layout.linear_call(x, t, bias)
     _check(_4bit_call(layout, t, x, bias), x, layout, t, bias, _reference(op, args))
 
