@@ -82,7 +82,7 @@ def kernel_cases():
                consts, config.num_warps, config.num_stages, config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_K"])
     int8_types = {"ca_ptr": _ptr("i8"), "cb_ptr": _ptr("i8"), "sca_ptr": _ptr("fp32"), "scb_ptr": _ptr("fp32"), "x_ptr": _ptr("bf16"),
                   "mask_ptr": _ptr("i32"), "bias_ptr": _ptr("bf16"), "out_ptr": _ptr("bf16"), "M": "i32", "N": "i32", "K": "i32",
-                  "stride_xm": "i32", "stride_om": "i32", "M_BUCKET": "i32", "scale_product": "fp32", "dequant": "fp32"}
+                  "stride_xm": "i32", "stride_om": "i32", "M_BUCKET": "i32", "K_PER_SPLIT": "i32", "scale_product": "fp32", "dequant": "fp32"}
     for config in triton_int8._gemm_configs():
         consts = {"HAS_OUTLIERS": True, "HAS_BIAS": True, "IEEE_DOT": False, **config.kwargs}
         yield (f"int8 gemm {config.kwargs}", triton_int8._int8_gemm_kernel, _signature(triton_int8._int8_gemm_kernel, int8_types),

@@ -244,7 +244,7 @@ GEMM_SPLIT_STEP = 128
 
 def gemm_split(m: int, out_features: int, in_features: int) -> tuple[int, int]:
     """(number of K splits, columns per split) of the GEMM for M rows of x and a weight shape."""
-    if m > GEMM_SPLIT_MAX_M:
+    if m == 0 or m > GEMM_SPLIT_MAX_M:
         return 1, in_features
     tiles = triton.cdiv(m, 16 if m <= 16 else 64) * triton.cdiv(out_features, 128)
     split = max(1, min(in_features // 512, triton.cdiv(GEMM_TARGET_PROGRAMS, tiles)))
@@ -254,7 +254,7 @@ def gemm_split(m: int, out_features: int, in_features: int) -> tuple[int, int]:
     return triton.cdiv(in_features, per_split), per_split
 
 
-def _sum_partials(partial: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype) -> torch.Tensor:
+def sum_partials(partial: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype) -> torch.Tensor:
     """float32 partial sums [splits, M, N] -> [M, N] in compute_dtype, bias added in float32 (in a fixed
     order: deterministic, no atomics). Under torch.compile, Inductor fuses this with its neighbours."""
     out = partial.sum(0)
@@ -307,7 +307,7 @@ def linear_4bit_triton(
             config = _gemv_configs()[0]
             launch(_gemv_kernel)[(M, triton.cdiv(N, config.kwargs["BLOCK_N"]), split)](
                 *args, **gemv_statics, **config.kwargs, num_warps=config.num_warps)
-        return _sum_partials(partial, bias, compute_dtype)
+        return sum_partials(partial, bias, compute_dtype)
     split, k_per_split = gemm_split(M, N, K)
     if split > 1:
         out = torch.empty((split, M, N), device=x.device, dtype=torch.float32)
@@ -323,4 +323,4 @@ def linear_4bit_triton(
         config = _gemm_configs()[0].kwargs
         grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(N, config["BLOCK_N"]), split)
         launch(_gemm_kernel)[grid](*args, **statics, **gemm_statics, **config)
-    return _sum_partials(out, bias, compute_dtype) if split > 1 else out
+    return sum_partials(out, bias, compute_dtype) if split > 1 else out

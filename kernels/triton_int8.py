@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .reference_int8 import INT8_DEQUANT, INT8_SCALE_PRODUCT
-from .triton_4bit import _dot, _m_bucket, ieee_dot, prune_gemm_configs
+from .triton_4bit import _dot, _m_bucket, gemm_split, ieee_dot, prune_gemm_configs, sum_partials
 
 
 @triton.jit
@@ -66,19 +66,22 @@ def _quantize_rows_kernel(x_ptr, mask_ptr, ca_ptr, sca_ptr, K, stride_xm, thresh
 @triton.jit
 def _int8_gemm_kernel(
     ca_ptr, cb_ptr, sca_ptr, scb_ptr, x_ptr, mask_ptr, bias_ptr, out_ptr,
-    M, N, K, stride_xm, stride_om, M_BUCKET, scale_product, dequant,
+    M, N, K, stride_xm, stride_om, M_BUCKET, K_PER_SPLIT, scale_product, dequant,
     HAS_OUTLIERS: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Two K loops, so that one accumulator tile is live at a time (two would halve the tile that fits
     # in registers): the int8 loop into int32, scaled into float32 once, then the outlier loop adds
     # into that float32 tile, visiting only K tiles that hold an outlier column.
-    # M_BUCKET (M rounded up to a power of two) only keys the autotuner.
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    # With several K splits (small M, see triton_4bit.gemm_split), each writes float32 partial sums to
+    # out[split] and the bias comes after their sum. M_BUCKET (M rounded up to a power of two) only
+    # keys the autotuner.
+    pid_m, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    k_start, k_end = split * K_PER_SPLIT, tl.minimum((split + 1) * K_PER_SPLIT, K)
     rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(ca_ptr + rows_m[:, None] * K + cols[None, :], mask=(rows_m[:, None] < M) & (cols[None, :] < K), other=0)
         b = tl.load(cb_ptr + rows_n[:, None] * K + cols[None, :], mask=(rows_n[:, None] < N) & (cols[None, :] < K), other=0)
@@ -87,7 +90,7 @@ def _int8_gemm_kernel(
     sca = tl.load(sca_ptr + rows_m, mask=rows_m < M, other=0.0)
     result = acc.to(tl.float32) * (sca[:, None] * scb[None, :]) * scale_product
     if HAS_OUTLIERS:
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_start, k_end, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             column_mask = tl.load(mask_ptr + cols, mask=cols < K, other=0)
             if tl.max(column_mask, axis=0) > 0:
@@ -98,7 +101,7 @@ def _int8_gemm_kernel(
                 result = _dot(x, w, result, IEEE_DOT)
     if HAS_BIAS:
         result += tl.load(bias_ptr + rows_n, mask=rows_n < N, other=0.0).to(x_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(out_ptr + rows_m[:, None] * stride_om + rows_n[None, :], result.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + (split * M + rows_m[:, None]) * stride_om + rows_n[None, :], result.to(out_ptr.dtype.element_ty),
              mask=(rows_m[:, None] < M) & (rows_n[None, :] < N))
 
 
@@ -114,7 +117,7 @@ def _gemm_configs():
     ]
 
 
-_int8_gemm_tuned = triton.autotune(_gemm_configs(), key=["M_BUCKET", "N", "K"], cache_results=True,
+_int8_gemm_tuned = triton.autotune(_gemm_configs(), key=["M_BUCKET", "N", "K", "K_PER_SPLIT"], cache_results=True,
                                    prune_configs_by={"early_config_prune": prune_gemm_configs})(_int8_gemm_kernel)
 
 
@@ -143,17 +146,21 @@ def linear_int8_triton(
     M, K = x.shape
     N = cb.shape[0]
     ca, sca, mask = int8_vectorwise_quant_triton(x, threshold, launch)
-    out = torch.empty((M, N), device=x.device, dtype=compute_dtype)
     if M == 0:
-        return out
+        return torch.empty((M, N), device=x.device, dtype=compute_dtype)
+    split, k_per_split = gemm_split(M, N, K)
+    if split > 1:
+        out = torch.empty((split, M, N), device=x.device, dtype=torch.float32)
+    else:
+        out = torch.empty((M, N), device=x.device, dtype=compute_dtype)
     args = (ca, cb, sca, scb, x, mask, bias if bias is not None else out, out,
-            M, N, K, x.stride(0), out.stride(0), _m_bucket(M), INT8_SCALE_PRODUCT, INT8_DEQUANT)
-    statics = dict(HAS_OUTLIERS=threshold > 0, HAS_BIAS=bias is not None, IEEE_DOT=ieee_dot(compute_dtype))
+            M, N, K, x.stride(0), N, _m_bucket(M), k_per_split, INT8_SCALE_PRODUCT, INT8_DEQUANT)
+    statics = dict(HAS_OUTLIERS=threshold > 0, HAS_BIAS=bias is not None and split == 1, IEEE_DOT=ieee_dot(compute_dtype))
     if autotune:
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), split)  # noqa: E731
         launch(_int8_gemm_tuned)[grid](*args, **statics)
     else:
         config = _gemm_configs()[0].kwargs
-        grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(N, config["BLOCK_N"]))
+        grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(N, config["BLOCK_N"]), split)
         launch(_int8_gemm_kernel)[grid](*args, **statics, **config)
-    return out
+    return sum_partials(out, bias, compute_dtype) if split > 1 else out

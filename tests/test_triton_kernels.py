@@ -222,3 +222,28 @@ def test_cuda_graphs_capture_the_compiled_layers(spec):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert relative_error(out, eager) < VS_REFERENCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("k", [128, 100], ids=["gemv", "gemm"])
+def test_empty_batch(k):
+    """M = 0 (an empty batch) gives an empty result, not a launch error."""
+    layout, t = quantize_weight(torch.randn(8, k) * 0.05, qpass.NF4Config(compute_dtype=torch.float16))
+    t = {name: None if v is None else v.to(DEVICE) for name, v in t.items()}
+    x = torch.empty(0, k, device=DEVICE, dtype=torch.float16)
+    assert _4bit_call(layout, t, x, None).shape == (0, 8)
+    layout8, t8 = quantize_weight(torch.randn(8, k) * 0.05, qpass.Int8Config(compute_dtype=torch.float16))
+    t8 = {name: v.to(DEVICE) for name, v in t8.items()}
+    assert linear_int8_triton(x, t8["weight"], t8["SCB"], None, 6.0, torch.float16, autotune=not INTERPRETED).shape == (0, 8)
+
+
+@pytest.mark.parametrize("outliers", [True, False])
+def test_int8_gemm_split_k(outliers):
+    """Small M on a long K: both K loops (int8 and outlier tiles) run per split."""
+    m, n, k = 5, 8, 1024
+    assert gemm_split(m, n, k)[0] == 2
+    layout, t = quantize_weight(torch.randn(n, k) * 0.05, qpass.Int8Config(compute_dtype=torch.float16))
+    t = {name: v.to(DEVICE) for name, v in t.items()}
+    x, bias = _inputs(m, n, k, torch.float16, outlier_column=700 if outliers else None)
+    out = linear_int8_triton(x, t["weight"], t["SCB"], bias, 6.0, torch.float16, autotune=not INTERPRETED)
+    op, args = layout.linear_call(x, t, bias)
+    assert not out.isnan().any() and relative_error(out, _reference(op, args)) < VS_REFERENCE[torch.float16]
