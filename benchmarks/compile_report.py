@@ -67,7 +67,7 @@ def _divisibility(kernel, signature: dict[str, str]) -> dict:
 def kernel_cases():
     """(name, kernel, signature, constexprs, num_warps, num_stages, weights per main-loop iteration)
     for every autotune config."""
-    gemv_types = {**FOURBIT_POINTERS, "qword_ptr": _ptr("i64"), "partial_ptr": _ptr("fp32"), "N": "i32", "K": "i32",
+    gemv_types = {**FOURBIT_POINTERS, "partial_ptr": _ptr("fp32"), "N": "i32", "K": "i32",
                   "BLOCKS_PER_SPLIT": "i32", "stride_xm": "i32"}
     gemv_consts = {name: FOURBIT_CONSTS[name] for name in ("BLOCKSIZE", "NESTED_BLOCKSIZE", "DOUBLE_QUANT")}
     for config in triton_4bit._gemv_configs():

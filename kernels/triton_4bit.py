@@ -112,7 +112,7 @@ def _dot(x, w, acc, IEEE_DOT: tl.constexpr):
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, qword_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, partial_ptr,
+    x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, partial_ptr,
     N, K, BLOCKS_PER_SPLIT, stride_xm,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -120,15 +120,16 @@ def _gemv_kernel(
     #
     # One row of W per lane (BLOCK_N rows per single-warp program), so nothing crosses lanes but the
     # code-book lookup: tl.gather from the 16-entry table, which a one-warp program lowers to one
-    # warp shuffle per weight (no memory access). qword_ptr is the packed weight as int64: 16 codes
-    # each, byte i (little-endian) holding elements 2i (high nibble) and 2i + 1. Each weight costs one
+    # warp shuffle per weight (no memory access). The packed bytes are read as int64 qwords (8-byte
+    # aligned: see gemv_applies): 16 codes each, byte i (little-endian) holding elements 2i (high
+    # nibble) and 2i + 1. Each weight costs one
     # shuffle, one FMA and about two integer ops; the scale multiplies the block's dot product once.
     m, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     QWORDS_PER_BLOCK: tl.constexpr = BLOCKSIZE // 16
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     inside = rows < N
     blocks_per_row = K // BLOCKSIZE
-    row_qwords = qword_ptr + rows.to(tl.int64) * (K // 16)
+    row_qwords = packed_ptr.to(tl.pointer_type(tl.int64)) + rows.to(tl.int64) * (K // 16)
     row_blocks = rows.to(tl.int64) * blocks_per_row
     code = tl.load(code_ptr + tl.arange(0, 16))
     x_row = x_ptr + m * stride_xm
@@ -298,7 +299,7 @@ def linear_4bit_triton(
     if gemv_applies(M, K, blocksize, packed):
         split, blocks_per_split = gemv_split(N, K, blocksize)
         partial = torch.empty((split, M, N), device=x.device, dtype=torch.float32)
-        args = (x, packed.view(torch.int64), code, absmax, *dq, partial, N, K, blocks_per_split, x.stride(0))
+        args = (x, packed, code, absmax, *dq, partial, N, K, blocks_per_split, x.stride(0))
         gemv_statics = dict(BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=DOUBLE_QUANT_BLOCKSIZE, DOUBLE_QUANT=double_quant)
         if autotune:
             grid = lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]), split)  # noqa: E731
