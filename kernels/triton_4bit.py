@@ -38,7 +38,10 @@ import triton.language as tl
 
 from .codebooks import DOUBLE_QUANT_BLOCKSIZE
 
-GEMV_MAX_M = 4
+# The GEMV repeats its lookups for each row of x (M x ~5 instructions per weight), while the GEMM
+# dequantizes a weight tile once for up to 16 rows (~9 instructions per weight): by the compile
+# report, the GEMV only wins at M = 1.
+GEMV_MAX_M = 1
 
 
 @triton.jit

@@ -9,7 +9,7 @@ import torch
 import qpass
 from qpass.formats import quantize_weight
 from qpass.kernels import ops
-from qpass.kernels.triton_4bit import gemm_split, gemv_applies, linear_4bit_triton
+from qpass.kernels.triton_4bit import GEMV_MAX_M, gemm_split, gemv_applies, linear_4bit_triton
 from qpass.kernels.triton_int8 import int8_vectorwise_quant_triton, linear_int8_triton
 
 from models import relative_error
@@ -167,13 +167,14 @@ def test_both_4bit_kernels_are_exercised():
 
 
 @pytest.mark.parametrize("blocksize", [32, 64, 128, 256])
-@pytest.mark.parametrize("m", [1, 4, 5, 20])
+@pytest.mark.parametrize("m", [1, 2, 5, 20])
 def test_4bit_block_sizes_on_both_kernels(blocksize, m):
-    """GEMV (M <= 4) and GEMM half-tile paths for every block size: qwords per block, blocks per tile."""
+    """GEMV (M <= GEMV_MAX_M) and GEMM half-tile paths for every block size: qwords per block, blocks
+    per tile."""
     n, k = 24, 2 * blocksize
     layout, t = quantize_weight(torch.randn(n, k) * 0.05, qpass.NF4Config(blocksize=blocksize, compute_dtype=torch.float16))
     t = {name: None if v is None else v.to(DEVICE) for name, v in t.items()}
-    assert gemv_applies(m, k, blocksize, t["weight"]) == (m <= 4)
+    assert gemv_applies(m, k, blocksize, t["weight"]) == (m <= GEMV_MAX_M)
     x, bias = _inputs(m, n, k, torch.float16)
     op, args = layout.linear_call(x, t, bias)
     _check(_4bit_call(layout, t, x, bias), x, layout, t, bias, _reference(op, args))
