@@ -193,13 +193,14 @@ def _gemm_kernel(
 
 def _gemm_configs():
     # Each compiles for sm_90 without register spills and within an H100 block's shared memory, at
-    # 8.6-11.4 main-loop instructions per weight (``benchmarks/compile_report.py``, checked by
-    # ``tests/test_compile_report.py``).
+    # 7.2-11.9 main-loop instructions per weight (``benchmarks/compile_report.py``, checked by
+    # ``tests/test_compile_report.py``). Single-warp tiles do the lookup by warp shuffle instead of
+    # shared memory (7.2-7.8): for small M, with split-K supplying the programs.
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=3)
         for bm, bn, bk, w in [
-            (16, 64, 64, 4), (16, 128, 64, 4), (16, 256, 64, 8), (32, 128, 64, 4), (64, 128, 64, 4),
-            (128, 128, 64, 8), (128, 256, 64, 8), (128, 256, 32, 8),
+            (16, 32, 64, 1), (16, 64, 64, 1), (16, 64, 64, 4), (16, 128, 64, 4), (16, 256, 64, 8),
+            (32, 128, 64, 4), (64, 128, 64, 4), (128, 128, 64, 8), (128, 256, 64, 8), (128, 256, 32, 8),
         ]
     ]
 
@@ -324,7 +325,8 @@ def linear_4bit_triton(
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), split)  # noqa: E731
         launch(_gemm_tuned)[grid](*args, **statics, **gemm_statics)
     else:
-        config = _gemm_configs()[0].kwargs
-        grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(N, config["BLOCK_N"]), split)
-        launch(_gemm_kernel)[grid](*args, **statics, **gemm_statics, **config)
+        config = _gemm_configs()[0]
+        grid = (triton.cdiv(M, config.kwargs["BLOCK_M"]), triton.cdiv(N, config.kwargs["BLOCK_N"]), split)
+        launch(_gemm_kernel)[grid](*args, **statics, **gemm_statics, **config.kwargs, num_warps=config.num_warps,
+                                   num_stages=config.num_stages)
     return sum_partials(out, bias, compute_dtype) if split > 1 else out

@@ -161,7 +161,8 @@ def linear_int8_triton(
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), split)  # noqa: E731
         launch(_int8_gemm_tuned)[grid](*args, **statics)
     else:
-        config = _gemm_configs()[0].kwargs
-        grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(N, config["BLOCK_N"]), split)
-        launch(_int8_gemm_kernel)[grid](*args, **statics, **config)
+        config = _gemm_configs()[0]
+        grid = (triton.cdiv(M, config.kwargs["BLOCK_M"]), triton.cdiv(N, config.kwargs["BLOCK_N"]), split)
+        launch(_int8_gemm_kernel)[grid](*args, **statics, **config.kwargs, num_warps=config.num_warps,
+                                        num_stages=config.num_stages)
     return sum_partials(out, bias, compute_dtype) if split > 1 else out
