@@ -206,7 +206,10 @@ def _gemm_configs():
 
 
 def prune_gemm_configs(configs, named_args, **kwargs):
-    """Tiles no taller than M (rounded up to a power of two, at least 16): fewer configs to time."""
+    """Tiles no taller than M (rounded up to a power of two, at least 16): fewer configs to time. All
+    of them for a symbolic M (pruning would guard on it)."""
+    if not isinstance(named_args["M_BUCKET"], int):
+        return configs
     m_bucket = max(named_args["M_BUCKET"], 16)
     return [c for c in configs if c.kwargs["BLOCK_M"] <= m_bucket]
 
@@ -224,7 +227,12 @@ def ieee_dot(compute_dtype: torch.dtype) -> bool:
 
 
 def _m_bucket(m: int) -> int:
-    return 1 << max(m - 1, 0).bit_length()  # autotune per power-of-two bucket of M, not per M
+    """M rounded up to a power of two: the autotuners tune per bucket, not per M. A symbolic M (torch.compile
+    with dynamic shapes) stays symbolic: Inductor tunes such a launch itself, once per graph, and a
+    bucket would guard on M, recompiling for every power of two."""
+    if isinstance(m, torch.SymInt):
+        return m
+    return 1 << max(m - 1, 0).bit_length()
 
 
 # Autotuned variants for real GPUs; the interpreter (TRITON_INTERPRET=1) uses the plain kernels with
@@ -239,8 +247,9 @@ GEMV_TARGET_PROGRAMS = 2048
 GEMV_ROWS_PER_PROGRAM = 128  # the typical tuned BLOCK_N, used only to size the split
 
 
-# Split-K of the GEMM for small M, where M x N tiles alone leave SMs idle or too few warps per SM to
-# hide latency: aim at 512 four-warp programs (about 4 per SM on an H100), in K slices of whole
+# Split-K of the GEMM for small M (at most GEMM_SPLIT_MAX_M rows: one or two row tiles), where the
+# output tiles alone leave SMs idle or too few warps per SM to hide latency: aim at 512 programs per
+# 128 output columns' tiles (about 4 four-warp programs per SM on an H100), in K slices of whole
 # 128-column steps (a multiple of every BLOCK_K), at least 512 columns each.
 GEMM_SPLIT_MAX_M = 128
 GEMM_TARGET_PROGRAMS = 512
@@ -248,11 +257,12 @@ GEMM_SPLIT_STEP = 128
 
 
 def gemm_split(m: int, out_features: int, in_features: int) -> tuple[int, int]:
-    """(number of K splits, columns per split) of the GEMM for M rows of x and a weight shape."""
+    """(number of K splits, columns per split) of the GEMM for M rows of x and a weight shape. Depends
+    on M only through M <= GEMM_SPLIT_MAX_M, so a symbolic M (torch.compile with dynamic shapes)
+    guards once."""
     if m == 0 or m > GEMM_SPLIT_MAX_M:
         return 1, in_features
-    tiles = triton.cdiv(m, 16 if m <= 16 else 64) * triton.cdiv(out_features, 128)
-    split = max(1, min(in_features // 512, triton.cdiv(GEMM_TARGET_PROGRAMS, tiles)))
+    split = max(1, min(in_features // 512, triton.cdiv(GEMM_TARGET_PROGRAMS, triton.cdiv(out_features, 128))))
     if split == 1:
         return 1, in_features
     per_split = triton.cdiv(triton.cdiv(in_features, split), GEMM_SPLIT_STEP) * GEMM_SPLIT_STEP

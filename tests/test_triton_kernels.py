@@ -248,3 +248,21 @@ def test_int8_gemm_split_k(outliers):
     out = linear_int8_triton(x, t["weight"], t["SCB"], bias, 6.0, torch.float16, autotune=not INTERPRETED)
     op, args = layout.linear_call(x, t, bias)
     assert not out.isnan().any() and relative_error(out, _reference(op, args)) < VS_REFERENCE[torch.float16]
+
+
+def test_launch_parameters_take_a_symbolic_m():
+    """Under torch.compile with dynamic shapes the op bodies see M as a SymInt: picking the kernel,
+    the split and the autotune bucket must not specialize on M (one guard, M <= 128, at most)."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    from qpass.kernels.triton_4bit import _m_bucket, _gemm_configs, prune_gemm_configs
+
+    env = ShapeEnv()
+    m = env.create_symintnode(env.create_symbol(24, source=ConstantSource("M"), dynamic_dim=DimDynamic.DYNAMIC),
+                              hint=24, source=ConstantSource("M"))
+    assert not gemv_applies(m, 4096, 64, torch.empty(8, dtype=torch.uint8))
+    assert gemm_split(m, 4096, 4096) == (8, 512)
+    assert _m_bucket(m) is m and _m_bucket(24) == 32
+    assert len(prune_gemm_configs(_gemm_configs(), {"M_BUCKET": m})) == len(_gemm_configs())
+    assert [str(guard.expr) for guard in env.guards] == [f"{m.node.expr} <= 128"]
