@@ -134,7 +134,8 @@ def layer_variants(weight: torch.Tensor, device: str) -> dict[str, Callable | st
         layer = qpass.quantize(_linear_with(weight), fmt)
         variants[f"qpass {fmt}"] = layer
         # static shapes: each M gets its own graph and tuning, as a serving stack compiles per batch size
-        compiled = torch.compile(layer, mode="reduce-overhead" if device == "cuda" else None, fullgraph=True, dynamic=False)
+        compiled = torch.compile(layer, mode="reduce-overhead" if device == "cuda" else None, fullgraph=True,
+                                 dynamic=False)
         variants[f"qpass {fmt} compiled"] = compiled
     variants.update(_bitsandbytes_variants(weight))
     variants.update(_torchao_variants(weight))

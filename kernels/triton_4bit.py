@@ -119,7 +119,8 @@ def _gemv_kernel(
     N, K, BLOCKS_PER_SPLIT, stride_xm,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # partial[split, m, n] = sum over this split's quantization blocks b of scale[n, b] * sum_{k in b} x[m, k] * code[n, k]
+    # partial[split, m, n] = sum over this split's quantization blocks b of
+    #     scale[n, b] * sum_{k in b} x[m, k] * code[n, k]
     #
     # One row of W per lane (BLOCK_N rows per single-warp program), so nothing crosses lanes but the
     # code-book lookup: tl.gather from the 16-entry table, which a one-warp program lowers to one
@@ -177,8 +178,9 @@ def _gemm_kernel(
                     mask=(rows_m[:, None] < M) & (cols[None, :] < K), other=0.0)
         if ROW_ALIGNED:  # even and odd columns of x against the high and low nibbles
             x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
-            w_even, w_odd = _dequant_halves(packed_ptr, code, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-                                            rows_n, k0, N, K, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, BLOCK_K)
+            w_even, w_odd = _dequant_halves(packed_ptr, code, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
+                                            offset_ptr, rows_n, k0, N, K, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT,
+                                            BLOCK_K)
             acc = _dot(x_even, w_even.to(x_ptr.dtype.element_ty), acc, IEEE_DOT)
             acc = _dot(x_odd, w_odd.to(x_ptr.dtype.element_ty), acc, IEEE_DOT)
         else:

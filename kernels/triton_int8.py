@@ -83,8 +83,10 @@ def _int8_gemm_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k0 in range(k_start, k_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(ca_ptr + rows_m[:, None] * K + cols[None, :], mask=(rows_m[:, None] < M) & (cols[None, :] < K), other=0)
-        b = tl.load(cb_ptr + rows_n[:, None] * K + cols[None, :], mask=(rows_n[:, None] < N) & (cols[None, :] < K), other=0)
+        a = tl.load(ca_ptr + rows_m[:, None] * K + cols[None, :], mask=(rows_m[:, None] < M) & (cols[None, :] < K),
+                    other=0)
+        b = tl.load(cb_ptr + rows_n[:, None] * K + cols[None, :], mask=(rows_n[:, None] < N) & (cols[None, :] < K),
+                    other=0)
         acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
     scb = tl.load(scb_ptr + rows_n, mask=rows_n < N, other=0.0)
     sca = tl.load(sca_ptr + rows_m, mask=rows_m < M, other=0.0)
@@ -96,7 +98,8 @@ def _int8_gemm_kernel(
             if tl.max(column_mask, axis=0) > 0:
                 x = tl.load(x_ptr + rows_m[:, None] * stride_xm + cols[None, :],
                             mask=(rows_m[:, None] < M) & (cols[None, :] < K) & (column_mask[None, :] != 0), other=0.0)
-                b = tl.load(cb_ptr + rows_n[:, None] * K + cols[None, :], mask=(rows_n[:, None] < N) & (cols[None, :] < K), other=0)
+                b = tl.load(cb_ptr + rows_n[:, None] * K + cols[None, :],
+                            mask=(rows_n[:, None] < N) & (cols[None, :] < K), other=0)
                 w = (b.to(tl.float32) * scb[:, None] * dequant).to(x_ptr.dtype.element_ty)
                 result = _dot(x, w, result, IEEE_DOT)
     if HAS_BIAS:
@@ -156,7 +159,8 @@ def linear_int8_triton(
         out = torch.empty((M, N), device=x.device, dtype=compute_dtype)
     args = (ca, cb, sca, scb, x, mask, bias if bias is not None else out, out,
             M, N, K, x.stride(0), N, _m_bucket(M), k_per_split, INT8_SCALE_PRODUCT, INT8_DEQUANT)
-    statics = dict(HAS_OUTLIERS=threshold > 0, HAS_BIAS=bias is not None and split == 1, IEEE_DOT=ieee_dot(compute_dtype))
+    statics = dict(HAS_OUTLIERS=threshold > 0, HAS_BIAS=bias is not None and split == 1,
+                   IEEE_DOT=ieee_dot(compute_dtype))
     if autotune:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), split)  # noqa: E731
         launch(_int8_gemm_tuned)[grid](*args, **statics)

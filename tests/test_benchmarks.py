@@ -30,7 +30,8 @@ def test_kernel_benchmark_writes_json_table_and_plot(tmp_path, monkeypatch):
 
 def test_kernel_benchmark_runs_in_parts(tmp_path):
     """--part/--shapes/--ms/--tag split a GPU run into calls that fit the device's time limit."""
-    bench.main(["--device", "cpu", "--part", "layers", "--shapes", "32x64", "--ms", "2", "--tag", "part1", "--out", str(tmp_path)])
+    bench.main(["--device", "cpu", "--part", "layers", "--shapes", "32x64", "--ms", "2", "--tag", "part1",
+                "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "kernels_part1.json").read_text())
     assert {(r["N"], r["K"], r["M"]) for r in saved["layers"]} == {(32, 64, 2)}
     assert saved["end_to_end"] == [] and "--tag part1" in saved["command"]

@@ -13,7 +13,6 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import qpass
-from qpass.checkpoints import safetensors_io
 
 from models import relative_error, tiny_llama
 

@@ -172,7 +172,8 @@ def test_4bit_block_sizes_on_both_kernels(blocksize, m):
     """GEMV (M <= GEMV_MAX_M) and GEMM half-tile paths for every block size: qwords per block, blocks
     per tile."""
     n, k = 24, 2 * blocksize
-    layout, t = quantize_weight(torch.randn(n, k) * 0.05, qpass.NF4Config(blocksize=blocksize, compute_dtype=torch.float16))
+    config = qpass.NF4Config(blocksize=blocksize, compute_dtype=torch.float16)
+    layout, t = quantize_weight(torch.randn(n, k) * 0.05, config)
     t = {name: None if v is None else v.to(DEVICE) for name, v in t.items()}
     assert gemv_applies(m, k, blocksize, t["weight"]) == (m <= GEMV_MAX_M)
     x, bias = _inputs(m, n, k, torch.float16)
@@ -234,7 +235,8 @@ def test_empty_batch(k):
     assert _4bit_call(layout, t, x, None).shape == (0, 8)
     layout8, t8 = quantize_weight(torch.randn(8, k) * 0.05, qpass.Int8Config(compute_dtype=torch.float16))
     t8 = {name: v.to(DEVICE) for name, v in t8.items()}
-    assert linear_int8_triton(x, t8["weight"], t8["SCB"], None, 6.0, torch.float16, autotune=not INTERPRETED).shape == (0, 8)
+    out8 = linear_int8_triton(x, t8["weight"], t8["SCB"], None, 6.0, torch.float16, autotune=not INTERPRETED)
+    assert out8.shape == (0, 8)
 
 
 @pytest.mark.parametrize("outliers", [True, False])
@@ -253,10 +255,9 @@ def test_int8_gemm_split_k(outliers):
 def test_launch_parameters_take_a_symbolic_m():
     """Under torch.compile with dynamic shapes the op bodies see M as a SymInt: picking the kernel,
     the split and the autotune bucket must not specialize on M (one guard, M <= 128, at most)."""
+    from qpass.kernels.triton_4bit import _gemm_configs, _m_bucket, prune_gemm_configs
     from torch._dynamo.source import ConstantSource
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
-
-    from qpass.kernels.triton_4bit import _m_bucket, _gemm_configs, prune_gemm_configs
 
     env = ShapeEnv()
     m = env.create_symintnode(env.create_symbol(24, source=ConstantSource("M"), dynamic_dim=DimDynamic.DYNAMIC),
