@@ -80,6 +80,11 @@ def kernel_cases():
         consts = {**FOURBIT_CONSTS, "HAS_BIAS": True, "IEEE_DOT": False, **config.kwargs}
         yield (f"4bit gemm {config.kwargs}", triton_4bit._gemm_kernel, _signature(triton_4bit._gemm_kernel, gemm_types),
                consts, config.num_warps, config.num_stages, config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_K"])
+    dequant_types = {**FOURBIT_POINTERS, "out_ptr": _ptr("bf16"), "N": "i32", "K": "i32"}
+    config = triton_4bit.DEQUANT_CONFIG
+    yield (f"4bit dequant {config.kwargs}", triton_4bit._dequant_kernel,
+           _signature(triton_4bit._dequant_kernel, dequant_types), {**FOURBIT_CONSTS, **config.kwargs}, config.num_warps,
+           config.num_stages, config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_K"])
     int8_types = {"ca_ptr": _ptr("i8"), "cb_ptr": _ptr("i8"), "sca_ptr": _ptr("fp32"), "scb_ptr": _ptr("fp32"), "x_ptr": _ptr("bf16"),
                   "mask_ptr": _ptr("i32"), "bias_ptr": _ptr("bf16"), "out_ptr": _ptr("bf16"), "M": "i32", "N": "i32", "K": "i32",
                   "stride_xm": "i32", "stride_om": "i32", "M_BUCKET": "i32", "K_PER_SPLIT": "i32", "scale_product": "fp32", "dequant": "fp32"}
@@ -115,15 +120,16 @@ def _opcode(instruction: str) -> str:
 
 def main_loop(sass: str) -> list[str]:
     """The instructions of the kernel's first loop (a backward branch's span) in a SASS listing: the
-    K loop of every kernel here (the int8 GEMM's second loop, over outlier tiles, is rarely taken)."""
+    K loop of every kernel here (the int8 GEMM's second loop, over outlier tiles, is rarely taken); the
+    whole kernel when it has no loop."""
     instructions = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*?)\s*;", sass)]
     loops = []
     for address, text in instructions:
         target = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)|0x([0-9a-f]+))", text)
         if target and target.group(1) and int(target.group(1), 16) < address:
             loops.append((int(target.group(1), 16), address))
-    if not loops:
-        return []
+    if not loops:  # one tile per program: the whole kernel
+        return [t for _, t in instructions]
     start, end = min(loops)
     return [t for a, t in instructions if start <= a <= end]
 

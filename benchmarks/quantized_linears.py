@@ -137,15 +137,40 @@ def layer_variants(weight: torch.Tensor, device: str) -> dict[str, Callable | st
         compiled = torch.compile(layer, mode="reduce-overhead" if device == "cuda" else None, fullgraph=True,
                                  dynamic=False)
         variants[f"qpass {fmt} compiled"] = compiled
+    if device == "cuda":  # the large-M alternative, to place DEQUANT_MATMUL_MIN_M
+        variants[FUSED_GEMM] = _without_dequant_matmul(variants["qpass nf4"])
     variants.update(_bitsandbytes_variants(weight))
     variants.update(_torchao_variants(weight))
     return variants
+
+
+FUSED_GEMM = "qpass nf4 fused GEMM"
+
+
+def _without_dequant_matmul(layer: nn.Module) -> Callable:
+    """``layer`` with the fused GEMM at every M, instead of dequantize-then-cuBLAS from
+    ``triton_4bit.DEQUANT_MATMUL_MIN_M`` rows on (eager: the switch is read at each call)."""
+    from qpass.kernels import triton_4bit
+
+    def run(x):
+        saved, triton_4bit.DEQUANT_MATMUL_MIN_M = triton_4bit.DEQUANT_MATMUL_MIN_M, 1 << 62
+        try:
+            return layer(x)
+        finally:
+            triton_4bit.DEQUANT_MATMUL_MIN_M = saved
+    return run
 
 
 def _linear_with(weight: torch.Tensor) -> nn.Linear:
     layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
     layer.weight.data.copy_(weight)
     return layer
+
+
+def _dequant_matmul_min_m() -> int:
+    from qpass.kernels import triton_4bit
+
+    return triton_4bit.DEQUANT_MATMUL_MIN_M
 
 
 def weight_bytes(name: str, n: int, k: int) -> float:
@@ -169,6 +194,9 @@ def bench_layers(device: str, shapes, ms, ceilings, on_progress=lambda rows: Non
                 row = {"N": n, "K": k, "M": m, "variant": name}
                 if isinstance(fn, str):
                     rows.append({**row, "skipped": fn})
+                    continue
+                if name == FUSED_GEMM and m < _dequant_matmul_min_m():
+                    rows.append({**row, "skipped": "below DEQUANT_MATMUL_MIN_M: the same kernels as qpass nf4"})
                     continue
                 inp = x16 if name.startswith("bnb int8") else x
                 try:

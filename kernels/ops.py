@@ -103,7 +103,13 @@ def dequantize_4bit(
 ) -> Tensor:
     """The weight of ``shape`` in ``dtype``; absmax is uint8 when double-quantized (with nested_*).
 
-    Plain torch on every device: under torch.compile, Inductor fuses it into its consumer."""
+    CUDA runs one Triton pass (``triton_4bit.dequantize_4bit_triton``, bit for bit the reference);
+    every other device the reference, which Inductor fuses into its consumer under torch.compile."""
+    if use_triton(packed) and len(shape) == 2:
+        from .triton_4bit import dequantize_4bit_triton
+
+        return dequantize_4bit_triton(packed, quant_map, absmax, nested_absmax, nested_code, offset, shape[0], shape[1],
+                                      blocksize, dtype, launch=torch.library.wrap_triton)
     return _dequantize_weight_4bit(packed, quant_map, absmax, nested_absmax, nested_code, offset, shape, blocksize, dtype)
 
 

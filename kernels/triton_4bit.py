@@ -12,7 +12,7 @@ float32 and the result is rounded once. The GEMV is the one exception: it never 
 weight, so it skips the weight's rounding (``scale * sum(code * x)`` in float32 per block), which is
 closer to the exact product and within one compute-dtype rounding per weight of the reference.
 
-Two kernels:
+Three paths:
 
 * ``_gemv_kernel`` (decode: M <= GEMV_MAX_M, K a multiple of BLOCKSIZE): single-warp programs, one
   weight row per lane, reading the packed codes as int64 (16 codes); the code-book lookup is a
@@ -26,6 +26,8 @@ Two kernels:
   odd columns of x in two dots (no interleave), and the lookup is a ``tl.gather`` (shared memory).
   For M <= GEMM_SPLIT_MAX_M the K range is split when the output tiles alone are too few programs
   for the GPU; the splits' float32 sums are added as in the GEMV.
+* M >= DEQUANT_MATMUL_MIN_M: ``_dequant_kernel`` writes the weight in the compute dtype once (also the
+  CUDA path of ``qpass::dequantize_4bit``, e.g. for the backward pass), then cuBLAS multiplies.
 """
 
 from __future__ import annotations
@@ -42,6 +44,12 @@ from .codebooks import DOUBLE_QUANT_BLOCKSIZE
 # dequantizes a weight tile once for up to 16 rows (~9 instructions per weight): by the compile
 # report, the GEMV only wins at M = 1.
 GEMV_MAX_M = 1
+
+# From this many rows of x on, the weight is dequantized once (one memory-bound pass) and multiplied by
+# cuBLAS, as bitsandbytes does for M > 1: the fused GEMM would dequantize each weight M / BLOCK_M
+# times (16 times at M = 2048 with 128-row tiles, ~9 instructions each). A static estimate; the GPU
+# benchmark times both ("qpass nf4" and "qpass nf4 fused GEMM") to set it.
+DEQUANT_MATMUL_MIN_M = 1024
 
 
 @triton.jit
@@ -193,6 +201,32 @@ def _gemm_kernel(
              mask=(rows_m[:, None] < M) & (rows_n[None, :] < N))
 
 
+@triton.jit
+def _dequant_kernel(
+    packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, out_ptr, N, K,
+    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # out[n, k] = W[n, k] in out's dtype, over a BLOCK_N x BLOCK_K tile (the reference's arithmetic:
+    # code * scale in float32, one rounding).
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    cols = k0 + tl.arange(0, BLOCK_K)
+    if ROW_ALIGNED:
+        code = tl.load(code_ptr + tl.arange(0, 16))
+        w_even, w_odd = _dequant_halves(packed_ptr, code, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                                        rows, k0, N, K, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, BLOCK_K)
+        w = tl.reshape(tl.join(w_even, w_odd), (BLOCK_N, BLOCK_K))
+    else:
+        w = _dequant_tile(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                          rows, k0, N, K, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, BLOCK_K)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=(rows[:, None] < N) & (cols[None, :] < K))
+
+
+DEQUANT_CONFIG = triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4)
+
+
 def _gemm_configs():
     # Each compiles for sm_90 without register spills and within an H100 block's shared memory, at
     # 7.2-11.9 main-loop instructions per weight (``benchmarks/compile_report.py``, checked by
@@ -296,6 +330,25 @@ def gemv_split(out_features: int, in_features: int, blocksize: int) -> tuple[int
     return triton.cdiv(blocks_per_row, blocks_per_split), blocks_per_split
 
 
+def dequantize_4bit_triton(
+    packed: torch.Tensor, quant_map: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None, offset: torch.Tensor | None, out_features: int, in_features: int,
+    blocksize: int, dtype: torch.dtype, launch=lambda kernel: kernel,
+) -> torch.Tensor:
+    """The weight ``[out_features, in_features]`` in ``dtype``, bit for bit the reference's."""
+    N, K = out_features, in_features
+    packed = packed.reshape(-1).view(torch.uint8) if packed.dtype != torch.uint8 else packed.reshape(-1)
+    double_quant = nested_absmax is not None
+    dq = (nested_absmax, nested_code, offset) if double_quant else (absmax, absmax, absmax)  # unused pointers
+    out = torch.empty((N, K), device=packed.device, dtype=dtype)
+    grid = (triton.cdiv(N, DEQUANT_CONFIG.kwargs["BLOCK_N"]), triton.cdiv(K, DEQUANT_CONFIG.kwargs["BLOCK_K"]))
+    launch(_dequant_kernel)[grid](
+        packed, quant_map, absmax, *dq, out, N, K, BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=DOUBLE_QUANT_BLOCKSIZE,
+        DOUBLE_QUANT=double_quant, ROW_ALIGNED=K % blocksize == 0, **DEQUANT_CONFIG.kwargs,
+        num_warps=DEQUANT_CONFIG.num_warps)
+    return out
+
+
 def linear_4bit_triton(
     x: torch.Tensor, packed: torch.Tensor, quant_map: torch.Tensor, absmax: torch.Tensor,
     nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None, offset: torch.Tensor | None,
@@ -312,6 +365,10 @@ def linear_4bit_triton(
     dq = (nested_absmax, nested_code, offset) if double_quant else (absmax, absmax, absmax)  # unused pointers
     statics = dict(BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=DOUBLE_QUANT_BLOCKSIZE, DOUBLE_QUANT=double_quant,
                    ROW_ALIGNED=K % blocksize == 0)
+    if M >= DEQUANT_MATMUL_MIN_M:
+        weight = dequantize_4bit_triton(packed, code, absmax, nested_absmax, nested_code, offset, N, K, blocksize,
+                                        compute_dtype, launch)
+        return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(compute_dtype))
     if gemv_applies(M, K, blocksize, packed):
         split, blocks_per_split = gemv_split(N, K, blocksize)
         partial = torch.empty((split, M, N), device=x.device, dtype=torch.float32)

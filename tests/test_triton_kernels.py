@@ -8,8 +8,10 @@ import torch
 
 import qpass
 from qpass.formats import quantize_weight
-from qpass.kernels import ops
-from qpass.kernels.triton_4bit import GEMV_MAX_M, gemm_split, gemv_applies, linear_4bit_triton
+from qpass.kernels import ops, triton_4bit
+from qpass.kernels.triton_4bit import (
+    GEMV_MAX_M, dequantize_4bit_triton, gemm_split, gemv_applies, linear_4bit_triton,
+)
 from qpass.kernels.triton_int8 import int8_vectorwise_quant_triton, linear_int8_triton
 
 from models import relative_error
@@ -267,3 +269,41 @@ def test_launch_parameters_take_a_symbolic_m():
     assert _m_bucket(m) is m and _m_bucket(24) == 32
     assert len(prune_gemm_configs(_gemm_configs(), {"M_BUCKET": m})) == len(_gemm_configs())
     assert [str(guard.expr) for guard in env.guards] == [f"{m.node.expr} <= 128"]
+
+
+@pytest.mark.parametrize("k, blocksize", [(256, 64), (100, 64), (41, 32)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_dequantize_kernel_matches_the_reference(k, blocksize, dtype, double_quant):
+    """The dequantization pass is the reference's arithmetic: bit for bit (but for the interpreter's
+    truncating bf16 cast, one bf16 ulp)."""
+    config = qpass.NF4Config(blocksize=blocksize, double_quant=double_quant)
+    layout, t = quantize_weight(torch.randn(19, k) * 0.05, config)
+    t = {name: None if v is None else v.to(DEVICE) for name, v in t.items()}
+    out = dequantize_4bit_triton(t["weight"], t["quant_map"], t["absmax"], t["nested_absmax"], t["nested_quant_map"],
+                                 t["offset"], 19, k, blocksize, dtype)
+    with torch.no_grad():
+        original = ops.use_triton
+        ops.use_triton = lambda x: False
+        try:
+            ref = layout.dequantize(t, dtype)
+        finally:
+            ops.use_triton = original
+    if dtype == torch.bfloat16 and INTERPRETED:
+        torch.testing.assert_close(out, ref, rtol=2**-7, atol=0)
+    else:
+        assert torch.equal(out, ref)
+
+
+def test_large_m_dequantizes_once_then_multiplies(monkeypatch):
+    """From DEQUANT_MATMUL_MIN_M rows on: dequantize, then a plain matmul (cuBLAS on a GPU)."""
+    monkeypatch.setattr(triton_4bit, "DEQUANT_MATMUL_MIN_M", 8)
+    calls = []
+    original = triton_4bit.dequantize_4bit_triton
+    monkeypatch.setattr(triton_4bit, "dequantize_4bit_triton", lambda *a, **kw: calls.append(a) or original(*a, **kw))
+    layout, t = quantize_weight(torch.randn(24, 128) * 0.05, qpass.NF4Config(compute_dtype=torch.float16))
+    t = {name: None if v is None else v.to(DEVICE) for name, v in t.items()}
+    x, bias = _inputs(9, 24, 128, torch.float16)
+    op, args = layout.linear_call(x, t, bias)
+    _check(_4bit_call(layout, t, x, bias), x, layout, t, bias, _reference(op, args))
+    assert len(calls) == 1
