@@ -20,6 +20,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = DEVICE == "cpu"
 assert not INTERPRETED or os.environ.get("TRITON_INTERPRET") == "1", "conftest.py sets TRITON_INTERPRET=1 without a GPU"
 
+# Kernels run with their first config (``autotune=False``): every config of every kernel, tuned or not,
+# compiles in tests/test_compile_report.py, and on a GPU test_autotuned_launches below runs the
+# tuned ones; tuning each test shape would cost minutes of compilation on a lent GPU.
+#
 # Error of the kernel against the reference op on the same quantized weights. Both round operands to
 # the compute dtype and accumulate in float32, so on a GPU only summation order and the final rounding
 # differ (the GEMV does not round the weight at all: within one rounding per weight of the reference).
@@ -41,7 +45,7 @@ def _inputs(m, n, k, dtype, outlier_column=None):
     return x.to(dtype), torch.randn(n, device=DEVICE) * 0.1
 
 
-def _4bit_call(layout, t, x, bias, autotune=not INTERPRETED):
+def _4bit_call(layout, t, x, bias, autotune=False):
     c = layout.config
     return linear_4bit_triton(
         x, t["weight"], t["quant_map"], t["absmax"], t["nested_absmax"], t["nested_quant_map"], t["offset"], bias,
@@ -114,7 +118,7 @@ def test_int8_kernels(shape, dtype, outliers, has_bias):
     assert torch.equal(sca, sca_ref)
     if dtype != torch.bfloat16 or not INTERPRETED:  # the interpreter's bf16 loads may differ in the last bit
         assert torch.equal(ca, ca_ref)
-    out = linear_int8_triton(x, t["weight"], t["SCB"], bias, 6.0, dtype, autotune=not INTERPRETED)
+    out = linear_int8_triton(x, t["weight"], t["SCB"], bias, 6.0, dtype, autotune=False)
     op, args = layout.linear_call(x, t, bias)
     ref = _reference(op, args)
     assert out.dtype == dtype and not out.isnan().any()
@@ -137,9 +141,7 @@ def test_ops_dispatch_to_the_kernels(monkeypatch):
 
 
 def test_fuzz_random_shapes():
-    """Random shapes and options; many more on a GPU than under the interpreter. Each kernel's first
-    config, untuned (autotuning every random shape would take minutes of GPU time); the tuned configs
-    run on the fixed shapes above."""
+    """Random shapes and options; many more on a GPU than under the interpreter."""
     generator = torch.Generator().manual_seed(1234)
     trials = 6 if INTERPRETED else 200
     for _ in range(trials):
@@ -154,7 +156,7 @@ def test_fuzz_random_shapes():
         t = {name: None if v is None else v.to(DEVICE) for name, v in t.items()}
         x, bias = _inputs(m, n, k, dtype)
         op, args = layout.linear_call(x, t, bias)
-        _check(_4bit_call(layout, t, x, bias, autotune=False), x, layout, t, bias, _reference(op, args))
+        _check(_4bit_call(layout, t, x, bias), x, layout, t, bias, _reference(op, args))
         layout8, t8 = quantize_weight(torch.randn(n, k) * 0.05, qpass.Int8Config(compute_dtype=dtype))
         t8 = {name: v.to(DEVICE) for name, v in t8.items()}
         out = linear_int8_triton(x, t8["weight"], t8["SCB"], bias, 6.0, dtype, autotune=False)
@@ -237,7 +239,7 @@ def test_empty_batch(k):
     assert _4bit_call(layout, t, x, None).shape == (0, 8)
     layout8, t8 = quantize_weight(torch.randn(8, k) * 0.05, qpass.Int8Config(compute_dtype=torch.float16))
     t8 = {name: v.to(DEVICE) for name, v in t8.items()}
-    out8 = linear_int8_triton(x, t8["weight"], t8["SCB"], None, 6.0, torch.float16, autotune=not INTERPRETED)
+    out8 = linear_int8_triton(x, t8["weight"], t8["SCB"], None, 6.0, torch.float16, autotune=False)
     assert out8.shape == (0, 8)
 
 
@@ -249,7 +251,7 @@ def test_int8_gemm_split_k(outliers):
     layout, t = quantize_weight(torch.randn(n, k) * 0.05, qpass.Int8Config(compute_dtype=torch.float16))
     t = {name: v.to(DEVICE) for name, v in t.items()}
     x, bias = _inputs(m, n, k, torch.float16, outlier_column=700 if outliers else None)
-    out = linear_int8_triton(x, t["weight"], t["SCB"], bias, 6.0, torch.float16, autotune=not INTERPRETED)
+    out = linear_int8_triton(x, t["weight"], t["SCB"], bias, 6.0, torch.float16, autotune=False)
     op, args = layout.linear_call(x, t, bias)
     assert not out.isnan().any() and relative_error(out, _reference(op, args)) < VS_REFERENCE[torch.float16]
 
@@ -307,3 +309,21 @@ def test_large_m_dequantizes_once_then_multiplies(monkeypatch):
     op, args = layout.linear_call(x, t, bias)
     _check(_4bit_call(layout, t, x, bias), x, layout, t, bias, _reference(op, args))
     assert len(calls) == 1
+
+
+@pytest.mark.skipif(INTERPRETED, reason="autotuning times every config on a GPU")
+@pytest.mark.parametrize("m", [1, 3, 16, 100, 300, 1500])
+def test_autotuned_launches(m):
+    """The launches the ops make (autotuned) on a Llama-like K and both formats' paths."""
+    n, k = 384, 2048
+    for config in (qpass.NF4Config(compute_dtype=torch.bfloat16), qpass.Int8Config(compute_dtype=torch.bfloat16)):
+        layout, t = quantize_weight(torch.randn(n, k) * 0.05, config)
+        t = {name: None if v is None else v.to(DEVICE) for name, v in t.items()}
+        x, bias = _inputs(m, n, k, torch.bfloat16, outlier_column=5)
+        op, args = layout.linear_call(x, t, bias)
+        if isinstance(config, qpass.NF4Config):
+            out = _4bit_call(layout, t, x, bias, autotune=True)
+            _check(out, x, layout, t, bias, _reference(op, args))
+        else:
+            out = linear_int8_triton(x, t["weight"], t["SCB"], bias, 6.0, torch.bfloat16, autotune=True)
+            assert not out.isnan().any() and relative_error(out, _reference(op, args)) < VS_REFERENCE[torch.bfloat16]
