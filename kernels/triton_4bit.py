@@ -8,9 +8,10 @@ a multiple of BLOCKSIZE: every index is computed from e, so any K works.
 
 Numerics (the contract of ``reference_matmul``): the weight is dequantized in float32, rounded to the
 compute dtype, multiplied with ``x`` (in the compute dtype) accumulating in float32; bias is added in
-float32 and the result is rounded once. The GEMV is the one exception: it never materializes the
-weight, so it skips the weight's rounding (``scale * sum(code * x)`` in float32 per block), which is
-closer to the exact product and within one compute-dtype rounding per weight of the reference.
+float32 and the result is rounded once. Two paths scale after multiplying, so they round something
+else than the weight, within one compute-dtype rounding per weight of the reference either way: the
+GEMV never rounds (``scale * sum(code * x)`` in float32 per block), and GEMM tiles of at most 32 rows
+whose K step is one block round the code value, not the scaled weight.
 
 Three paths:
 
@@ -67,31 +68,53 @@ def _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, bl
 
 
 @triton.jit
-def _dequant_halves(
-    packed_ptr, code, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, rows, k0, N, K,
-    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """float32 (W[rows, k0::2], W[rows, k0 + 1::2]) over k0 : k0 + BLOCK_K, zero outside the matrix,
-    for K % BLOCKSIZE == 0 (no block crosses a row: every LLM layer).
+def _code_halves(packed_ptr, code, rows, k0, N, K, BLOCK_K: tl.constexpr):
+    """float32 code-book values (unscaled) of (W[rows, k0::2], W[rows, k0 + 1::2]) over k0 : k0 + BLOCK_K,
+    zero outside the matrix, for K % BLOCKSIZE == 0 (no block crosses a row: every LLM layer).
 
     The tile's bytes load contiguously; high nibbles (even k) and low nibbles (odd k) stay apart, so
     the caller multiplies them with the even and odd columns of x instead of interleaving them. The
-    lookup in the 16-value ``code`` is one ``tl.gather`` per half; each row loads one scale per block."""
+    lookup in the 16-value ``code`` is one ``tl.gather`` per half."""
     HALF: tl.constexpr = BLOCK_K // 2
-    BLOCKS: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_K >= BLOCKSIZE else 1
     BLOCK_N: tl.constexpr = rows.shape[0]
     byte_cols = k0 // 2 + tl.arange(0, HALF)
     inside_bytes = (rows[:, None] < N) & (byte_cols[None, :] < K // 2)
     byte = tl.load(packed_ptr + rows[:, None].to(tl.int64) * (K // 2) + byte_cols[None, :], mask=inside_bytes, other=0)
     byte = byte.to(tl.int32)
-    high = tl.reshape(tl.gather(code, tl.reshape(byte >> 4, (BLOCK_N * HALF,)), 0), (BLOCK_N, BLOCKS, HALF // BLOCKS))
-    low = tl.reshape(tl.gather(code, tl.reshape(byte & 0xF, (BLOCK_N * HALF,)), 0), (BLOCK_N, BLOCKS, HALF // BLOCKS))
+    high = tl.reshape(tl.gather(code, tl.reshape(byte >> 4, (BLOCK_N * HALF,)), 0), (BLOCK_N, HALF))
+    low = tl.reshape(tl.gather(code, tl.reshape(byte & 0xF, (BLOCK_N * HALF,)), 0), (BLOCK_N, HALF))
+    return high, low
+
+
+@triton.jit
+def _tile_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, rows, k0, N, K,
+                 BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """float32 scales [rows, blocks of k0 : k0 + BLOCK_K] for K % BLOCKSIZE == 0 (one per block a row
+    covers, at least one)."""
+    BLOCKS: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_K >= BLOCKSIZE else 1
     block_cols = k0 // BLOCKSIZE + tl.arange(0, BLOCKS)
     inside_blocks = (rows[:, None] < N) & (block_cols[None, :] < K // BLOCKSIZE)
     block = rows[:, None].to(tl.int64) * (K // BLOCKSIZE) + block_cols[None, :]
-    scale = _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block, inside_blocks,
-                          NESTED_BLOCKSIZE, DOUBLE_QUANT)[:, :, None]
-    return tl.reshape(high * scale, (BLOCK_N, HALF)), tl.reshape(low * scale, (BLOCK_N, HALF))
+    return _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block, inside_blocks,
+                         NESTED_BLOCKSIZE, DOUBLE_QUANT)
+
+
+@triton.jit
+def _dequant_halves(
+    packed_ptr, code, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, rows, k0, N, K,
+    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """float32 (W[rows, k0::2], W[rows, k0 + 1::2]): ``_code_halves`` times each block's scale."""
+    HALF: tl.constexpr = BLOCK_K // 2
+    BLOCKS: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_K >= BLOCKSIZE else 1
+    BLOCK_N: tl.constexpr = rows.shape[0]
+    high, low = _code_halves(packed_ptr, code, rows, k0, N, K, BLOCK_K)
+    scale = _tile_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, rows, k0, N, K,
+                         BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, BLOCK_K)[:, :, None]
+    high = tl.reshape(tl.reshape(high, (BLOCK_N, BLOCKS, HALF // BLOCKS)) * scale, (BLOCK_N, HALF))
+    low = tl.reshape(tl.reshape(low, (BLOCK_N, BLOCKS, HALF // BLOCKS)) * scale, (BLOCK_N, HALF))
+    return high, low
 
 
 @triton.jit
@@ -174,7 +197,12 @@ def _gemm_kernel(
     # BLOCK_M x BLOCK_N tile. With one split, out is the [M, N] result in the compute dtype; with
     # several, a float32 [splits, M, N] buffer of partial sums (bias added after their sum).
     # M_BUCKET (M rounded up to a power of two) only keys the autotuner.
+    #
+    # Short tiles whose K step is one quantization block multiply the rounded code values and scale
+    # the step's float32 sums once per output (BLOCK_M x BLOCK_N multiplies per step instead of one
+    # per weight): the weight's rounding is then the code's, an error of the same size.
     pid_m, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    SCALE_AFTER_DOT: tl.constexpr = BLOCK_K == BLOCKSIZE and BLOCK_M <= 32
     rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -184,7 +212,16 @@ def _gemm_kernel(
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rows_m[:, None] * stride_xm + cols[None, :],
                     mask=(rows_m[:, None] < M) & (cols[None, :] < K), other=0.0)
-        if ROW_ALIGNED:  # even and odd columns of x against the high and low nibbles
+        if ROW_ALIGNED and SCALE_AFTER_DOT:  # the step is one quantization block
+            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
+            c_even, c_odd = _code_halves(packed_ptr, code, rows_n, k0, N, K, BLOCK_K)
+            step = _dot(x_even, c_even.to(x_ptr.dtype.element_ty), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
+                        IEEE_DOT)
+            step = _dot(x_odd, c_odd.to(x_ptr.dtype.element_ty), step, IEEE_DOT)
+            scale = _tile_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, rows_n, k0, N, K,
+                                 BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, BLOCK_K)
+            acc += step * tl.reshape(scale, (1, BLOCK_N))
+        elif ROW_ALIGNED:  # even and odd columns of x against the high and low nibbles
             x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
             w_even, w_odd = _dequant_halves(packed_ptr, code, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
                                             offset_ptr, rows_n, k0, N, K, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT,
@@ -229,9 +266,9 @@ DEQUANT_CONFIG = triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4)
 
 def _gemm_configs():
     # Each compiles for sm_90 without register spills and within an H100 block's shared memory, at
-    # 7.2-11.9 main-loop instructions per weight (``benchmarks/compile_report.py``, checked by
+    # 5.7-11.9 main-loop instructions per weight (``benchmarks/compile_report.py``, checked by
     # ``tests/test_compile_report.py``). Single-warp tiles do the lookup by warp shuffle instead of
-    # shared memory (7.2-7.8): for small M, with split-K supplying the programs.
+    # shared memory (5.7-6.3): for small M, with split-K supplying the programs.
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=3)
         for bm, bn, bk, w in [
