@@ -1,6 +1,7 @@
 """Triton kernels of LLM.int8() with outlier decomposition (see ``reference_int8`` for the math).
 
-Three launches, all with static shapes and no host synchronization, so CUDA graphs capture them:
+Three launches (two at M = 1, where the row kernel also writes the mask), all with static shapes and
+no host synchronization, so CUDA graphs capture them:
 
 1. ``_outlier_columns_kernel``: ``mask[k] = any_m |x[m, k]| >= threshold`` (int32, atomic max).
 2. ``_quantize_rows_kernel``: one program per row: ``SCA[m] = max |x[m, k]|`` over entries below the
@@ -42,7 +43,9 @@ def _round_half_even(v):
 
 @triton.jit
 def _quantize_rows_kernel(x_ptr, mask_ptr, ca_ptr, sca_ptr, K, stride_xm, threshold,
-                          HAS_OUTLIERS: tl.constexpr, BLOCK_K: tl.constexpr):
+                          HAS_OUTLIERS: tl.constexpr, SINGLE_ROW: tl.constexpr, BLOCK_K: tl.constexpr):
+    # SINGLE_ROW (M = 1, decode): the outlier columns are this row's entries >= threshold, so the
+    # program writes the mask itself and the mask kernel (and its zero fill) is skipped.
     m = tl.program_id(0)
     absmax = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -58,7 +61,11 @@ def _quantize_rows_kernel(x_ptr, mask_ptr, ca_ptr, sca_ptr, K, stride_xm, thresh
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + m * stride_xm + cols, mask=cols < K, other=0.0).to(tl.float32)
         q = _round_half_even(x * scale)
-        if HAS_OUTLIERS:
+        if HAS_OUTLIERS and SINGLE_ROW:
+            outlier = tl.abs(x) >= threshold
+            tl.store(mask_ptr + cols, outlier.to(tl.int32), mask=cols < K)
+            q = tl.where(outlier, 0.0, q)
+        elif HAS_OUTLIERS:
             q = tl.where(tl.load(mask_ptr + cols, mask=cols < K, other=0) != 0, 0.0, q)
         tl.store(ca_ptr + m * K + cols, q.to(tl.int8), mask=cols < K)
 
@@ -128,16 +135,17 @@ _int8_gemm_tuned = triton.autotune(_gemm_configs(), key=["M_BUCKET", "N", "K", "
 def int8_vectorwise_quant_triton(x: torch.Tensor, threshold: float, launch=lambda kernel: kernel):
     """(CA int8 ``[m, k]``, SCA float32 ``[m]``, outlier column mask int32 ``[k]``) of a 2-D ``x``."""
     M, K = x.shape
-    mask = torch.zeros(K, device=x.device, dtype=torch.int32)
     has_outliers = threshold > 0
-    if has_outliers and M > 0:
+    single_row = M == 1 and has_outliers  # the row kernel writes the whole mask
+    mask = (torch.empty if single_row else torch.zeros)(K, device=x.device, dtype=torch.int32)
+    if has_outliers and M > 0 and not single_row:
         grid = (triton.cdiv(M, 32), triton.cdiv(K, 128))
         launch(_outlier_columns_kernel)[grid](x, mask, M, K, x.stride(0), threshold, BLOCK_M=32, BLOCK_K=128)
     ca = torch.empty((M, K), device=x.device, dtype=torch.int8)
     sca = torch.empty((M,), device=x.device, dtype=torch.float32)
     if M > 0:
         launch(_quantize_rows_kernel)[(M,)](x, mask, ca, sca, K, x.stride(0), threshold,
-                                            HAS_OUTLIERS=has_outliers, BLOCK_K=256)
+                                            HAS_OUTLIERS=has_outliers, SINGLE_ROW=single_row, BLOCK_K=256)
     return ca, sca, mask
 
 
