@@ -21,8 +21,8 @@ Three paths:
   split so that enough programs stream weights; each split writes float32 partial sums that one small
   reduction adds (deterministic, no atomics). Programs of the M rows of x for the same weight tile
   are adjacent in the grid, so the weight is read from DRAM once.
-* ``_gemm_kernel`` (everything else: prefill, training, and any K): BLOCK_M x BLOCK_N tiles; each K
-  step dequantizes a [BLOCK_N, BLOCK_K] weight tile in registers and feeds ``tl.dot`` (tensor cores).
+* ``_gemm_kernel`` (GEMV_MAX_M < M < DEQUANT_MATMUL_MIN_M, and M = 1 when the GEMV does not apply):
+  BLOCK_M x BLOCK_N tiles; each K step dequantizes a [BLOCK_N, BLOCK_K] weight tile in registers and feeds ``tl.dot`` (tensor cores).
   For whole blocks per row, the high and low nibbles stay in two half tiles that meet the even and
   odd columns of x in two dots (no interleave), and the lookup is a ``tl.gather`` (shared memory).
   For M <= GEMM_SPLIT_MAX_M the K range is split when the output tiles alone are too few programs
@@ -33,16 +33,15 @@ Three paths:
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .codebooks import DOUBLE_QUANT_BLOCKSIZE
+from .triton_common import dot, gemm_split, ieee_dot, m_bucket, prune_gemm_configs, sum_partials
 
 # The GEMV repeats its lookups for each row of x (M x ~5 instructions per weight), while the GEMM
-# dequantizes a weight tile once for up to 16 rows (~9 instructions per weight): by the compile
+# dequantizes a weight tile once for up to 16 rows (~6-7 instructions per weight): by the compile
 # report, the GEMV only wins at M = 1.
 GEMV_MAX_M = 1
 
@@ -136,15 +135,6 @@ def _dequant_tile(
 
 
 @triton.jit
-def _dot(x, w, acc, IEEE_DOT: tl.constexpr):
-    """acc + x @ w^T, operands in the compute dtype. IEEE_DOT: exact float32 products of the rounded
-    operands (float32 compute, or the interpreter)."""
-    if IEEE_DOT:
-        return tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
-    return tl.dot(x, tl.trans(w), acc)
-
-
-@triton.jit
 def _gemv_kernel(
     x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, partial_ptr,
     N, K, BLOCKS_PER_SPLIT, stride_xm,
@@ -215,9 +205,9 @@ def _gemm_kernel(
         if ROW_ALIGNED and SCALE_AFTER_DOT:  # the step is one quantization block
             x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
             c_even, c_odd = _code_halves(packed_ptr, code, rows_n, k0, N, K, BLOCK_K)
-            step = _dot(x_even, c_even.to(x_ptr.dtype.element_ty), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
+            step = dot(x_even, c_even.to(x_ptr.dtype.element_ty), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
                         IEEE_DOT)
-            step = _dot(x_odd, c_odd.to(x_ptr.dtype.element_ty), step, IEEE_DOT)
+            step = dot(x_odd, c_odd.to(x_ptr.dtype.element_ty), step, IEEE_DOT)
             scale = _tile_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, rows_n, k0, N, K,
                                  BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, BLOCK_K)
             acc += step * tl.reshape(scale, (1, BLOCK_N))
@@ -226,12 +216,12 @@ def _gemm_kernel(
             w_even, w_odd = _dequant_halves(packed_ptr, code, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
                                             offset_ptr, rows_n, k0, N, K, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT,
                                             BLOCK_K)
-            acc = _dot(x_even, w_even.to(x_ptr.dtype.element_ty), acc, IEEE_DOT)
-            acc = _dot(x_odd, w_odd.to(x_ptr.dtype.element_ty), acc, IEEE_DOT)
+            acc = dot(x_even, w_even.to(x_ptr.dtype.element_ty), acc, IEEE_DOT)
+            acc = dot(x_odd, w_odd.to(x_ptr.dtype.element_ty), acc, IEEE_DOT)
         else:
             w = _dequant_tile(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
                               rows_n, k0, N, K, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, BLOCK_K)
-            acc = _dot(x, w.to(x_ptr.dtype.element_ty), acc, IEEE_DOT)
+            acc = dot(x, w.to(x_ptr.dtype.element_ty), acc, IEEE_DOT)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows_n, mask=rows_n < N, other=0.0).to(x_ptr.dtype.element_ty).to(tl.float32)
     tl.store(out_ptr + (split * M + rows_m[:, None]) * stride_om + rows_n[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -278,34 +268,10 @@ def _gemm_configs():
     ]
 
 
-def prune_gemm_configs(configs, named_args, **kwargs):
-    """Tiles no taller than M (rounded up to a power of two, at least 16): fewer configs to time. All
-    of them for a symbolic M (pruning would guard on it)."""
-    if not isinstance(named_args["M_BUCKET"], int):
-        return configs
-    m_bucket = max(named_args["M_BUCKET"], 16)
-    return [c for c in configs if c.kwargs["BLOCK_M"] <= m_bucket]
-
-
 def _gemv_configs():
     # Single-warp programs: tl.gather lowers to warp shuffles only when the table and the indices live
     # in one warp (more warps go through shared memory with a barrier per lookup).
     return [triton.Config({"BLOCK_N": bn}, num_warps=1) for bn in (32, 64, 128, 256)]
-
-
-def ieee_dot(compute_dtype: torch.dtype) -> bool:
-    """Whether ``tl.dot`` must take float32 operands with IEEE products: for float32 compute (Triton
-    would use tf32 otherwise), and under ``TRITON_INTERPRET=1``, whose bf16 ``tl.dot`` is unusable."""
-    return compute_dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _m_bucket(m: int) -> int:
-    """M rounded up to a power of two: the autotuners tune per bucket, not per M. A symbolic M (torch.compile
-    with dynamic shapes) stays symbolic: Inductor tunes such a launch itself, once per graph, and a
-    bucket would guard on M, recompiling for every power of two."""
-    if isinstance(m, torch.SymInt):
-        return m
-    return 1 << max(m - 1, 0).bit_length()
 
 
 # Autotuned variants for real GPUs; the interpreter (TRITON_INTERPRET=1) uses the plain kernels with
@@ -318,37 +284,6 @@ _gemv_tuned = triton.autotune(_gemv_configs(), key=["N", "K", "BLOCKS_PER_SPLIT"
 # 32 such programs on each of its 132 SMs) when rows alone do not make enough of them.
 GEMV_TARGET_PROGRAMS = 2048
 GEMV_ROWS_PER_PROGRAM = 128  # the typical tuned BLOCK_N, used only to size the split
-
-
-# Split-K of the GEMM for small M (at most GEMM_SPLIT_MAX_M rows: one or two row tiles), where the
-# output tiles alone leave SMs idle or too few warps per SM to hide latency: aim at 512 programs per
-# 128 output columns' tiles (about 4 four-warp programs per SM on an H100), in K slices of whole
-# 128-column steps (a multiple of every BLOCK_K), at least 512 columns each.
-GEMM_SPLIT_MAX_M = 128
-GEMM_TARGET_PROGRAMS = 512
-GEMM_SPLIT_STEP = 128
-
-
-def gemm_split(m: int, out_features: int, in_features: int) -> tuple[int, int]:
-    """(number of K splits, columns per split) of the GEMM for M rows of x and a weight shape. Depends
-    on M only through M <= GEMM_SPLIT_MAX_M, so a symbolic M (torch.compile with dynamic shapes)
-    guards once."""
-    if m == 0 or m > GEMM_SPLIT_MAX_M:
-        return 1, in_features
-    split = max(1, min(in_features // 512, triton.cdiv(GEMM_TARGET_PROGRAMS, triton.cdiv(out_features, 128))))
-    if split == 1:
-        return 1, in_features
-    per_split = triton.cdiv(triton.cdiv(in_features, split), GEMM_SPLIT_STEP) * GEMM_SPLIT_STEP
-    return triton.cdiv(in_features, per_split), per_split
-
-
-def sum_partials(partial: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype) -> torch.Tensor:
-    """float32 partial sums [splits, M, N] -> [M, N] in compute_dtype, bias added in float32 (in a fixed
-    order: deterministic, no atomics). Under torch.compile, Inductor fuses this with its neighbours."""
-    out = partial.sum(0)
-    if bias is not None:
-        out = out + bias.to(compute_dtype).float()
-    return out.to(compute_dtype)
 
 
 def gemv_applies(m: int, in_features: int, blocksize: int, packed: torch.Tensor) -> bool:
@@ -426,7 +361,7 @@ def linear_4bit_triton(
         out = torch.empty((M, N), device=x.device, dtype=compute_dtype)
     bias_arg = bias if bias is not None else out
     gemm_statics = dict(HAS_BIAS=bias is not None and split == 1, IEEE_DOT=ieee_dot(compute_dtype))
-    args = (x, packed, code, absmax, *dq, bias_arg, out, M, N, K, x.stride(0), N, _m_bucket(M), k_per_split)
+    args = (x, packed, code, absmax, *dq, bias_arg, out, M, N, K, x.stride(0), N, m_bucket(M), k_per_split)
     if autotune:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), split)  # noqa: E731
         launch(_gemm_tuned)[grid](*args, **statics, **gemm_statics)

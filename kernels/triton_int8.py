@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .reference_int8 import INT8_DEQUANT, INT8_SCALE_PRODUCT
-from .triton_4bit import _dot, _m_bucket, gemm_split, ieee_dot, prune_gemm_configs, sum_partials
+from .triton_common import dot, gemm_split, ieee_dot, m_bucket, prune_gemm_configs, sum_partials
 
 
 @triton.jit
@@ -108,7 +108,7 @@ def _int8_gemm_kernel(
                 b = tl.load(cb_ptr + rows_n[:, None] * K + cols[None, :],
                             mask=(rows_n[:, None] < N) & (cols[None, :] < K), other=0)
                 w = (b.to(tl.float32) * scb[:, None] * dequant).to(x_ptr.dtype.element_ty)
-                result = _dot(x, w, result, IEEE_DOT)
+                result = dot(x, w, result, IEEE_DOT)
     if HAS_BIAS:
         result += tl.load(bias_ptr + rows_n, mask=rows_n < N, other=0.0).to(x_ptr.dtype.element_ty).to(tl.float32)
     tl.store(out_ptr + (split * M + rows_m[:, None]) * stride_om + rows_n[None, :], result.to(out_ptr.dtype.element_ty),
@@ -166,7 +166,7 @@ def linear_int8_triton(
     else:
         out = torch.empty((M, N), device=x.device, dtype=compute_dtype)
     args = (ca, cb, sca, scb, x, mask, bias if bias is not None else out, out,
-            M, N, K, x.stride(0), N, _m_bucket(M), k_per_split, INT8_SCALE_PRODUCT, INT8_DEQUANT)
+            M, N, K, x.stride(0), N, m_bucket(M), k_per_split, INT8_SCALE_PRODUCT, INT8_DEQUANT)
     statics = dict(HAS_OUTLIERS=threshold > 0, HAS_BIAS=bias is not None and split == 1,
                    IEEE_DOT=ieee_dot(compute_dtype))
     if autotune:

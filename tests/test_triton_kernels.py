@@ -9,9 +9,8 @@ import torch
 import qpass
 from qpass.formats import quantize_weight
 from qpass.kernels import ops, triton_4bit
-from qpass.kernels.triton_4bit import (
-    GEMV_MAX_M, dequantize_4bit_triton, gemm_split, gemv_applies, linear_4bit_triton,
-)
+from qpass.kernels.triton_4bit import GEMV_MAX_M, dequantize_4bit_triton, gemv_applies, linear_4bit_triton
+from qpass.kernels.triton_common import gemm_split
 from qpass.kernels.triton_int8 import int8_vectorwise_quant_triton, linear_int8_triton
 
 from models import relative_error
@@ -260,7 +259,8 @@ def test_int8_gemm_split_k(outliers):
 def test_launch_parameters_take_a_symbolic_m():
     """Under torch.compile with dynamic shapes the op bodies see M as a SymInt: picking the kernel,
     the split and the autotune bucket must not specialize on M (one guard, M <= 128, at most)."""
-    from qpass.kernels.triton_4bit import _gemm_configs, _m_bucket, prune_gemm_configs
+    from qpass.kernels.triton_4bit import _gemm_configs
+    from qpass.kernels.triton_common import m_bucket, prune_gemm_configs
     from torch._dynamo.source import ConstantSource
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 
@@ -269,7 +269,7 @@ def test_launch_parameters_take_a_symbolic_m():
                               hint=24, source=ConstantSource("M"))
     assert not gemv_applies(m, 4096, 64, torch.empty(8, dtype=torch.uint8))
     assert gemm_split(m, 4096, 4096) == (8, 512)
-    assert _m_bucket(m) is m and _m_bucket(24) == 32
+    assert m_bucket(m) is m and m_bucket(24) == 32
     assert len(prune_gemm_configs(_gemm_configs(), {"M_BUCKET": m})) == len(_gemm_configs())
     assert [str(guard.expr) for guard in env.guards] == [f"{m.node.expr} <= 128"]
 

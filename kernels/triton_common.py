@@ -1,0 +1,74 @@
+"""What the Triton GEMMs share (4-bit and int8): the dot in the compute dtype, the autotune bucket of
+M and config pruning by it, and split-K for small M with its deterministic reduction."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def dot(x, w, acc, IEEE_DOT: tl.constexpr):
+    """acc + x @ w^T, operands in the compute dtype. IEEE_DOT: exact float32 products of the rounded
+    operands (float32 compute, or the interpreter)."""
+    if IEEE_DOT:
+        return tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+    return tl.dot(x, tl.trans(w), acc)
+
+
+def ieee_dot(compute_dtype: torch.dtype) -> bool:
+    """Whether ``tl.dot`` must take float32 operands with IEEE products: for float32 compute (Triton
+    would use tf32 otherwise), and under ``TRITON_INTERPRET=1``, whose bf16 ``tl.dot`` is unusable."""
+    return compute_dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def m_bucket(m: int) -> int:
+    """M rounded up to a power of two: the autotuners tune per bucket, not per M. A symbolic M (torch.compile
+    with dynamic shapes) stays symbolic: Inductor tunes such a launch itself, once per graph, and a
+    bucket would guard on M, recompiling for every power of two."""
+    if isinstance(m, torch.SymInt):
+        return m
+    return 1 << max(m - 1, 0).bit_length()
+
+
+def prune_gemm_configs(configs, named_args, **kwargs):
+    """Tiles no taller than M (rounded up to a power of two, at least 16): fewer configs to time. All
+    of them for a symbolic M (pruning would guard on it)."""
+    if not isinstance(named_args["M_BUCKET"], int):
+        return configs
+    m_bucket = max(named_args["M_BUCKET"], 16)
+    return [c for c in configs if c.kwargs["BLOCK_M"] <= m_bucket]
+
+
+# Split-K of the GEMM for small M (at most GEMM_SPLIT_MAX_M rows: one or two row tiles), where the
+# output tiles alone leave SMs idle or too few warps per SM to hide latency: aim at 512 programs per
+# 128 output columns' tiles (about 4 four-warp programs per SM on an H100), in K slices of whole
+# 128-column steps (a multiple of every BLOCK_K), at least 512 columns each.
+GEMM_SPLIT_MAX_M = 128
+GEMM_TARGET_PROGRAMS = 512
+GEMM_SPLIT_STEP = 128
+
+
+def gemm_split(m: int, out_features: int, in_features: int) -> tuple[int, int]:
+    """(number of K splits, columns per split) of the GEMM for M rows of x and a weight shape. Depends
+    on M only through M <= GEMM_SPLIT_MAX_M, so a symbolic M (torch.compile with dynamic shapes)
+    guards once."""
+    if m == 0 or m > GEMM_SPLIT_MAX_M:
+        return 1, in_features
+    split = max(1, min(in_features // 512, triton.cdiv(GEMM_TARGET_PROGRAMS, triton.cdiv(out_features, 128))))
+    if split == 1:
+        return 1, in_features
+    per_split = triton.cdiv(triton.cdiv(in_features, split), GEMM_SPLIT_STEP) * GEMM_SPLIT_STEP
+    return triton.cdiv(in_features, per_split), per_split
+
+
+def sum_partials(partial: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype) -> torch.Tensor:
+    """float32 partial sums [splits, M, N] -> [M, N] in compute_dtype, bias added in float32 (in a fixed
+    order: deterministic, no atomics). Under torch.compile, Inductor fuses this with its neighbours."""
+    out = partial.sum(0)
+    if bias is not None:
+        out = out + bias.to(compute_dtype).float()
+    return out.to(compute_dtype)
