@@ -23,8 +23,9 @@ Three paths:
   are adjacent in the grid, so the weight is read from DRAM once.
 * ``_gemm_kernel`` (GEMV_MAX_M < M < DEQUANT_MATMUL_MIN_M, and M = 1 when the GEMV does not apply):
   BLOCK_M x BLOCK_N tiles; each K step dequantizes a [BLOCK_N, BLOCK_K] weight tile in registers
-  and feeds ``tl.dot`` (tensor cores). For whole blocks per row, the high and low nibbles stay in two half tiles that meet the even and
-  odd columns of x in two dots (no interleave), and the lookup is a ``tl.gather`` (shared memory).
+  and feeds ``tl.dot`` (tensor cores). For whole blocks per row, the high and low nibbles stay in
+  two half tiles that meet the even and odd columns of x in two dots (no interleave), and the lookup
+  is a ``tl.gather`` (shared memory; warp shuffles in single-warp tiles).
   For M <= GEMM_SPLIT_MAX_M the K range is split when the output tiles alone are too few programs
   for the GPU; the splits' float32 sums are added as in the GEMV.
 * M >= DEQUANT_MATMUL_MIN_M: ``_dequant_kernel`` writes the weight in the compute dtype once (also the
