@@ -148,8 +148,8 @@ def _gemv_kernel(
     # code-book lookup: tl.gather from the 16-entry table, which a one-warp program lowers to one
     # warp shuffle per weight (no memory access). The packed bytes are read as int64 qwords (8-byte
     # aligned: see gemv_applies): 16 codes each, byte i (little-endian) holding elements 2i (high
-    # nibble) and 2i + 1. Each weight costs one
-    # shuffle, one FMA and about two integer ops; the scale multiplies the block's dot product once.
+    # nibble) and 2i + 1. Each weight costs one shuffle, one FMA and about two integer ops; the scale
+    # multiplies the block's dot product once.
     m, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     QWORDS_PER_BLOCK: tl.constexpr = BLOCKSIZE // 16
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -303,6 +303,14 @@ def gemv_split(out_features: int, in_features: int, blocksize: int) -> tuple[int
     return triton.cdiv(blocks_per_row, blocks_per_split), blocks_per_split
 
 
+def _kernel_operands(packed, absmax, nested_absmax, nested_code, offset):
+    """The packed codes as flat bytes (whatever their quant_storage view), and the three double
+    quantization pointers (absmax stands in for them, unused, without double quantization)."""
+    packed = packed.reshape(-1).view(torch.uint8) if packed.dtype != torch.uint8 else packed.reshape(-1)
+    nested = (nested_absmax, nested_code, offset) if nested_absmax is not None else (absmax, absmax, absmax)
+    return packed, nested
+
+
 def dequantize_4bit_triton(
     packed: torch.Tensor, quant_map: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
     nested_code: torch.Tensor | None, offset: torch.Tensor | None, out_features: int, in_features: int,
@@ -310,9 +318,8 @@ def dequantize_4bit_triton(
 ) -> torch.Tensor:
     """The weight ``[out_features, in_features]`` in ``dtype``, bit for bit the reference's."""
     N, K = out_features, in_features
-    packed = packed.reshape(-1).view(torch.uint8) if packed.dtype != torch.uint8 else packed.reshape(-1)
+    packed, dq = _kernel_operands(packed, absmax, nested_absmax, nested_code, offset)
     double_quant = nested_absmax is not None
-    dq = (nested_absmax, nested_code, offset) if double_quant else (absmax, absmax, absmax)  # unused pointers
     out = torch.empty((N, K), device=packed.device, dtype=dtype)
     grid = (triton.cdiv(N, DEQUANT_CONFIG.kwargs["BLOCK_N"]), triton.cdiv(K, DEQUANT_CONFIG.kwargs["BLOCK_K"]))
     launch(_dequant_kernel)[grid](
@@ -332,20 +339,18 @@ def linear_4bit_triton(
     launch (``torch.library.wrap_triton`` inside a ``triton_op``)."""
     x = x.to(compute_dtype).contiguous()
     M, K, N = x.shape[0], in_features, out_features
-    packed = packed.reshape(-1).view(torch.uint8) if packed.dtype != torch.uint8 else packed.reshape(-1)
+    packed, dq = _kernel_operands(packed, absmax, nested_absmax, nested_code, offset)
     double_quant = nested_absmax is not None
-    code = quant_map
-    dq = (nested_absmax, nested_code, offset) if double_quant else (absmax, absmax, absmax)  # unused pointers
     statics = dict(BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=DOUBLE_QUANT_BLOCKSIZE, DOUBLE_QUANT=double_quant,
                    ROW_ALIGNED=K % blocksize == 0)
     if M >= DEQUANT_MATMUL_MIN_M:
-        weight = dequantize_4bit_triton(packed, code, absmax, nested_absmax, nested_code, offset, N, K, blocksize,
-                                        compute_dtype, launch)
+        weight = dequantize_4bit_triton(packed, quant_map, absmax, nested_absmax, nested_code, offset, N, K,
+                                        blocksize, compute_dtype, launch)
         return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(compute_dtype))
     if gemv_applies(M, K, blocksize, packed):
         split, blocks_per_split = gemv_split(N, K, blocksize)
         partial = torch.empty((split, M, N), device=x.device, dtype=torch.float32)
-        args = (x, packed, code, absmax, *dq, partial, N, K, blocks_per_split, x.stride(0))
+        args = (x, packed, quant_map, absmax, *dq, partial, N, K, blocks_per_split, x.stride(0))
         gemv_statics = dict(BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=DOUBLE_QUANT_BLOCKSIZE, DOUBLE_QUANT=double_quant)
         if autotune:
             grid = lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]), split)  # noqa: E731
@@ -362,7 +367,7 @@ def linear_4bit_triton(
         out = torch.empty((M, N), device=x.device, dtype=compute_dtype)
     bias_arg = bias if bias is not None else out
     gemm_statics = dict(HAS_BIAS=bias is not None and split == 1, IEEE_DOT=ieee_dot(compute_dtype))
-    args = (x, packed, code, absmax, *dq, bias_arg, out, M, N, K, x.stride(0), N, m_bucket(M), k_per_split)
+    args = (x, packed, quant_map, absmax, *dq, bias_arg, out, M, N, K, x.stride(0), N, m_bucket(M), k_per_split)
     if autotune:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), split)  # noqa: E731
         launch(_gemm_tuned)[grid](*args, **statics, **gemm_statics)
