@@ -80,7 +80,7 @@ def _int8_gemm_kernel(
     # Two K loops, so that one accumulator tile is live at a time (two would halve the tile that fits
     # in registers): the int8 loop into int32, scaled into float32 once, then the outlier loop adds
     # into that float32 tile, visiting only K tiles that hold an outlier column.
-    # With several K splits (small M, see triton_4bit.gemm_split), each writes float32 partial sums to
+    # With several K splits (small M, see triton_common.gemm_split), each writes float32 partial sums to
     # out[split] and the bias comes after their sum. M_BUCKET (M rounded up to a power of two) only
     # keys the autotuner.
     pid_m, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
