@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from .codebooks import DOUBLE_QUANT_BLOCKSIZE
-from .triton_common import dot, gemm_split, ieee_dot, m_bucket, prune_gemm_configs, sum_partials
+from .triton_common import dot, gemm_split, ieee_dot, m_bucket, prune_gemm_configs, split_evenly, sum_partials
 
 # The GEMV repeats its lookups for each row of x (M x ~5 instructions per weight), while the GEMM
 # dequantizes a weight tile once for up to 16 rows (~6-7 instructions per weight): by the compile
@@ -297,10 +297,8 @@ def gemv_applies(m: int, in_features: int, blocksize: int, packed: torch.Tensor)
 def gemv_split(out_features: int, in_features: int, blocksize: int) -> tuple[int, int]:
     """(number of K splits, quantization blocks per split) of the GEMV for a weight shape."""
     blocks_per_row = in_features // blocksize
-    row_tiles = triton.cdiv(out_features, GEMV_ROWS_PER_PROGRAM)
-    split = max(1, min(max(blocks_per_row // 2, 1), triton.cdiv(GEMV_TARGET_PROGRAMS, row_tiles)))
-    blocks_per_split = triton.cdiv(blocks_per_row, split)
-    return triton.cdiv(blocks_per_row, blocks_per_split), blocks_per_split
+    wanted = triton.cdiv(GEMV_TARGET_PROGRAMS, triton.cdiv(out_features, GEMV_ROWS_PER_PROGRAM))
+    return split_evenly(blocks_per_row, wanted, most=blocks_per_row // 2)
 
 
 def _kernel_operands(packed, absmax, nested_absmax, nested_code, offset):
@@ -351,7 +349,7 @@ def linear_4bit_triton(
         split, blocks_per_split = gemv_split(N, K, blocksize)
         partial = torch.empty((split, M, N), device=x.device, dtype=torch.float32)
         args = (x, packed, quant_map, absmax, *dq, partial, N, K, blocks_per_split, x.stride(0))
-        gemv_statics = dict(BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=DOUBLE_QUANT_BLOCKSIZE, DOUBLE_QUANT=double_quant)
+        gemv_statics = {name: value for name, value in statics.items() if name != "ROW_ALIGNED"}
         if autotune:
             grid = lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]), split)  # noqa: E731
             launch(_gemv_tuned)[grid](*args, **gemv_statics)

@@ -52,17 +52,24 @@ GEMM_TARGET_PROGRAMS = 512
 GEMM_SPLIT_STEP = 128
 
 
+def split_evenly(length: int, wanted: int, most: int, step: int = 1) -> tuple[int, int]:
+    """(number of splits, length per split) cutting ``length`` into about ``wanted`` (at most ``most``,
+    at least one) slices of a whole number of ``step``s; the last slice may be shorter."""
+    splits = max(1, min(most, wanted))
+    if splits == 1:
+        return 1, length
+    per_split = triton.cdiv(triton.cdiv(length, splits), step) * step
+    return triton.cdiv(length, per_split), per_split
+
+
 def gemm_split(m: int, out_features: int, in_features: int) -> tuple[int, int]:
     """(number of K splits, columns per split) of the GEMM for M rows of x and a weight shape. Depends
     on M only through M <= GEMM_SPLIT_MAX_M, so a symbolic M (torch.compile with dynamic shapes)
     guards once."""
     if m == 0 or m > GEMM_SPLIT_MAX_M:
         return 1, in_features
-    split = max(1, min(in_features // 512, triton.cdiv(GEMM_TARGET_PROGRAMS, triton.cdiv(out_features, 128))))
-    if split == 1:
-        return 1, in_features
-    per_split = triton.cdiv(triton.cdiv(in_features, split), GEMM_SPLIT_STEP) * GEMM_SPLIT_STEP
-    return triton.cdiv(in_features, per_split), per_split
+    wanted = triton.cdiv(GEMM_TARGET_PROGRAMS, triton.cdiv(out_features, 128))
+    return split_evenly(in_features, wanted, most=in_features // 512, step=GEMM_SPLIT_STEP)
 
 
 def sum_partials(partial: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype) -> torch.Tensor:
