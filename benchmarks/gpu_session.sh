@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What a lent GPU machine is for, in calls that each fit its 10-minute limit (device time is scarce):
 #
-#   bash benchmarks/gpu_session.sh tests                      # CUDA kernel tests + compile report
+#   bash benchmarks/gpu_session.sh tests [pytest arguments]   # CUDA kernel, op and compile tests
+#   bash benchmarks/gpu_session.sh report                     # static SASS counts of every config
 #   bash benchmarks/gpu_session.sh bench --part layers --shapes 4096x4096,11008x4096 --tag a
 #   bash benchmarks/gpu_session.sh bench --part layers --shapes 4096x11008,28672x8192 --tag b
 #   bash benchmarks/gpu_session.sh bench --part e2e --e2e-variants bf16,"qpass nf4" --tag c
@@ -23,9 +24,11 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 case "$step" in
   tests)
-    python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_ops.py tests/test_compile.py 2>&1 | tee "$OUT/tests.log"
+    # -P: the checkout's qpass/ (no kernels/ inside; pyproject maps them) must not shadow the installed one
+    python3 -P -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_ops.py tests/test_compile.py "$@" 2>&1 | tee "$OUT/tests.log" ;;
+  report)
     python3 benchmarks/compile_report.py --json "$OUT/compile_report.json" 2>&1 | tee "$OUT/compile_report.log" ;;
   bench)
     python3 benchmarks/quantized_linears.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" ;;
-  *) echo "unknown step $step: tests or bench" >&2; exit 2 ;;
+  *) echo "unknown step $step: tests, report or bench" >&2; exit 2 ;;
 esac

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from .codebooks import DOUBLE_QUANT_BLOCKSIZE
-from .triton_common import dot, gemm_split, ieee_dot, m_bucket, prune_gemm_configs, split_evenly, sum_partials
+from .triton_common import dot, gemm_split, ieee_dot, m_bucket, mul_rn, prune_gemm_configs, split_evenly, sum_partials
 
 # The GEMV repeats its lookups for each row of x (M x ~5 instructions per weight), while the GEMM
 # dequantizes a weight tile once for up to 16 rows (~6-7 instructions per weight): by the compile
@@ -59,9 +59,9 @@ def _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, bl
     """float32 scale of each block index in ``block`` (any shape)."""
     if DOUBLE_QUANT:
         q = tl.load(absmax_ptr + block, mask=inside, other=0).to(tl.int32)
-        scale = tl.load(nested_code_ptr + q, mask=inside, other=0.0) * tl.load(
-            nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=inside, other=0.0
-        ) + tl.load(offset_ptr)
+        # product rounded before the offset is added, as the reference does (no FMA)
+        scale = mul_rn(tl.load(nested_code_ptr + q, mask=inside, other=0.0),
+                       tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=inside, other=0.0)) + tl.load(offset_ptr)
     else:
         scale = tl.load(absmax_ptr + block, mask=inside, other=0.0)
     return tl.where(inside, scale, 0.0)

@@ -1,5 +1,6 @@
-"""What the Triton GEMMs share (4-bit and int8): the dot in the compute dtype, the autotune bucket of
-M and config pruning by it, and split-K for small M with its deterministic reduction."""
+"""What the Triton kernels share (4-bit and int8): the dot in the compute dtype, a product that is
+never fused into an add, the autotune bucket of M and config pruning by it, and split-K for small M
+with its deterministic reduction."""
 
 from __future__ import annotations
 
@@ -8,6 +9,24 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+
+# Whether kernels run in Triton's NumPy interpreter (TRITON_INTERPRET=1), read when this module loads,
+# as Triton itself reads it. A global constexpr, so Inductor's copy of a kernel keeps it.
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@triton.jit
+def mul_rn(a, b):
+    """float32 ``a * b`` rounded to nearest on its own. Triton lets the compiler fuse a product into a
+    following add (one FMA, one rounding), which the reference's separate PyTorch kernels never do: a
+    product the reference rounds before adding must go through here to match it bit for bit. PTX's
+    ``mul.rn`` is never contracted; NumPy (the interpreter) never fuses."""
+    if INTERPRETED:
+        return a * b
+    else:
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
+                                         is_pure=True, pack=1)
 
 
 @triton.jit

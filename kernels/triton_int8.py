@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .reference_int8 import INT8_DEQUANT, INT8_SCALE_PRODUCT
-from .triton_common import dot, gemm_split, ieee_dot, m_bucket, prune_gemm_configs, sum_partials
+from .triton_common import dot, gemm_split, ieee_dot, m_bucket, mul_rn, prune_gemm_configs, sum_partials
 
 
 @triton.jit
@@ -35,10 +35,12 @@ def _outlier_columns_kernel(x_ptr, mask_ptr, M, K, stride_xm, threshold,
 
 @triton.jit
 def _round_half_even(v):
-    r = tl.floor(v + 0.5)
-    tie = (r - v) == 0.5
+    """``torch.round`` of float32 ``v`` (|v| < 2**23): no rounding step of its own (``floor(v + 0.5)``
+    would round v + 0.5 first, and a compiler may fuse that add into v's product)."""
+    r = tl.floor(v)
+    below = v - r  # exact
     odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
-    return tl.where(tie & odd, r - 1.0, r)
+    return tl.where((below > 0.5) | ((below == 0.5) & odd), r + 1.0, r)
 
 
 @triton.jit
@@ -56,11 +58,11 @@ def _quantize_rows_kernel(x_ptr, mask_ptr, ca_ptr, sca_ptr, K, stride_xm, thresh
         absmax = tl.maximum(absmax, a)
     row_absmax = tl.max(absmax, axis=0)
     tl.store(sca_ptr + m, row_absmax)
-    scale = 127.0 / tl.where(row_absmax > 0, row_absmax, 1.0)
+    scale = tl.div_rn(127.0, tl.where(row_absmax > 0, row_absmax, 1.0))  # IEEE division, as torch's
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + m * stride_xm + cols, mask=cols < K, other=0.0).to(tl.float32)
-        q = _round_half_even(x * scale)
+        q = _round_half_even(mul_rn(x, scale))
         if HAS_OUTLIERS and SINGLE_ROW:
             outlier = tl.abs(x) >= threshold
             tl.store(mask_ptr + cols, outlier.to(tl.int32), mask=cols < K)
