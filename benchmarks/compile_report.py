@@ -73,7 +73,7 @@ def kernel_cases():
     for config in triton_4bit._gemv_configs():
         consts = {**gemv_consts, **config.kwargs}
         yield (f"4bit gemv {config.kwargs}", triton_4bit._gemv_kernel, _signature(triton_4bit._gemv_kernel, gemv_types),
-               consts, config.num_warps, config.num_stages, config.kwargs["BLOCK_N"] * consts["BLOCKSIZE"])
+               consts, config.num_warps, config.num_stages, config.kwargs["BLOCK_N"] * config.kwargs["PARTS"] * 16)
     gemm_types = {**FOURBIT_POINTERS, "bias_ptr": _ptr("bf16"), "out_ptr": _ptr("bf16"), "M": "i32", "N": "i32", "K": "i32",
                   "stride_xm": "i32", "stride_om": "i32", "M_BUCKET": "i32", "K_PER_SPLIT": "i32"}
     for config in triton_4bit._gemm_configs():
@@ -87,9 +87,10 @@ def kernel_cases():
            config.num_stages, config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_K"])
     int8_types = {"ca_ptr": _ptr("i8"), "cb_ptr": _ptr("i8"), "sca_ptr": _ptr("fp32"), "scb_ptr": _ptr("fp32"), "x_ptr": _ptr("bf16"),
                   "mask_ptr": _ptr("i32"), "bias_ptr": _ptr("bf16"), "out_ptr": _ptr("bf16"), "M": "i32", "N": "i32", "K": "i32",
-                  "stride_xm": "i32", "stride_om": "i32", "M_BUCKET": "i32", "K_PER_SPLIT": "i32", "scale_product": "fp32", "dequant": "fp32"}
+                  "stride_xm": "i32", "stride_om": "i32", "M_BUCKET": "i32", "K_PER_SPLIT": "i32"}
     for config in triton_int8._gemm_configs():
-        consts = {"HAS_OUTLIERS": True, "HAS_BIAS": True, "IEEE_DOT": False, **config.kwargs}
+        consts = {"HAS_OUTLIERS": True, "HAS_BIAS": True, "IEEE_DOT": False, "scale_product": triton_int8.INT8_SCALE_PRODUCT,
+                  "dequant": triton_int8.INT8_DEQUANT, **config.kwargs}
         yield (f"int8 gemm {config.kwargs}", triton_int8._int8_gemm_kernel, _signature(triton_int8._int8_gemm_kernel, int8_types),
                consts, config.num_warps, config.num_stages, config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_K"])
 

@@ -15,9 +15,10 @@ whose K step is one block round the code value, not the scaled weight.
 
 Three paths:
 
-* ``_gemv_kernel`` (decode: M <= GEMV_MAX_M, K a multiple of BLOCKSIZE): single-warp programs, one
-  weight row per lane, reading the packed codes as int64 (16 codes); the code-book lookup is a
-  ``tl.gather`` that lowers to one warp shuffle per weight. No tensor cores at M=1. The K range is
+* ``_gemv_kernel`` (decode: M <= GEMV_MAX_M, K a multiple of BLOCKSIZE): single-warp programs, PARTS
+  neighbouring lanes per weight row, each reading the packed codes as int64 words (16 codes) so that
+  a warp's load covers whole 32-byte runs of a row; the code-book lookup is a ``tl.gather`` that
+  lowers to one warp shuffle per weight. No tensor cores at M=1. The K range is
   split so that enough programs stream weights; each split writes float32 partial sums that one small
   reduction adds (deterministic, no atomics). Programs of the M rows of x for the same weight tile
   are adjacent in the grid, so the weight is read from DRAM once.
@@ -60,8 +61,8 @@ def _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, bl
     if DOUBLE_QUANT:
         q = tl.load(absmax_ptr + block, mask=inside, other=0).to(tl.int32)
         # product rounded before the offset is added, as the reference does (no FMA)
-        scale = mul_rn(tl.load(nested_code_ptr + q, mask=inside, other=0.0),
-                       tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=inside, other=0.0)) + tl.load(offset_ptr)
+        nested_scale = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=inside, other=0.0)
+        scale = mul_rn(tl.load(nested_code_ptr + q, mask=inside, other=0.0), nested_scale) + tl.load(offset_ptr)
     else:
         scale = tl.load(absmax_ptr + block, mask=inside, other=0.0)
     return tl.where(inside, scale, 0.0)
@@ -140,41 +141,49 @@ def _gemv_kernel(
     x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, partial_ptr,
     N, K, BLOCKS_PER_SPLIT, stride_xm,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCK_N: tl.constexpr,
+    PARTS: tl.constexpr,
 ):
-    # partial[split, m, n] = sum over this split's quantization blocks b of
-    #     scale[n, b] * sum_{k in b} x[m, k] * code[n, k]
+    # partial[split, m, n] = sum over this split's part of row n of
+    #     scale[n, block(k)] * x[m, k] * code[n, k]
     #
-    # One row of W per lane (BLOCK_N rows per single-warp program), so nothing crosses lanes but the
-    # code-book lookup: tl.gather from the 16-entry table, which a one-warp program lowers to one
-    # warp shuffle per weight (no memory access). The packed bytes are read as int64 qwords (8-byte
-    # aligned: see gemv_applies): 16 codes each, byte i (little-endian) holding elements 2i (high
-    # nibble) and 2i + 1. Each weight costs one shuffle, one FMA and about two integer ops; the scale
-    # multiplies the block's dot product once.
+    # Single-warp programs over BLOCK_N rows; PARTS neighbouring lanes share a row, each reading one
+    # int64 qword (16 codes; 8-byte aligned, see gemv_applies) per step, so a warp-wide load covers
+    # whole 32-byte runs of 32 / PARTS rows. Byte i of a qword (little-endian) holds elements 2i (high
+    # nibble) and 2i + 1. The code-book lookup is a tl.gather from the 16-entry table, which a one-warp
+    # program lowers to one warp shuffle per weight. A lane's part is the same in all its registers, so
+    # its x loads are shared by all its rows. A qword lies inside one quantization block: its float32
+    # dot is scaled once; each row's PARTS lanes are summed at the end.
     m, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    QWORDS_PER_BLOCK: tl.constexpr = BLOCKSIZE // 16
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    inside = rows < N
-    blocks_per_row = K // BLOCKSIZE
-    row_qwords = packed_ptr.to(tl.pointer_type(tl.int64)) + rows.to(tl.int64) * (K // 16)
-    row_blocks = rows.to(tl.int64) * blocks_per_row
+    lane = tl.arange(0, BLOCK_N * PARTS)
+    rows = pid_n * BLOCK_N + lane // PARTS
+    part = lane % PARTS
+    inside_rows = rows < N
+    qwords = packed_ptr.to(tl.pointer_type(tl.int64)) + rows.to(tl.int64) * (K // 16) + part
+    row_blocks = rows.to(tl.int64) * (K // BLOCKSIZE)
     code = tl.load(code_ptr + tl.arange(0, 16))
     x_row = x_ptr + m * stride_xm
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    first = split * BLOCKS_PER_SPLIT
-    for b in range(first, tl.minimum(first + BLOCKS_PER_SPLIT, blocks_per_row)):
-        block_dot = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for j in tl.static_range(QWORDS_PER_BLOCK):
-            qword = tl.load(row_qwords + b * QWORDS_PER_BLOCK + j, mask=inside, other=0)
-            for i in tl.static_range(8):
-                k = b * BLOCKSIZE + j * 16 + 2 * i
-                byte = (qword >> (8 * i)).to(tl.int32)
-                block_dot += tl.gather(code, (byte >> 4) & 0xF, 0) * tl.load(x_row + k).to(tl.float32)
-                block_dot += tl.gather(code, byte & 0xF, 0) * tl.load(x_row + k + 1).to(tl.float32)
-        scale = _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, row_blocks + b, inside,
-                              NESTED_BLOCKSIZE, DOUBLE_QUANT)
-        acc += block_dot * scale
+    k_first = split * BLOCKS_PER_SPLIT * BLOCKSIZE
+    k_last = tl.minimum(k_first + BLOCKS_PER_SPLIT * BLOCKSIZE, K)
+    acc = tl.zeros((BLOCK_N * PARTS,), dtype=tl.float32)
+    for k0 in range(k_first, k_last, 16 * PARTS):
+        k = k0 + 16 * part  # first element of the lane's qword
+        live = k < k_last
+        inside = inside_rows & live
+        qword = tl.load(qwords + k0 // 16, mask=inside, other=0)
+        qword_dot = tl.zeros((BLOCK_N * PARTS,), dtype=tl.float32)
+        for i in tl.static_range(8):
+            byte = (qword >> (8 * i)).to(tl.int32)
+            x_high = tl.load(x_row + k + 2 * i, mask=live, other=0.0).to(tl.float32)
+            x_low = tl.load(x_row + k + 2 * i + 1, mask=live, other=0.0).to(tl.float32)
+            qword_dot += tl.gather(code, (byte >> 4) & 0xF, 0) * x_high
+            qword_dot += tl.gather(code, byte & 0xF, 0) * x_low
+        scale = _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, row_blocks + k // BLOCKSIZE,
+                              inside, NESTED_BLOCKSIZE, DOUBLE_QUANT)
+        acc += qword_dot * scale
+    out_rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     M = tl.num_programs(0)
-    tl.store(partial_ptr + (split * M + m) * N + rows, acc, mask=inside)
+    tl.store(partial_ptr + (split * M + m) * N + out_rows, tl.sum(tl.reshape(acc, (BLOCK_N, PARTS)), axis=1),
+             mask=out_rows < N)
 
 
 @triton.jit
@@ -271,8 +280,12 @@ def _gemm_configs():
 
 def _gemv_configs():
     # Single-warp programs: tl.gather lowers to warp shuffles only when the table and the indices live
-    # in one warp (more warps go through shared memory with a barrier per lookup).
-    return [triton.Config({"BLOCK_N": bn}, num_warps=1) for bn in (32, 64, 128, 256)]
+    # in one warp (more warps go through shared memory with a barrier per lookup). PARTS lanes share a
+    # row (PARTS * 8 contiguous bytes per step). Few rows per program and many programs measured
+    # fastest on an H100 (benchmarks/results/h100/gemv_layouts.json: 28672x8192 105 us at 16 rows,
+    # 138 us at 64).
+    return [triton.Config({"BLOCK_N": bn, "PARTS": parts}, num_warps=1)
+            for bn, parts in [(16, 4), (8, 4), (8, 8), (16, 8), (32, 4)]]
 
 
 # Autotuned variants for real GPUs; the interpreter (TRITON_INTERPRET=1) uses the plain kernels with
@@ -281,10 +294,11 @@ _gemm_tuned = triton.autotune(_gemm_configs(), key=["M_BUCKET", "N", "K", "K_PER
                               prune_configs_by={"early_config_prune": prune_gemm_configs})(_gemm_kernel)
 _gemv_tuned = triton.autotune(_gemv_configs(), key=["N", "K", "BLOCKS_PER_SPLIT"], cache_results=True)(_gemv_kernel)
 
-# Split-K of the GEMV: enough single-warp programs to keep every SM streaming weights (an H100 holds
-# 32 such programs on each of its 132 SMs) when rows alone do not make enough of them.
-GEMV_TARGET_PROGRAMS = 2048
-GEMV_ROWS_PER_PROGRAM = 128  # the typical tuned BLOCK_N, used only to size the split
+# Split-K of the GEMV: enough programs to keep every SM streaming weights (an H100 holds 32 one-warp
+# programs on each of its 132 SMs) when rows alone do not make enough of them.
+GEMV_TARGET_PROGRAMS = 16384  # measured: 28672x8192 fastest at 16 splits of 1792 programs, 4096x4096 at 8-16 of 256
+GEMV_ROWS_PER_PROGRAM = 16  # the typical tuned BLOCK_N, used only to size the split
+GEMV_MIN_BLOCKS_PER_SPLIT = 8  # 4096x4096: 8 and 16 splits (8 and 4 blocks each) equally fast
 
 
 def gemv_applies(m: int, in_features: int, blocksize: int, packed: torch.Tensor) -> bool:
@@ -298,7 +312,7 @@ def gemv_split(out_features: int, in_features: int, blocksize: int) -> tuple[int
     """(number of K splits, quantization blocks per split) of the GEMV for a weight shape."""
     blocks_per_row = in_features // blocksize
     wanted = triton.cdiv(GEMV_TARGET_PROGRAMS, triton.cdiv(out_features, GEMV_ROWS_PER_PROGRAM))
-    return split_evenly(blocks_per_row, wanted, most=blocks_per_row // 2)
+    return split_evenly(blocks_per_row, wanted, most=blocks_per_row // GEMV_MIN_BLOCKS_PER_SPLIT)
 
 
 def _kernel_operands(packed, absmax, nested_absmax, nested_code, offset):

@@ -35,8 +35,8 @@ def _outlier_columns_kernel(x_ptr, mask_ptr, M, K, stride_xm, threshold,
 
 @triton.jit
 def _round_half_even(v):
-    """``torch.round`` of float32 ``v`` (|v| < 2**23): no rounding step of its own (``floor(v + 0.5)``
-    would round v + 0.5 first, and a compiler may fuse that add into v's product)."""
+    """``torch.round`` of float32 ``v`` (|v| < 2**23), ties to even. Nothing is added to ``v`` itself
+    (``floor(v + 0.5)`` would invite the compiler to fuse that add into v's product as an FMA)."""
     r = tl.floor(v)
     below = v - r  # exact
     odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
@@ -58,7 +58,8 @@ def _quantize_rows_kernel(x_ptr, mask_ptr, ca_ptr, sca_ptr, K, stride_xm, thresh
         absmax = tl.maximum(absmax, a)
     row_absmax = tl.max(absmax, axis=0)
     tl.store(sca_ptr + m, row_absmax)
-    scale = tl.div_rn(127.0, tl.where(row_absmax > 0, row_absmax, 1.0))  # IEEE division, as torch's
+    # torch evaluates the reference's ``127.0 / absmax`` as ``absmax.reciprocal() * 127``: two roundings
+    scale = mul_rn(tl.div_rn(1.0, tl.where(row_absmax > 0, row_absmax, 1.0)), 127.0)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + m * stride_xm + cols, mask=cols < K, other=0.0).to(tl.float32)
@@ -75,7 +76,9 @@ def _quantize_rows_kernel(x_ptr, mask_ptr, ca_ptr, sca_ptr, K, stride_xm, thresh
 @triton.jit
 def _int8_gemm_kernel(
     ca_ptr, cb_ptr, sca_ptr, scb_ptr, x_ptr, mask_ptr, bias_ptr, out_ptr,
-    M, N, K, stride_xm, stride_om, M_BUCKET, K_PER_SPLIT, scale_product, dequant,
+    # scale_product and dequant are constants (1 / 127² and 1 / 127) and compile-time: Inductor would
+    # pass Python floats as float64 runtime arguments
+    M, N, K, stride_xm, stride_om, M_BUCKET, K_PER_SPLIT, scale_product: tl.constexpr, dequant: tl.constexpr,
     HAS_OUTLIERS: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -120,11 +123,11 @@ def _int8_gemm_kernel(
 def _gemm_configs():
     # Spill-free on sm_90 with the outlier loop compiled in, at 0.9-1.8 main-loop instructions per
     # weight (``benchmarks/compile_report.py``): with one accumulator live at a time, 128 x 256 x 64 tiles fit
-    # (128 x 256 x 128 spills 40 bytes).
+    # (128 x 256 x 128 spills 40 bytes, 64 x 128 x 128 with four warps 16).
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=3)
         for bm, bn, bk, w in [
-            (16, 64, 64, 4), (16, 128, 128, 4), (16, 256, 128, 8), (64, 128, 128, 4), (64, 256, 128, 8),
+            (16, 64, 64, 4), (16, 128, 128, 4), (16, 256, 128, 8), (64, 128, 128, 8), (64, 256, 128, 8),
             (128, 128, 128, 8), (128, 256, 64, 8),
         ]
     ]

@@ -5,13 +5,15 @@ import os
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import qpass
 from qpass.formats import quantize_weight
 from qpass.kernels import ops, triton_4bit
 from qpass.kernels.triton_4bit import GEMV_MAX_M, dequantize_4bit_triton, gemv_applies, linear_4bit_triton
 from qpass.kernels.triton_common import gemm_split
-from qpass.kernels.triton_int8 import int8_vectorwise_quant_triton, linear_int8_triton
+from qpass.kernels.triton_int8 import _round_half_even, int8_vectorwise_quant_triton, linear_int8_triton
 
 from models import relative_error
 
@@ -170,11 +172,11 @@ def test_both_4bit_kernels_are_exercised():
     assert any(not gemv_applies(m, k, 64, packed) for m, _, k in SHAPES)
 
 
-@pytest.mark.parametrize("blocksize", [32, 64, 128, 256])
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 256, 512, 1024])
 @pytest.mark.parametrize("m", [1, 2, 5, 20])
 def test_4bit_block_sizes_on_both_kernels(blocksize, m):
-    """GEMV (M <= GEMV_MAX_M) and GEMM half-tile paths for every block size: qwords per block, blocks
-    per tile."""
+    """GEMV (M <= GEMV_MAX_M) and GEMM half-tile paths for every block size: blocks per GEMV step (one
+    qword or several blocks) and per GEMM tile."""
     n, k = 24, 2 * blocksize
     config = qpass.NF4Config(blocksize=blocksize, compute_dtype=torch.float16)
     layout, t = quantize_weight(torch.randn(n, k) * 0.05, config)
@@ -204,10 +206,11 @@ def test_4bit_unaligned_packed_storage_takes_the_gemm():
     shifted = torch.empty(t["weight"].numel() + 1, dtype=torch.uint8, device=DEVICE)
     shifted[1:] = t["weight"].reshape(-1)
     t_shifted = {**t, "weight": shifted[1:].reshape(t["weight"].shape)}
-    x, bias = _inputs(1, 16, 128, torch.float32)
     assert not gemv_applies(1, 128, 64, t_shifted["weight"]) and gemv_applies(1, 128, 64, t["weight"])
-    op, args = layout.linear_call(x, t, bias)
-    _check(_4bit_call(layout, t_shifted, x, bias), x, layout, t, bias, _reference(op, args))
+    for m in (1, 3):
+        x, bias = _inputs(m, 16, 128, torch.float32)
+        op, args = layout.linear_call(x, t, bias)
+        _check(_4bit_call(layout, t_shifted, x, bias), x, layout, t, bias, _reference(op, args))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
@@ -330,3 +333,19 @@ def test_autotuned_launches(m):
         else:
             out = linear_int8_triton(x, t["weight"], t["SCB"], bias, 6.0, torch.bfloat16, autotune=True)
             assert not out.isnan().any() and relative_error(out, _reference(op, args)) < VS_REFERENCE[torch.bfloat16]
+
+
+@triton.jit
+def _round_kernel(v_ptr, out_ptr, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    tl.store(out_ptr + i, _round_half_even(tl.load(v_ptr + i)))
+
+
+def test_round_half_even_matches_torch_round():
+    """The int8 kernels' rounding against torch.round: ties to even, and the floats next to ties."""
+    below_half = torch.nextafter(torch.tensor(0.5), torch.tensor(0.0)).item()
+    v = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, below_half, -below_half, 1.4999999, 126.5, 127.0, -126.5,
+                      0.0, -0.0, 3.7, -3.7], device=DEVICE)
+    out = torch.empty_like(v)
+    _round_kernel[(1,)](v, out, BLOCK=v.numel())
+    assert torch.equal(out, torch.round(v))
