@@ -42,7 +42,7 @@ import triton.language as tl
 from .codebooks import DOUBLE_QUANT_BLOCKSIZE
 from .triton_common import dot, gemm_split, ieee_dot, m_bucket, mul_rn, prune_gemm_configs, split_evenly, sum_partials
 
-# The GEMV repeats its lookups for each row of x (M x ~5 instructions per weight), while the GEMM
+# The GEMV repeats its lookups for each row of x (M x ~9 instructions per weight), while the GEMM
 # dequantizes a weight tile once for up to 16 rows (~6-7 instructions per weight): by the compile
 # report, the GEMV only wins at M = 1.
 GEMV_MAX_M = 1
@@ -150,9 +150,10 @@ def _gemv_kernel(
     # int64 qword (16 codes; 8-byte aligned, see gemv_applies) per step, so a warp-wide load covers
     # whole 32-byte runs of 32 / PARTS rows. Byte i of a qword (little-endian) holds elements 2i (high
     # nibble) and 2i + 1. The code-book lookup is a tl.gather from the 16-entry table, which a one-warp
-    # program lowers to one warp shuffle per weight. A lane's part is the same in all its registers, so
-    # its x loads are shared by all its rows. A qword lies inside one quantization block: its float32
-    # dot is scaled once; each row's PARTS lanes are summed at the end.
+    # program lowers to one warp shuffle per weight. x is loaded for every element (the compiler does not
+    # see that a lane's part is the same in all its registers): the next thing to remove. A qword lies
+    # inside one quantization block: its float32 dot is scaled once; each row's PARTS lanes are summed
+    # at the end.
     m, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     lane = tl.arange(0, BLOCK_N * PARTS)
     rows = pid_n * BLOCK_N + lane // PARTS
