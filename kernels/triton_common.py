@@ -41,7 +41,7 @@ def dot(x, w, acc, IEEE_DOT: tl.constexpr):
 def ieee_dot(compute_dtype: torch.dtype) -> bool:
     """Whether ``tl.dot`` must take float32 operands with IEEE products: for float32 compute (Triton
     would use tf32 otherwise), and under ``TRITON_INTERPRET=1``, whose bf16 ``tl.dot`` is unusable."""
-    return compute_dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+    return compute_dtype == torch.float32 or INTERPRETED.value
 
 
 def m_bucket(m: int) -> int:
