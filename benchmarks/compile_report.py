@@ -73,7 +73,7 @@ def kernel_cases():
     for config in triton_4bit._gemv_configs():
         consts = {**gemv_consts, **config.kwargs}
         yield (f"4bit gemv {config.kwargs}", triton_4bit._gemv_kernel, _signature(triton_4bit._gemv_kernel, gemv_types),
-               consts, config.num_warps, config.num_stages, config.kwargs["BLOCK_N"] * config.kwargs["PARTS"] * 16)
+               consts, config.num_warps, config.num_stages, config.kwargs["BLOCK_N"] * config.kwargs["PARTS"] * 32)
     gemm_types = {**FOURBIT_POINTERS, "bias_ptr": _ptr("bf16"), "out_ptr": _ptr("bf16"), "M": "i32", "N": "i32", "K": "i32",
                   "stride_xm": "i32", "stride_om": "i32", "M_BUCKET": "i32", "K_PER_SPLIT": "i32"}
     for config in triton_4bit._gemm_configs():

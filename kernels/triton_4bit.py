@@ -16,9 +16,10 @@ whose K step is one block round the code value, not the scaled weight.
 Three paths:
 
 * ``_gemv_kernel`` (decode: M <= GEMV_MAX_M, K a multiple of BLOCKSIZE): single-warp programs, PARTS
-  neighbouring lanes per weight row, each reading the packed codes as int64 words (16 codes) so that
-  a warp's load covers whole 32-byte runs of a row; the code-book lookup is a ``tl.gather`` that
-  lowers to one warp shuffle per weight. No tensor cores at M=1. The K range is
+  neighbouring lanes per weight row, each reading 32 packed codes per step as two int64 words (one
+  16-byte load) so that a warp's load covers whole 32-byte runs of a row; x is read as int64 words
+  too and unpacked in registers; the code-book lookup is a ``tl.gather`` that lowers to one warp
+  shuffle per weight. No tensor cores at M=1. The K range is
   split so that enough programs stream weights; each split writes float32 partial sums that one small
   reduction adds (deterministic, no atomics). Programs of the M rows of x for the same weight tile
   are adjacent in the grid, so the weight is read from DRAM once.
@@ -42,7 +43,7 @@ import triton.language as tl
 from .codebooks import DOUBLE_QUANT_BLOCKSIZE
 from .triton_common import dot, gemm_split, ieee_dot, m_bucket, mul_rn, prune_gemm_configs, split_evenly, sum_partials
 
-# The GEMV repeats its lookups for each row of x (M x ~9 instructions per weight), while the GEMM
+# The GEMV repeats its lookups for each row of x (M x ~6.3 instructions per weight), while the GEMM
 # dequantizes a weight tile once for up to 16 rows (~6-7 instructions per weight): by the compile
 # report, the GEMV only wins at M = 1.
 GEMV_MAX_M = 1
@@ -137,6 +138,37 @@ def _dequant_tile(
 
 
 @triton.jit
+def _x_element(word, p, X_DTYPE: tl.constexpr):
+    """float32 value of x element p of a little-endian int64 ``word`` of x elements (in X_DTYPE)."""
+    if X_DTYPE == tl.float32:
+        return (word >> (32 * p)).to(tl.int32).to(tl.float32, bitcast=True)
+    elif X_DTYPE == tl.bfloat16:  # a bfloat16 is the top half of a float32
+        half = (word >> (32 * (p // 2))).to(tl.int32)
+        if p % 2 == 0:
+            return (half << 16).to(tl.float32, bitcast=True)
+        else:
+            return (half & -65536).to(tl.float32, bitcast=True)
+    else:
+        return (word >> (16 * p)).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _qword_dot(qword, x_words, live, code, X_DTYPE: tl.constexpr):
+    """float32 sum over the 16 codes of int64 ``qword`` of code-book value times x, with x's 16
+    elements read as int64 words from ``x_words`` (its first element's word). Byte i of the qword
+    (little-endian) holds elements 2i (high nibble) and 2i + 1."""
+    X_PER_WORD: tl.constexpr = 64 // X_DTYPE.primitive_bitwidth
+    dot = tl.zeros(qword.shape, dtype=tl.float32)
+    for w in tl.static_range(16 // X_PER_WORD):
+        x_word = tl.load(x_words + w, mask=live, other=0)
+        for p in tl.static_range(X_PER_WORD):
+            j = w * X_PER_WORD + p
+            nibble = (qword >> (8 * (j // 2) + 4 * (1 - j % 2))).to(tl.int32) & 0xF
+            dot += tl.gather(code, nibble, 0) * _x_element(x_word, p, X_DTYPE)
+    return dot
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, partial_ptr,
     N, K, BLOCKS_PER_SPLIT, stride_xm,
@@ -146,41 +178,39 @@ def _gemv_kernel(
     # partial[split, m, n] = sum over this split's part of row n of
     #     scale[n, block(k)] * x[m, k] * code[n, k]
     #
-    # Single-warp programs over BLOCK_N rows; PARTS neighbouring lanes share a row, each reading one
-    # int64 qword (16 codes; 8-byte aligned, see gemv_applies) per step, so a warp-wide load covers
-    # whole 32-byte runs of 32 / PARTS rows. Byte i of a qword (little-endian) holds elements 2i (high
-    # nibble) and 2i + 1. The code-book lookup is a tl.gather from the 16-entry table, which a one-warp
-    # program lowers to one warp shuffle per weight. x is loaded for every element (the compiler does not
-    # see that a lane's part is the same in all its registers): the next thing to remove. A qword lies
-    # inside one quantization block: its float32 dot is scaled once; each row's PARTS lanes are summed
-    # at the end.
+    # Single-warp programs over BLOCK_N rows; PARTS neighbouring lanes share a row, each reading 32
+    # codes (16 bytes, as two int64 qwords; 16-byte aligned rows, see gemv_applies) per step, so a warp-wide
+    # load covers whole 32-byte runs of 32 / PARTS rows. The lane reads the matching 32 x elements as int64
+    # words too and unpacks them in registers. The code-book lookup is a tl.gather from the 16-entry
+    # table, which a one-warp program lowers to one warp shuffle per weight. A lane's 32 codes lie inside
+    # one quantization block (BLOCKSIZE >= 32): their float32 dot is scaled once; each row's PARTS lanes
+    # are summed at the end.
+    X_PER_WORD: tl.constexpr = 64 // x_ptr.dtype.element_ty.primitive_bitwidth
     m, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     lane = tl.arange(0, BLOCK_N * PARTS)
     rows = pid_n * BLOCK_N + lane // PARTS
     part = lane % PARTS
     inside_rows = rows < N
-    qwords = packed_ptr.to(tl.pointer_type(tl.int64)) + rows.to(tl.int64) * (K // 16) + part
-    row_blocks = rows.to(tl.int64) * (K // BLOCKSIZE)
+    qwords = packed_ptr.to(tl.pointer_type(tl.int64)) + rows.to(tl.int64) * (K // 32 * 2) + 2 * part  # 16-byte aligned
+    row_blocks = rows.to(tl.uint64) * (K // BLOCKSIZE)  # unsigned: block // NESTED_BLOCKSIZE is a shift
     code = tl.load(code_ptr + tl.arange(0, 16))
-    x_row = x_ptr + m * stride_xm
+    x_words = (x_ptr + m * stride_xm).to(tl.pointer_type(tl.int64))
     k_first = split * BLOCKS_PER_SPLIT * BLOCKSIZE
     k_last = tl.minimum(k_first + BLOCKS_PER_SPLIT * BLOCKSIZE, K)
     acc = tl.zeros((BLOCK_N * PARTS,), dtype=tl.float32)
-    for k0 in range(k_first, k_last, 16 * PARTS):
-        k = k0 + 16 * part  # first element of the lane's qword
+    for k0 in range(k_first, k_last, 32 * PARTS):
+        k = k0 + 32 * part  # first element of the lane's 32
         live = k < k_last
         inside = inside_rows & live
-        qword = tl.load(qwords + k0 // 16, mask=inside, other=0)
-        qword_dot = tl.zeros((BLOCK_N * PARTS,), dtype=tl.float32)
-        for i in tl.static_range(8):
-            byte = (qword >> (8 * i)).to(tl.int32)
-            x_high = tl.load(x_row + k + 2 * i, mask=live, other=0.0).to(tl.float32)
-            x_low = tl.load(x_row + k + 2 * i + 1, mask=live, other=0.0).to(tl.float32)
-            qword_dot += tl.gather(code, (byte >> 4) & 0xF, 0) * x_high
-            qword_dot += tl.gather(code, byte & 0xF, 0) * x_low
-        scale = _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, row_blocks + k // BLOCKSIZE,
-                              inside, NESTED_BLOCKSIZE, DOUBLE_QUANT)
-        acc += qword_dot * scale
+        pair = tl.load(qwords[:, None] + (k0 // 32 * 2 + tl.arange(0, 2))[None, :], mask=inside[:, None], other=0)
+        first, second = tl.split(pair)
+        lane_x = x_words + k // X_PER_WORD
+        lane_dot = _qword_dot(first, lane_x, live, code, x_ptr.dtype.element_ty)
+        lane_dot += _qword_dot(second, lane_x + 16 // X_PER_WORD, live, code, x_ptr.dtype.element_ty)
+        block = row_blocks + (k.to(tl.uint32) // BLOCKSIZE).to(tl.uint64)
+        scale = _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block, inside,
+                              NESTED_BLOCKSIZE, DOUBLE_QUANT)
+        acc += lane_dot * scale
     out_rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     M = tl.num_programs(0)
     tl.store(partial_ptr + (split * M + m) * N + out_rows, tl.sum(tl.reshape(acc, (BLOCK_N, PARTS)), axis=1),
@@ -282,9 +312,9 @@ def _gemm_configs():
 def _gemv_configs():
     # Single-warp programs: tl.gather lowers to warp shuffles only when the table and the indices live
     # in one warp (more warps go through shared memory with a barrier per lookup). PARTS lanes share a
-    # row (PARTS * 8 contiguous bytes per step). Few rows per program and many programs measured
-    # fastest on an H100 (benchmarks/results/h100/gemv_layouts.json: 28672x8192 105 us at 16 rows,
-    # 138 us at 64).
+    # row (PARTS * 16 contiguous bytes per step). Few rows per program and many programs measured
+    # fastest on an H100 with the previous GEMV, 8 bytes per lane and step
+    # (benchmarks/results/h100/gemv_layouts.json: 28672x8192 105 us at 16 rows, 138 us at 64).
     return [triton.Config({"BLOCK_N": bn, "PARTS": parts}, num_warps=1)
             for bn, parts in [(16, 4), (8, 4), (8, 8), (16, 8), (32, 4)]]
 
@@ -304,9 +334,10 @@ GEMV_MIN_BLOCKS_PER_SPLIT = 8  # 4096x4096: 8 and 16 splits (8 and 4 blocks each
 
 def gemv_applies(m: int, in_features: int, blocksize: int, packed: torch.Tensor) -> bool:
     """Whether the GEMV kernel runs: few rows of x, whole quantization blocks per weight row (every
-    LLM layer), blocks of whole 16-code qwords, and packed bytes that can be read as int64."""
-    return (m <= GEMV_MAX_M and in_features % blocksize == 0 and blocksize % 16 == 0
-            and packed.storage_offset() * packed.element_size() % 8 == 0)
+    LLM layer), blocks of whole 32-code lane steps, and packed bytes that can be read 16 at a time
+    (16-byte aligned; torch allocations are, views at an offset may not be)."""
+    return (m <= GEMV_MAX_M and in_features % blocksize == 0 and blocksize % 32 == 0
+            and packed.storage_offset() * packed.element_size() % 16 == 0)
 
 
 def gemv_split(out_features: int, in_features: int, blocksize: int) -> tuple[int, int]:
@@ -361,6 +392,8 @@ def linear_4bit_triton(
                                         blocksize, compute_dtype, launch)
         return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(compute_dtype))
     if gemv_applies(M, K, blocksize, packed):
+        if x.storage_offset() * x.element_size() % 8:  # the kernel reads x as int64 words
+            x = x.clone()
         split, blocks_per_split = gemv_split(N, K, blocksize)
         partial = torch.empty((split, M, N), device=x.device, dtype=torch.float32)
         args = (x, packed, quant_map, absmax, *dq, partial, N, K, blocks_per_split, x.stride(0))

@@ -213,6 +213,20 @@ def test_4bit_unaligned_packed_storage_takes_the_gemm():
         _check(_4bit_call(layout, t_shifted, x, bias), x, layout, t, bias, _reference(op, args))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_4bit_gemv_reads_x_at_any_offset(dtype):
+    """The GEMV reads x as int64 words: a row of x that starts off an 8-byte boundary (a view into a
+    larger buffer) is copied first. A GPU faults on a misaligned int64 load; the interpreter reads one
+    correctly, so on CPU this checks only that the copy gives the same result."""
+    layout, t = quantize_weight(torch.randn(16, 128) * 0.05, qpass.NF4Config(compute_dtype=dtype))
+    t = {name: None if v is None else v.to(DEVICE) for name, v in t.items()}
+    buffer, bias = _inputs(1, 16, 129, dtype)
+    x = buffer[:, 1:]  # storage offset of one element: 2 or 4 bytes
+    assert gemv_applies(1, 128, 64, t["weight"]) and x.storage_offset() * x.element_size() % 8
+    op, args = layout.linear_call(x, t, bias)
+    _check(_4bit_call(layout, t, x, bias), x, layout, t, bias, _reference(op, args))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("spec", ["nf4", "int8"])
 def test_cuda_graphs_capture_the_compiled_layers(spec):
