@@ -18,8 +18,8 @@ Three paths:
 * ``_gemv_kernel`` (decode: M <= GEMV_MAX_M, K a multiple of BLOCKSIZE): single-warp programs, PARTS
   neighbouring lanes per weight row, each reading 32 packed codes per step as two int64 words (one
   16-byte load) so that a warp's load covers whole 32-byte runs of a row; x is read as int64 words
-  too and unpacked in registers; the code-book lookup is a ``tl.gather`` that lowers to one warp
-  shuffle per weight. No tensor cores at M=1. The K range is
+  too, unpacked in registers, once per thread for all the rows it holds; the code-book lookup is a
+  ``tl.gather`` that lowers to one warp shuffle per weight. No tensor cores at M=1. The K range is
   split so that enough programs stream weights; each split writes float32 partial sums that one small
   reduction adds (deterministic, no atomics). Programs of the M rows of x for the same weight tile
   are adjacent in the grid, so the weight is read from DRAM once.
@@ -43,7 +43,7 @@ import triton.language as tl
 from .codebooks import DOUBLE_QUANT_BLOCKSIZE
 from .triton_common import dot, gemm_split, ieee_dot, m_bucket, mul_rn, prune_gemm_configs, split_evenly, sum_partials
 
-# The GEMV repeats its lookups for each row of x (M x ~6.3 instructions per weight), while the GEMM
+# The GEMV repeats its lookups for each row of x (M x 5-6.6 instructions per weight), while the GEMM
 # dequantizes a weight tile once for up to 16 rows (~6-7 instructions per weight): by the compile
 # report, the GEMV only wins at M = 1.
 GEMV_MAX_M = 1
@@ -154,9 +154,10 @@ def _x_element(word, p, X_DTYPE: tl.constexpr):
 
 @triton.jit
 def _qword_dot(qword, x_words, live, code, X_DTYPE: tl.constexpr):
-    """float32 sum over the 16 codes of int64 ``qword`` of code-book value times x, with x's 16
-    elements read as int64 words from ``x_words`` (its first element's word). Byte i of the qword
-    (little-endian) holds elements 2i (high nibble) and 2i + 1."""
+    """float32 sums over the 16 codes of each int64 ``qword`` ([GROUPS, ROWS, PARTS]) of code-book value
+    times x, with x's 16 elements read as int64 words from ``x_words`` ([PARTS], the first element's
+    word; the same x for all rows). Byte i of a qword (little-endian) holds elements 2i (high nibble)
+    and 2i + 1."""
     X_PER_WORD: tl.constexpr = 64 // X_DTYPE.primitive_bitwidth
     dot = tl.zeros(qword.shape, dtype=tl.float32)
     for w in tl.static_range(16 // X_PER_WORD):
@@ -164,7 +165,8 @@ def _qword_dot(qword, x_words, live, code, X_DTYPE: tl.constexpr):
         for p in tl.static_range(X_PER_WORD):
             j = w * X_PER_WORD + p
             nibble = (qword >> (8 * (j // 2) + 4 * (1 - j % 2))).to(tl.int32) & 0xF
-            dot += tl.gather(code, nibble, 0) * _x_element(x_word, p, X_DTYPE)
+            value = tl.reshape(tl.gather(code, tl.reshape(nibble, (qword.numel,)), 0), qword.shape)
+            dot += value * _x_element(x_word, p, X_DTYPE)[None, None, :]
     return dot
 
 
@@ -178,42 +180,48 @@ def _gemv_kernel(
     # partial[split, m, n] = sum over this split's part of row n of
     #     scale[n, block(k)] * x[m, k] * code[n, k]
     #
-    # Single-warp programs over BLOCK_N rows; PARTS neighbouring lanes share a row, each reading 32
-    # codes (16 bytes, as two int64 qwords; 16-byte aligned rows, see gemv_applies) per step, so a warp-wide
-    # load covers whole 32-byte runs of 32 / PARTS rows. The lane reads the matching 32 x elements as int64
-    # words too and unpacks them in registers. The code-book lookup is a tl.gather from the 16-entry
-    # table, which a one-warp program lowers to one warp shuffle per weight. A lane's 32 codes lie inside
-    # one quantization block (BLOCKSIZE >= 32): their float32 dot is scaled once; each row's PARTS lanes
-    # are summed at the end.
+    # Single-warp programs over BLOCK_N rows, as [GROUPS, ROWS, PARTS] lanes: a warp's 32 lanes are
+    # ROWS rows of PARTS neighbouring lanes, each lane reading 32 codes per step (16 bytes as two int64
+    # qwords; the row's 16 * PARTS bytes of a step are one contiguous run, 16-byte aligned, see
+    # gemv_applies). Each thread holds GROUPS lanes of the same part, so the x elements, which depend
+    # on the part only, are read once per thread (as int64 words, unpacked in registers) for all of
+    # them. The code-book lookup is a tl.gather from the 16-entry table, which a one-warp program
+    # lowers to one warp shuffle per weight. A lane's 32 codes lie inside one quantization block
+    # (BLOCKSIZE >= 32): their float32 dot is scaled once; each row's PARTS lanes are summed at the end.
     X_PER_WORD: tl.constexpr = 64 // x_ptr.dtype.element_ty.primitive_bitwidth
+    ROWS: tl.constexpr = 32 // PARTS
+    GROUPS: tl.constexpr = BLOCK_N // ROWS
+    tl.static_assert(BLOCK_N % ROWS == 0, "BLOCK_N must be a multiple of 32 // PARTS")
     m, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    lane = tl.arange(0, BLOCK_N * PARTS)
-    rows = pid_n * BLOCK_N + lane // PARTS
-    part = lane % PARTS
+    part = tl.arange(0, PARTS)
+    rows = pid_n * BLOCK_N + tl.arange(0, GROUPS)[:, None] * ROWS + tl.arange(0, ROWS)[None, :]  # [GROUPS, ROWS]
     inside_rows = rows < N
-    qwords = packed_ptr.to(tl.pointer_type(tl.int64)) + rows.to(tl.int64) * (K // 32 * 2) + 2 * part  # 16-byte aligned
-    row_blocks = rows.to(tl.uint64) * (K // BLOCKSIZE)  # unsigned: block // NESTED_BLOCKSIZE is a shift
+    step_words = tl.arange(0, 2 * PARTS)  # the int64 words a row reads per step, contiguous
+    qwords = (packed_ptr.to(tl.pointer_type(tl.int64)) + rows.to(tl.int64)[:, :, None] * (K // 32 * 2)
+              + step_words[None, None, :])
+    row_blocks = rows.to(tl.uint64)[:, :, None] * (K // BLOCKSIZE)
     code = tl.load(code_ptr + tl.arange(0, 16))
     x_words = (x_ptr + m * stride_xm).to(tl.pointer_type(tl.int64))
     k_first = split * BLOCKS_PER_SPLIT * BLOCKSIZE
     k_last = tl.minimum(k_first + BLOCKS_PER_SPLIT * BLOCKSIZE, K)
-    acc = tl.zeros((BLOCK_N * PARTS,), dtype=tl.float32)
+    acc = tl.zeros((GROUPS, ROWS, PARTS), dtype=tl.float32)
     for k0 in range(k_first, k_last, 32 * PARTS):
-        k = k0 + 32 * part  # first element of the lane's 32
+        k = k0 + 32 * part  # first element of each part's 32
         live = k < k_last
-        inside = inside_rows & live
-        pair = tl.load(qwords[:, None] + (k0 // 32 * 2 + tl.arange(0, 2))[None, :], mask=inside[:, None], other=0)
-        first, second = tl.split(pair)
+        inside = inside_rows[:, :, None] & live[None, None, :]
+        live_words = k0 + 32 * (step_words // 2) < k_last  # a pair of words per part
+        words = tl.load(qwords + k0 // 32 * 2, mask=inside_rows[:, :, None] & live_words[None, None, :], other=0)
+        first, second = tl.split(tl.reshape(words, (GROUPS, ROWS, PARTS, 2)))
         lane_x = x_words + k // X_PER_WORD
         lane_dot = _qword_dot(first, lane_x, live, code, x_ptr.dtype.element_ty)
         lane_dot += _qword_dot(second, lane_x + 16 // X_PER_WORD, live, code, x_ptr.dtype.element_ty)
-        block = row_blocks + (k.to(tl.uint32) // BLOCKSIZE).to(tl.uint64)
+        block = row_blocks + (k.to(tl.uint32) // BLOCKSIZE).to(tl.uint64)[None, None, :]
         scale = _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block, inside,
                               NESTED_BLOCKSIZE, DOUBLE_QUANT)
         acc += lane_dot * scale
-    out_rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     M = tl.num_programs(0)
-    tl.store(partial_ptr + (split * M + m) * N + out_rows, tl.sum(tl.reshape(acc, (BLOCK_N, PARTS)), axis=1),
+    out_rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(partial_ptr + (split * M + m) * N + out_rows, tl.reshape(tl.sum(acc, axis=2), (BLOCK_N,)),
              mask=out_rows < N)
 
 

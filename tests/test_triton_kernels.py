@@ -349,6 +349,24 @@ def test_autotuned_launches(m):
             assert not out.isnan().any() and relative_error(out, _reference(op, args)) < VS_REFERENCE[torch.bfloat16]
 
 
+@pytest.mark.parametrize("kernel", ["gemv", "gemm"])
+def test_every_4bit_config_computes_the_layer(kernel, monkeypatch):
+    """Each autotune config of the 4-bit GEMV and GEMM, run untuned, gives the layer: the configs differ
+    in tile shape and lane arrangement, and the interpreter would otherwise only ever run the first."""
+    m = 1 if kernel == "gemv" else 20
+    n, k = 40, 512  # N not a multiple of any tile; K splits for the small-M GEMM
+    layout, t = quantize_weight(torch.randn(n, k) * 0.05, qpass.NF4Config(compute_dtype=torch.bfloat16))
+    t = {name: None if v is None else v.to(DEVICE) for name, v in t.items()}
+    x, bias = _inputs(m, n, k, torch.bfloat16)
+    assert gemv_applies(m, k, 64, t["weight"]) == (kernel == "gemv")
+    op, args = layout.linear_call(x, t, bias)
+    reference = _reference(op, args)
+    configs = getattr(triton_4bit, f"_{kernel}_configs")()
+    for config in configs:
+        monkeypatch.setattr(triton_4bit, f"_{kernel}_configs", lambda config=config: [config])
+        _check(_4bit_call(layout, t, x, bias), x, layout, t, bias, reference)
+
+
 @triton.jit
 def _round_kernel(v_ptr, out_ptr, BLOCK: tl.constexpr):
     i = tl.arange(0, BLOCK)
