@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/gpu_session.sh tests [pytest arguments]   # CUDA kernel, op and compile tests
 #   bash benchmarks/gpu_session.sh report                     # static SASS counts of every config
+#   bash benchmarks/gpu_session.sh sweep --shape 28672x8192 --ms 1,16,128 --tag big   # configs x splits
 #   bash benchmarks/gpu_session.sh bench --part layers --shapes 4096x4096,11008x4096 --tag a
 #   bash benchmarks/gpu_session.sh bench --part layers --shapes 4096x11008,28672x8192 --tag b
 #   bash benchmarks/gpu_session.sh bench --part e2e --e2e-variants bf16,"qpass nf4" --tag c
@@ -10,7 +11,7 @@
 # Each call installs the carried wheels and qpass (the machine starts bare), then writes its logs and
 # results to $OUT, which the device tool brings back. See benchmarks/README.md for the wheels to carry.
 set -uo pipefail
-step=${1:?usage: gpu_session.sh tests|bench [benchmark arguments]}
+step=${1:?usage: gpu_session.sh tests|report|sweep|bench [arguments]}
 shift
 OUT=${OUT:-results}
 mkdir -p "$OUT"
@@ -28,7 +29,9 @@ case "$step" in
     python3 -P -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_ops.py tests/test_compile.py "$@" 2>&1 | tee "$OUT/tests.log" ;;
   report)
     python3 benchmarks/compile_report.py --json "$OUT/compile_report.json" 2>&1 | tee "$OUT/compile_report.log" ;;
+  sweep)
+    python3 benchmarks/sweep_4bit.py --out "$OUT" "$@" 2>&1 | tee "$OUT/sweep.log" ;;
   bench)
     python3 benchmarks/quantized_linears.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" ;;
-  *) echo "unknown step $step: tests, report or bench" >&2; exit 2 ;;
+  *) echo "unknown step $step: tests, report, sweep or bench" >&2; exit 2 ;;
 esac

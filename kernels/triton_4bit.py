@@ -348,11 +348,23 @@ def gemv_applies(m: int, in_features: int, blocksize: int, packed: torch.Tensor)
             and packed.storage_offset() * packed.element_size() % 16 == 0)
 
 
-def gemv_split(out_features: int, in_features: int, blocksize: int) -> tuple[int, int]:
-    """(number of K splits, quantization blocks per split) of the GEMV for a weight shape."""
+def gemv_split(out_features: int, in_features: int, blocksize: int, wanted: int | None = None) -> tuple[int, int]:
+    """(number of K splits, quantization blocks per split) of the GEMV for a weight shape; ``wanted``
+    overrides the heuristic's number of splits (benchmarks sweep it)."""
     blocks_per_row = in_features // blocksize
+    if wanted is not None:
+        return split_evenly(blocks_per_row, wanted, most=blocks_per_row)
     wanted = triton.cdiv(GEMV_TARGET_PROGRAMS, triton.cdiv(out_features, GEMV_ROWS_PER_PROGRAM))
     return split_evenly(blocks_per_row, wanted, most=blocks_per_row // GEMV_MIN_BLOCKS_PER_SPLIT)
+
+
+def _chosen_config(configs: list[triton.Config], config: triton.Config | None, kernel: str) -> triton.Config:
+    """``config`` if it is one of the kernel's kind (same parameters), else the first of ``configs``."""
+    if config is None:
+        return configs[0]
+    if set(config.kwargs) != set(configs[0].kwargs):
+        raise ValueError(f"the 4-bit {kernel} takes configs with {sorted(configs[0].kwargs)}, got {config}")
+    return config
 
 
 def _kernel_operands(packed, absmax, nested_absmax, nested_code, offset):
@@ -386,15 +398,19 @@ def linear_4bit_triton(
     nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None, offset: torch.Tensor | None,
     bias: torch.Tensor | None, out_features: int, in_features: int, blocksize: int,
     compute_dtype: torch.dtype, launch=lambda kernel: kernel, autotune: bool = True,
+    config: triton.Config | None = None, splits: int | None = None,
 ) -> torch.Tensor:
     """The 4-bit linear of a 2-D ``x``, in ``compute_dtype``. ``launch`` wraps each kernel before its
-    launch (``torch.library.wrap_triton`` inside a ``triton_op``)."""
+    launch (``torch.library.wrap_triton`` inside a ``triton_op``). ``autotune=False`` runs each kernel's
+    first config; ``config`` runs that one (of the GEMV's or GEMM's kind, whichever M picks) and
+    ``splits`` sets the number of K splits instead of the heuristic: both for benchmarks and tests."""
     x = x.to(compute_dtype).contiguous()
     M, K, N = x.shape[0], in_features, out_features
     packed, dq = _kernel_operands(packed, absmax, nested_absmax, nested_code, offset)
     double_quant = nested_absmax is not None
     statics = dict(BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=DOUBLE_QUANT_BLOCKSIZE, DOUBLE_QUANT=double_quant,
                    ROW_ALIGNED=K % blocksize == 0)
+    tuned = autotune and config is None
     if M >= DEQUANT_MATMUL_MIN_M:
         weight = dequantize_4bit_triton(packed, quant_map, absmax, nested_absmax, nested_code, offset, N, K,
                                         blocksize, compute_dtype, launch)
@@ -402,19 +418,19 @@ def linear_4bit_triton(
     if gemv_applies(M, K, blocksize, packed):
         if x.storage_offset() * x.element_size() % 8:  # the kernel reads x as int64 words
             x = x.clone()
-        split, blocks_per_split = gemv_split(N, K, blocksize)
+        split, blocks_per_split = gemv_split(N, K, blocksize, splits)
         partial = torch.empty((split, M, N), device=x.device, dtype=torch.float32)
         args = (x, packed, quant_map, absmax, *dq, partial, N, K, blocks_per_split, x.stride(0))
         gemv_statics = {name: value for name, value in statics.items() if name != "ROW_ALIGNED"}
-        if autotune:
+        if tuned:
             grid = lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]), split)  # noqa: E731
             launch(_gemv_tuned)[grid](*args, **gemv_statics)
         else:
-            config = _gemv_configs()[0]
+            config = _chosen_config(_gemv_configs(), config, "GEMV")
             launch(_gemv_kernel)[(M, triton.cdiv(N, config.kwargs["BLOCK_N"]), split)](
                 *args, **gemv_statics, **config.kwargs, num_warps=config.num_warps)
         return sum_partials(partial, bias, compute_dtype)
-    split, k_per_split = gemm_split(M, N, K)
+    split, k_per_split = gemm_split(M, N, K, splits)
     if split > 1:
         out = torch.empty((split, M, N), device=x.device, dtype=torch.float32)
     else:
@@ -422,11 +438,11 @@ def linear_4bit_triton(
     bias_arg = bias if bias is not None else out
     gemm_statics = dict(HAS_BIAS=bias is not None and split == 1, IEEE_DOT=ieee_dot(compute_dtype))
     args = (x, packed, quant_map, absmax, *dq, bias_arg, out, M, N, K, x.stride(0), N, m_bucket(M), k_per_split)
-    if autotune:
+    if tuned:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), split)  # noqa: E731
         launch(_gemm_tuned)[grid](*args, **statics, **gemm_statics)
     else:
-        config = _gemm_configs()[0]
+        config = _chosen_config(_gemm_configs(), config, "GEMM")
         grid = (triton.cdiv(M, config.kwargs["BLOCK_M"]), triton.cdiv(N, config.kwargs["BLOCK_N"]), split)
         launch(_gemm_kernel)[grid](*args, **statics, **gemm_statics, **config.kwargs, num_warps=config.num_warps,
                                    num_stages=config.num_stages)

@@ -81,10 +81,12 @@ def split_evenly(length: int, wanted: int, most: int, step: int = 1) -> tuple[in
     return triton.cdiv(length, per_split), per_split
 
 
-def gemm_split(m: int, out_features: int, in_features: int) -> tuple[int, int]:
+def gemm_split(m: int, out_features: int, in_features: int, wanted: int | None = None) -> tuple[int, int]:
     """(number of K splits, columns per split) of the GEMM for M rows of x and a weight shape. Depends
     on M only through M <= GEMM_SPLIT_MAX_M, so a symbolic M (torch.compile with dynamic shapes)
-    guards once."""
+    guards once. ``wanted`` overrides the heuristic's number of splits (benchmarks sweep it)."""
+    if wanted is not None:
+        return split_evenly(in_features, wanted, most=max(1, in_features // GEMM_SPLIT_STEP), step=GEMM_SPLIT_STEP)
     if m == 0 or m > GEMM_SPLIT_MAX_M:
         return 1, in_features
     wanted = triton.cdiv(GEMM_TARGET_PROGRAMS, triton.cdiv(out_features, 128))

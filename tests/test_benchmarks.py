@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import quantized_linears as bench  # noqa: E402
 
@@ -41,3 +43,21 @@ def test_kernel_benchmark_runs_in_parts(tmp_path):
         assert exit_.code == 2
     else:
         raise AssertionError("an unknown decode variant must be refused")
+
+
+def test_4bit_sweep_times_every_config_and_split(tmp_path):
+    """benchmarks/sweep_4bit.py (what a GPU session runs to set the configs and split heuristics) times
+    each config of the kernel that M picks, at each split count, next to bf16 and the op's own choice."""
+    import sweep_4bit
+
+    sweep_4bit.main(["--device", "cpu", "--shape", "32x128", "--ms", "1,16", "--splits", "1", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "sweep_4bit_cpu.json").read_text())
+    rows = saved["rows"]
+    assert (saved["N"], saved["K"]) == (32, 128) and all(r["ms"] > 0 for r in rows)
+    for m, kernel in ((1, "gemv"), (16, "gemm")):
+        kind, configs = sweep_4bit._configs(m, 128, 64, torch.empty(16, dtype=torch.uint8))
+        timed = [r for r in rows if r["M"] == m and "config" in r]
+        assert kind == kernel and all(r["kernel"] == kernel for r in timed)
+        assert sorted(str(r["config"]) for r in timed) == sorted(str(c.kwargs) for c in configs)  # one split each
+        assert any(r["variant"] == "bf16 F.linear" for r in rows if r["M"] == m)
+        assert any(r["variant"].startswith("op's choice") for r in rows if r["M"] == m)

@@ -47,11 +47,11 @@ def _inputs(m, n, k, dtype, outlier_column=None):
     return x.to(dtype), torch.randn(n, device=DEVICE) * 0.1
 
 
-def _4bit_call(layout, t, x, bias, autotune=False):
+def _4bit_call(layout, t, x, bias, autotune=False, **overrides):
     c = layout.config
     return linear_4bit_triton(
         x, t["weight"], t["quant_map"], t["absmax"], t["nested_absmax"], t["nested_quant_map"], t["offset"], bias,
-        layout.out_features, layout.in_features, c.blocksize, c.compute_dtype, autotune=autotune,
+        layout.out_features, layout.in_features, c.blocksize, c.compute_dtype, autotune=autotune, **overrides,
     )
 
 
@@ -350,11 +350,12 @@ def test_autotuned_launches(m):
 
 
 @pytest.mark.parametrize("kernel", ["gemv", "gemm"])
-def test_every_4bit_config_computes_the_layer(kernel, monkeypatch):
-    """Each autotune config of the 4-bit GEMV and GEMM, run untuned, gives the layer: the configs differ
-    in tile shape and lane arrangement, and the interpreter would otherwise only ever run the first."""
+def test_every_4bit_config_and_split_computes_the_layer(kernel):
+    """Each autotune config of the 4-bit GEMV and GEMM, and split counts other than the heuristic's
+    (what benchmarks/sweep_4bit.py times), give the layer: the configs differ in tile shape and lane
+    arrangement, and the interpreter would otherwise only ever run the first."""
     m = 1 if kernel == "gemv" else 20
-    n, k = 40, 512  # N not a multiple of any tile; K splits for the small-M GEMM
+    n, k = 40, 512  # N not a multiple of any tile
     layout, t = quantize_weight(torch.randn(n, k) * 0.05, qpass.NF4Config(compute_dtype=torch.bfloat16))
     t = {name: None if v is None else v.to(DEVICE) for name, v in t.items()}
     x, bias = _inputs(m, n, k, torch.bfloat16)
@@ -363,8 +364,12 @@ def test_every_4bit_config_computes_the_layer(kernel, monkeypatch):
     reference = _reference(op, args)
     configs = getattr(triton_4bit, f"_{kernel}_configs")()
     for config in configs:
-        monkeypatch.setattr(triton_4bit, f"_{kernel}_configs", lambda config=config: [config])
-        _check(_4bit_call(layout, t, x, bias), x, layout, t, bias, reference)
+        _check(_4bit_call(layout, t, x, bias, config=config), x, layout, t, bias, reference)
+    for splits in (1, 3, 4):
+        _check(_4bit_call(layout, t, x, bias, splits=splits), x, layout, t, bias, reference)
+    other_kind = getattr(triton_4bit, f"_{'gemm' if kernel == 'gemv' else 'gemv'}_configs")()[0]
+    with pytest.raises(ValueError, match=f"4-bit {kernel.upper()} takes configs"):
+        _4bit_call(layout, t, x, bias, config=other_kind)
 
 
 @triton.jit
