@@ -302,8 +302,8 @@ def bench_end_to_end(device: str, quick: bool, on_progress=lambda rows: None, va
                     qpass.quantize(model, name.split()[1])
                 elif name.startswith("bnb"):
                     bitsandbytes_4bit(model, "nf4", double_quant=True)
-                print(f"decode {name} batch {batch}: model built and quantized in {time.perf_counter() - started:.1f} s",
-                      flush=True)
+                built = time.perf_counter() - started
+                print(f"decode {name} batch {batch}: model built and quantized in {built:.1f} s", flush=True)
                 tps = decode_tokens_per_s(model, batch, device, prompt_len=4 if quick else 16, new_tokens=new_tokens)
             except Exception as err:
                 rows.append({"variant": name, "batch": batch, "skipped": f"failed: {type(err).__name__}: {str(err)[:160]}"})
