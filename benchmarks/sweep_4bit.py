@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import qpass
 from qpass.formats import quantize_weight
 from qpass.kernels import triton_4bit
-from qpass.kernels.triton_4bit import gemv_applies, gemv_split, linear_4bit_triton
+from qpass.kernels.triton_4bit import DEQUANT_MATMUL_MIN_M, gemv_applies, gemv_split, linear_4bit_triton
 from qpass.kernels.triton_common import gemm_split, m_bucket, prune_gemm_configs
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -93,6 +93,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--tag", default=None, help="file name suffix (default: the device)")
     args = parser.parse_args(argv)
+    if max(args.ms) >= DEQUANT_MATMUL_MIN_M:
+        parser.error(f"--ms below {DEQUANT_MATMUL_MIN_M}: from there on the op dequantizes and calls cuBLAS, "
+                     "which has no configs or splits to sweep (quantized_linears.py times it)")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"sweep_4bit_{args.tag or args.device}.json"
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
