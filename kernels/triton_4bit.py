@@ -159,15 +159,15 @@ def _qword_dot(qword, x_words, live, code, X_DTYPE: tl.constexpr):
     word; the same x for all rows). Byte i of a qword (little-endian) holds elements 2i (high nibble)
     and 2i + 1."""
     X_PER_WORD: tl.constexpr = 64 // X_DTYPE.primitive_bitwidth
-    dot = tl.zeros(qword.shape, dtype=tl.float32)
+    total = tl.zeros(qword.shape, dtype=tl.float32)
     for w in tl.static_range(16 // X_PER_WORD):
         x_word = tl.load(x_words + w, mask=live, other=0)
         for p in tl.static_range(X_PER_WORD):
             j = w * X_PER_WORD + p
             nibble = (qword >> (8 * (j // 2) + 4 * (1 - j % 2))).to(tl.int32) & 0xF
             value = tl.reshape(tl.gather(code, tl.reshape(nibble, (qword.numel,)), 0), qword.shape)
-            dot += value * _x_element(x_word, p, X_DTYPE)[None, None, :]
-    return dot
+            total += value * _x_element(x_word, p, X_DTYPE)[None, None, :]
+    return total
 
 
 @triton.jit
