@@ -175,7 +175,7 @@ def _gemv_kernel(
     x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, partial_ptr,
     N, K, BLOCKS_PER_SPLIT, stride_xm,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCK_N: tl.constexpr,
-    PARTS: tl.constexpr,
+    PARTS: tl.constexpr, LOAD_STAGES: tl.constexpr,
 ):
     # partial[split, m, n] = sum over this split's part of row n of
     #     scale[n, block(k)] * x[m, k] * code[n, k]
@@ -188,6 +188,9 @@ def _gemv_kernel(
     # them. The code-book lookup is a tl.gather from the 16-entry table, which a one-warp program
     # lowers to one warp shuffle per weight. A lane's 32 codes lie inside one quantization block
     # (BLOCKSIZE >= 32): their float32 dot is scaled once; each row's PARTS lanes are summed at the end.
+    # LOAD_STAGES 0: a step waits for its own loads (other warps hide the latency); an int: Triton
+    # pipelines every load of the loop (codes, x, the absmax -> nested code chain) that many steps
+    # deep through shared memory.
     X_PER_WORD: tl.constexpr = 64 // x_ptr.dtype.element_ty.primitive_bitwidth
     ROWS: tl.constexpr = 32 // PARTS
     GROUPS: tl.constexpr = BLOCK_N // ROWS
@@ -205,7 +208,7 @@ def _gemv_kernel(
     k_first = split * BLOCKS_PER_SPLIT * BLOCKSIZE
     k_last = tl.minimum(k_first + BLOCKS_PER_SPLIT * BLOCKSIZE, K)
     acc = tl.zeros((GROUPS, ROWS, PARTS), dtype=tl.float32)
-    for k0 in range(k_first, k_last, 32 * PARTS):
+    for k0 in tl.range(k_first, k_last, 32 * PARTS, num_stages=LOAD_STAGES if LOAD_STAGES else None):
         k = k0 + 32 * part  # first element of each part's 32
         live = k < k_last
         inside = inside_rows[:, :, None] & live[None, None, :]
@@ -231,6 +234,7 @@ def _gemm_kernel(
     M, N, K, stride_xm, stride_om, M_BUCKET, K_PER_SPLIT,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr,
     HAS_BIAS: tl.constexpr, IEEE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    LOAD_STAGES: tl.constexpr,
 ):
     # out[split, m, n] = round(sum over this split's k of x[m, k] * W[n, k] (+ bias[n])) over a
     # BLOCK_M x BLOCK_N tile. With one split, out is the [M, N] result in the compute dtype; with
@@ -240,6 +244,10 @@ def _gemm_kernel(
     # Short tiles whose K step is one quantization block multiply the rounded code values and scale
     # the step's float32 sums once per output (BLOCK_M x BLOCK_N multiplies per step instead of one
     # per weight): the weight's rounding is then the code's, an error of the same size.
+    #
+    # LOAD_STAGES 0: the kernel's num_stages pipelines the loads feeding tl.dot (x and the codes)
+    # only, and each step waits for its scales (a 1-byte absmax load, then the nested code it indexes);
+    # an int: every load of the loop, the scale chain included, is pipelined that many steps deep.
     pid_m, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     SCALE_AFTER_DOT: tl.constexpr = BLOCK_K == BLOCKSIZE and BLOCK_M <= 32
     rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -247,7 +255,9 @@ def _gemm_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if ROW_ALIGNED:
         code = tl.load(code_ptr + tl.arange(0, 16))
-    for k0 in range(split * K_PER_SPLIT, tl.minimum((split + 1) * K_PER_SPLIT, K), BLOCK_K):
+    k_first = split * K_PER_SPLIT
+    k_last = tl.minimum(k_first + K_PER_SPLIT, K)
+    for k0 in tl.range(k_first, k_last, BLOCK_K, num_stages=LOAD_STAGES if LOAD_STAGES else None):
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rows_m[:, None] * stride_xm + cols[None, :],
                     mask=(rows_m[:, None] < M) & (cols[None, :] < K), other=0.0)
@@ -308,11 +318,16 @@ def _gemm_configs():
     # 5.7-11.9 main-loop instructions per weight (``benchmarks/compile_report.py``, checked by
     # ``tests/test_compile_report.py``). Single-warp tiles do the lookup by warp shuffle instead of
     # shared memory (5.7-6.3): for small M, with split-K supplying the programs.
+    #
+    # LOAD_STAGES (see _gemm_kernel): 0 pipelines only the loads that feed tl.dot (x and the codes,
+    # num_stages deep); 3 pipelines every load of the loop 3 deep, the scale chain too. The second
+    # variant exists for the mma.sync tiles (BLOCK_M <= 32) only: the wgmma tiles compile the same.
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=3)
-        for bm, bn, bk, w in [
-            (16, 32, 64, 1), (16, 64, 64, 1), (16, 64, 64, 4), (16, 128, 64, 4), (16, 256, 64, 8),
-            (32, 128, 64, 4), (64, 128, 64, 4), (128, 128, 64, 8), (128, 256, 64, 8), (128, 256, 32, 8),
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "LOAD_STAGES": stages}, num_warps=w, num_stages=3)
+        for bm, bn, bk, w, stages in [
+            (16, 32, 64, 1, 0), (16, 64, 64, 1, 0), (16, 64, 64, 4, 0), (16, 128, 64, 4, 0), (16, 256, 64, 8, 0),
+            (32, 128, 64, 4, 0), (64, 128, 64, 4, 0), (128, 128, 64, 8, 0), (128, 256, 64, 8, 0), (128, 256, 32, 8, 0),
+            (16, 32, 64, 1, 3), (16, 64, 64, 4, 3), (16, 128, 64, 4, 3), (16, 256, 64, 8, 3), (32, 128, 64, 4, 3),
         ]
     ]
 
@@ -323,8 +338,12 @@ def _gemv_configs():
     # row (PARTS * 16 contiguous bytes per step). Few rows per program and many programs measured
     # fastest on an H100 with the previous GEMV, 8 bytes per lane and step
     # (benchmarks/results/h100/gemv_layouts.json: 28672x8192 105 us at 16 rows, 138 us at 64).
-    return [triton.Config({"BLOCK_N": bn, "PARTS": parts}, num_warps=1)
-            for bn, parts in [(16, 4), (8, 4), (8, 8), (16, 8), (32, 4)]]
+    # Each layout comes plain (LOAD_STAGES 0: a step's loads are waited for in that step) and with
+    # every load software-pipelined 3 steps ahead through shared memory (+1.4-1.8 instructions per
+    # weight, +6-17 registers by the compile report): latency hidden by the program itself rather
+    # than by other warps.
+    return [triton.Config({"BLOCK_N": bn, "PARTS": parts, "LOAD_STAGES": stages}, num_warps=1)
+            for bn, parts in [(16, 4), (8, 4), (8, 8), (16, 8), (32, 4)] for stages in (0, 3)]
 
 
 # Autotuned variants for real GPUs; the interpreter (TRITON_INTERPRET=1) uses the plain kernels with
