@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_session.sh tests [pytest arguments]   # CUDA kernel, op and compile tests
 #   bash benchmarks/gpu_session.sh report                     # static SASS counts of every config
 #   bash benchmarks/gpu_session.sh sweep --shape 28672x8192 --ms 1,16,128 --tag big   # configs x splits
+#   bash benchmarks/gpu_session.sh sweep --format int8 --ms 16,128,2048 --tag big       # int8 GEMM configs
 #   bash benchmarks/gpu_session.sh bench --part layers --shapes 4096x4096,11008x4096 --tag a
 #   bash benchmarks/gpu_session.sh bench --part layers --shapes 4096x11008,28672x8192 --tag b
 #   bash benchmarks/gpu_session.sh bench --part e2e --e2e-variants bf16,"qpass nf4" --tag c
@@ -30,7 +31,7 @@ case "$step" in
   report)
     python3 benchmarks/compile_report.py --json "$OUT/compile_report.json" 2>&1 | tee "$OUT/compile_report.log" ;;
   sweep)
-    python3 benchmarks/sweep_4bit.py --out "$OUT" "$@" 2>&1 | tee "$OUT/sweep.log" ;;
+    python3 benchmarks/sweep_configs.py --out "$OUT" "$@" 2>&1 | tee "$OUT/sweep.log" ;;
   bench)
     python3 benchmarks/quantized_linears.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" ;;
   *) echo "unknown step $step: tests, report, sweep or bench" >&2; exit 2 ;;

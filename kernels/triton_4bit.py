@@ -41,7 +41,8 @@ import triton
 import triton.language as tl
 
 from .codebooks import DOUBLE_QUANT_BLOCKSIZE
-from .triton_common import dot, gemm_split, ieee_dot, m_bucket, mul_rn, prune_gemm_configs, split_evenly, sum_partials
+from .triton_common import (chosen_config, dot, gemm_split, ieee_dot, m_bucket, mul_rn, prune_gemm_configs,
+                            split_evenly, sum_partials)
 
 # The GEMV repeats its lookups for each row of x (M x 5-6.6 instructions per weight), while the GEMM
 # dequantizes a weight tile once for up to 16 rows (~6-7 instructions per weight): by the compile
@@ -377,15 +378,6 @@ def gemv_split(out_features: int, in_features: int, blocksize: int, wanted: int 
     return split_evenly(blocks_per_row, wanted, most=blocks_per_row // GEMV_MIN_BLOCKS_PER_SPLIT)
 
 
-def _chosen_config(configs: list[triton.Config], config: triton.Config | None, kernel: str) -> triton.Config:
-    """``config`` if it is one of the kernel's kind (same parameters), else the first of ``configs``."""
-    if config is None:
-        return configs[0]
-    if set(config.kwargs) != set(configs[0].kwargs):
-        raise ValueError(f"the 4-bit {kernel} takes configs with {sorted(configs[0].kwargs)}, got {config}")
-    return config
-
-
 def _kernel_operands(packed, absmax, nested_absmax, nested_code, offset):
     """The packed codes as flat bytes (whatever their quant_storage view), and the three double
     quantization pointers (absmax stands in for them, unused, without double quantization)."""
@@ -445,7 +437,7 @@ def linear_4bit_triton(
             grid = lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]), split)  # noqa: E731
             launch(_gemv_tuned)[grid](*args, **gemv_statics)
         else:
-            config = _chosen_config(_gemv_configs(), config, "GEMV")
+            config = chosen_config(_gemv_configs(), config, "4-bit GEMV")
             launch(_gemv_kernel)[(M, triton.cdiv(N, config.kwargs["BLOCK_N"]), split)](
                 *args, **gemv_statics, **config.kwargs, num_warps=config.num_warps)
         return sum_partials(partial, bias, compute_dtype)
@@ -461,7 +453,7 @@ def linear_4bit_triton(
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), split)  # noqa: E731
         launch(_gemm_tuned)[grid](*args, **statics, **gemm_statics)
     else:
-        config = _chosen_config(_gemm_configs(), config, "GEMM")
+        config = chosen_config(_gemm_configs(), config, "4-bit GEMM")
         grid = (triton.cdiv(M, config.kwargs["BLOCK_M"]), triton.cdiv(N, config.kwargs["BLOCK_N"]), split)
         launch(_gemm_kernel)[grid](*args, **statics, **gemm_statics, **config.kwargs, num_warps=config.num_warps,
                                    num_stages=config.num_stages)

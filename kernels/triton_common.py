@@ -44,6 +44,16 @@ def ieee_dot(compute_dtype: torch.dtype) -> bool:
     return compute_dtype == torch.float32 or INTERPRETED.value
 
 
+def chosen_config(configs: list[triton.Config], config: triton.Config | None, kernel: str) -> triton.Config:
+    """``config`` if it is one of the kernel's kind (same parameters), else the first of ``configs``:
+    what an untuned launch runs (benchmarks sweep configs through it)."""
+    if config is None:
+        return configs[0]
+    if set(config.kwargs) != set(configs[0].kwargs):
+        raise ValueError(f"the {kernel} takes configs with {sorted(configs[0].kwargs)}, got {config}")
+    return config
+
+
 def m_bucket(m: int) -> int:
     """M rounded up to a power of two: the autotuners tune per bucket, not per M. A symbolic M (torch.compile
     with dynamic shapes) stays symbolic: Inductor tunes such a launch itself, once per graph, and a

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .reference_int8 import INT8_DEQUANT, INT8_SCALE_PRODUCT
-from .triton_common import dot, gemm_split, ieee_dot, m_bucket, mul_rn, prune_gemm_configs, sum_partials
+from .triton_common import chosen_config, dot, gemm_split, ieee_dot, m_bucket, mul_rn, prune_gemm_configs, sum_partials
 
 
 @triton.jit
@@ -157,15 +157,18 @@ def int8_vectorwise_quant_triton(x: torch.Tensor, threshold: float, launch=lambd
 def linear_int8_triton(
     x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None, threshold: float,
     compute_dtype: torch.dtype, launch=lambda kernel: kernel, autotune: bool = True,
+    config: triton.Config | None = None, splits: int | None = None,
 ) -> torch.Tensor:
-    """LLM.int8() linear of a 2-D ``x``, in ``compute_dtype``."""
+    """LLM.int8() linear of a 2-D ``x``, in ``compute_dtype``. ``autotune=False`` runs the GEMM's first
+    config, ``config`` that one; ``splits`` sets the number of K splits instead of the heuristic (both
+    for benchmarks and tests)."""
     x = x.to(compute_dtype).contiguous()
     M, K = x.shape
     N = cb.shape[0]
     ca, sca, mask = int8_vectorwise_quant_triton(x, threshold, launch)
     if M == 0:
         return torch.empty((M, N), device=x.device, dtype=compute_dtype)
-    split, k_per_split = gemm_split(M, N, K)
+    split, k_per_split = gemm_split(M, N, K, splits)
     if split > 1:
         out = torch.empty((split, M, N), device=x.device, dtype=torch.float32)
     else:
@@ -174,11 +177,11 @@ def linear_int8_triton(
             M, N, K, x.stride(0), N, m_bucket(M), k_per_split, INT8_SCALE_PRODUCT, INT8_DEQUANT)
     statics = dict(HAS_OUTLIERS=threshold > 0, HAS_BIAS=bias is not None and split == 1,
                    IEEE_DOT=ieee_dot(compute_dtype))
-    if autotune:
+    if autotune and config is None:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), split)  # noqa: E731
         launch(_int8_gemm_tuned)[grid](*args, **statics)
     else:
-        config = _gemm_configs()[0]
+        config = chosen_config(_gemm_configs(), config, "int8 GEMM")
         grid = (triton.cdiv(M, config.kwargs["BLOCK_M"]), triton.cdiv(N, config.kwargs["BLOCK_N"]), split)
         launch(_int8_gemm_kernel)[grid](*args, **statics, **config.kwargs, num_warps=config.num_warps,
                                         num_stages=config.num_stages)

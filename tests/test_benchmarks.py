@@ -45,19 +45,23 @@ def test_kernel_benchmark_runs_in_parts(tmp_path):
         raise AssertionError("an unknown decode variant must be refused")
 
 
-def test_4bit_sweep_times_every_config_and_split(tmp_path):
-    """benchmarks/sweep_4bit.py (what a GPU session runs to set the configs and split heuristics) times
-    each config of the kernel that M picks, at each split count, next to bf16 and the op's own choice."""
-    import sweep_4bit
+def test_sweep_times_every_config_and_split(tmp_path):
+    """benchmarks/sweep_configs.py (what a GPU session runs to set the configs and split heuristics)
+    times each config of the kernel that M picks, at each split count, next to bf16 and the op's own
+    choice: for NF4 (GEMV at M = 1, GEMM above) and for int8."""
+    import sweep_configs
 
-    sweep_4bit.main(["--device", "cpu", "--shape", "32x128", "--ms", "1,16", "--splits", "1", "--out", str(tmp_path)])
-    saved = json.loads((tmp_path / "sweep_4bit_cpu.json").read_text())
-    rows = saved["rows"]
-    assert (saved["N"], saved["K"]) == (32, 128) and all(r["ms"] > 0 for r in rows)
-    for m, kernel in ((1, "gemv"), (16, "gemm")):
-        kind, configs = sweep_4bit._configs(m, 128, 64, torch.empty(16, dtype=torch.uint8))
-        timed = [r for r in rows if r["M"] == m and "config" in r]
-        assert kind == kernel and all(r["kernel"] == kernel for r in timed)
-        assert sorted(str(r["config"]) for r in timed) == sorted(str(c.kwargs) for c in configs)  # one split each
-        assert any(r["variant"] == "bf16 F.linear" for r in rows if r["M"] == m)
-        assert any(r["variant"].startswith("op's choice") for r in rows if r["M"] == m)
+    for fmt, expected in (("nf4", ((1, "gemv"), (16, "gemm"))), ("int8", ((1, "int8 gemm"), (16, "int8 gemm")))):
+        sweep_configs.main(["--format", fmt, "--device", "cpu", "--shape", "32x128", "--ms", "1,16", "--splits", "1",
+                            "--out", str(tmp_path)])
+        saved = json.loads((tmp_path / f"sweep_{fmt}_cpu.json").read_text())
+        rows = saved["rows"]
+        assert (saved["format"], saved["N"], saved["K"]) == (fmt, 32, 128) and all(r["ms"] > 0 for r in rows)
+        layer = sweep_configs.LAYERS[fmt](torch.randn(32, 128, dtype=torch.bfloat16) * 0.02)
+        for m, kernel in expected:
+            kind, configs = layer.kernels(m)
+            timed = [r for r in rows if r["M"] == m and "config" in r]
+            assert kind == kernel and all(r["kernel"] == kernel for r in timed)
+            assert sorted(str(r["config"]) for r in timed) == sorted(str(c.kwargs) for c in configs)  # one split each
+            assert any(r["variant"] == "bf16 F.linear" for r in rows if r["M"] == m)
+            assert any(r["variant"].startswith("op's choice") for r in rows if r["M"] == m)

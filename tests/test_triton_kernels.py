@@ -10,7 +10,7 @@ import triton.language as tl
 
 import qpass
 from qpass.formats import quantize_weight
-from qpass.kernels import ops, triton_4bit
+from qpass.kernels import ops, triton_4bit, triton_int8
 from qpass.kernels.triton_4bit import GEMV_MAX_M, dequantize_4bit_triton, gemv_applies, linear_4bit_triton
 from qpass.kernels.triton_common import gemm_split
 from qpass.kernels.triton_int8 import _round_half_even, int8_vectorwise_quant_triton, linear_int8_triton
@@ -352,7 +352,7 @@ def test_autotuned_launches(m):
 @pytest.mark.parametrize("kernel", ["gemv", "gemm"])
 def test_every_4bit_config_and_split_computes_the_layer(kernel):
     """Each autotune config of the 4-bit GEMV and GEMM, and split counts other than the heuristic's
-    (what benchmarks/sweep_4bit.py times), give the layer: the configs differ in tile shape and lane
+    (what benchmarks/sweep_configs.py times), give the layer: the configs differ in tile shape and lane
     arrangement, and the interpreter would otherwise only ever run the first."""
     m = 1 if kernel == "gemv" else 20
     n, k = 40, 512  # N not a multiple of any tile
@@ -370,6 +370,23 @@ def test_every_4bit_config_and_split_computes_the_layer(kernel):
     other_kind = getattr(triton_4bit, f"_{'gemm' if kernel == 'gemv' else 'gemv'}_configs")()[0]
     with pytest.raises(ValueError, match=f"4-bit {kernel.upper()} takes configs"):
         _4bit_call(layout, t, x, bias, config=other_kind)
+
+
+def test_every_int8_config_and_split_computes_the_layer():
+    """Each autotune config of the int8 GEMM and split counts other than the heuristic's (what
+    benchmarks/sweep_configs.py times) give the layer, outlier columns included."""
+    m, n, k = 20, 40, 512
+    layout, t = quantize_weight(torch.randn(n, k) * 0.05, qpass.Int8Config(compute_dtype=torch.bfloat16))
+    t = {name: v.to(DEVICE) for name, v in t.items()}
+    x, bias = _inputs(m, n, k, torch.bfloat16, outlier_column=300)
+    op, args = layout.linear_call(x, t, bias)
+    reference = _reference(op, args)
+    runs = [dict(config=config) for config in triton_int8._gemm_configs()] + [dict(splits=s) for s in (1, 3, 4)]
+    for overrides in runs:
+        out = linear_int8_triton(x, t["weight"], t["SCB"], bias, 6.0, torch.bfloat16, autotune=False, **overrides)
+        assert not out.isnan().any() and relative_error(out, reference) < VS_REFERENCE[torch.bfloat16], overrides
+    with pytest.raises(ValueError, match="int8 GEMM takes configs"):
+        linear_int8_triton(x, t["weight"], t["SCB"], bias, 6.0, torch.bfloat16, config=triton_4bit._gemv_configs()[0])
 
 
 @triton.jit
