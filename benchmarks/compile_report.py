@@ -151,8 +151,9 @@ def main(argv=None) -> list[dict]:
             flags.append("SPILLS")
         if row["shared_bytes"] > H100_MAX_SHARED:
             flags.append("TOO MUCH SHARED MEMORY")
-        print(f"{name:<70} warps={warps} regs={row['registers']:>3} spill={row['spill_stack_bytes']:>5} "
-              f"shared={row['shared_bytes'] / 1024:6.1f} KiB instr/weight={row['instructions_per_weight']:5.2f} "
+        print(f"{name:<70} warps={warps} stages={stages} regs={row['registers']:>3} "
+              f"spill={row['spill_stack_bytes']:>5} shared={row['shared_bytes'] / 1024:6.1f} KiB "
+              f"instr/weight={row['instructions_per_weight']:5.2f} "
               f"{' '.join(flags)}", flush=True)
         rows.append(row)
     if args.json:
