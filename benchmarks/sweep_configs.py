@@ -70,7 +70,12 @@ def _nf4_layer(weight: torch.Tensor) -> Layer:
 def _4bit_configs(m: int, k: int, blocksize: int, packed: torch.Tensor) -> tuple[str, list]:
     if gemv_applies(m, k, blocksize, packed):
         return "gemv", triton_4bit._gemv_configs()
-    return "gemm", prune_gemm_configs(triton_4bit._gemm_configs(), {"M_BUCKET": m_bucket(m)})
+    return "gemm", _tuner_candidates(triton_4bit._gemm_configs(), m)
+
+
+def _tuner_candidates(configs: list, m: int) -> list:
+    """The GEMM configs the autotuner times for M rows (its own pruning)."""
+    return prune_gemm_configs(configs, {"M_BUCKET": m_bucket(m)})
 
 
 def _int8_layer(weight: torch.Tensor) -> Layer:
@@ -81,7 +86,7 @@ def _int8_layer(weight: torch.Tensor) -> Layer:
         return linear_int8_triton(x, t["weight"], t["SCB"], None, 6.0, torch.bfloat16, **overrides)
 
     return Layer(layout.dequantize(t, torch.bfloat16), call,
-                 lambda m: ("int8 gemm", prune_gemm_configs(triton_int8._gemm_configs(), {"M_BUCKET": m_bucket(m)})),
+                 lambda m: ("int8 gemm", _tuner_candidates(triton_int8._gemm_configs(), m)),
                  lambda kernel, m, wanted=None: gemm_split(m, n, k, wanted))
 
 
