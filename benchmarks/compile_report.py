@@ -85,14 +85,21 @@ def kernel_cases():
     yield (f"4bit dequant {config.kwargs}", triton_4bit._dequant_kernel,
            _signature(triton_4bit._dequant_kernel, dequant_types), {**FOURBIT_CONSTS, **config.kwargs}, config.num_warps,
            config.num_stages, config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_K"])
-    int8_types = {"ca_ptr": _ptr("i8"), "cb_ptr": _ptr("i8"), "sca_ptr": _ptr("fp32"), "scb_ptr": _ptr("fp32"), "x_ptr": _ptr("bf16"),
-                  "mask_ptr": _ptr("i32"), "bias_ptr": _ptr("bf16"), "out_ptr": _ptr("bf16"), "M": "i32", "N": "i32", "K": "i32",
-                  "stride_xm": "i32", "stride_om": "i32", "M_BUCKET": "i32", "K_PER_SPLIT": "i32"}
+    int8_types = {"ca_ptr": _ptr("i8"), "cb_ptr": _ptr("i8"), "product_ptr": _ptr("i32"), "sca_ptr": _ptr("fp32"),
+                  "scb_ptr": _ptr("fp32"), "x_ptr": _ptr("bf16"), "mask_ptr": _ptr("i32"), "bias_ptr": _ptr("bf16"),
+                  "out_ptr": _ptr("bf16"), "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_om": "i32",
+                  "M_BUCKET": "i32", "K_PER_SPLIT": "i32"}
+    int8_consts = {"HAS_OUTLIERS": True, "HAS_BIAS": True, "IEEE_DOT": False,
+                   "scale_product": triton_int8.INT8_SCALE_PRODUCT, "dequant": triton_int8.INT8_DEQUANT}
+    int8_signature = _signature(triton_int8._int8_gemm_kernel, int8_types)
     for config in triton_int8._gemm_configs():
-        consts = {"HAS_OUTLIERS": True, "HAS_BIAS": True, "IEEE_DOT": False, "scale_product": triton_int8.INT8_SCALE_PRODUCT,
-                  "dequant": triton_int8.INT8_DEQUANT, **config.kwargs}
-        yield (f"int8 gemm {config.kwargs}", triton_int8._int8_gemm_kernel, _signature(triton_int8._int8_gemm_kernel, int8_types),
-               consts, config.num_warps, config.num_stages, config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_K"])
+        yield (f"int8 gemm {config.kwargs}", triton_int8._int8_gemm_kernel, int8_signature,
+               {**int8_consts, "PRODUCT_GIVEN": False, **config.kwargs}, config.num_warps, config.num_stages,
+               config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_K"])
+    config = triton_int8.EPILOGUE_CONFIG  # its only loop is the outlier scan: instr/weight means little here
+    yield (f"int8 epilogue {config.kwargs}", triton_int8._int8_gemm_kernel, int8_signature,
+           {**int8_consts, "PRODUCT_GIVEN": True, **config.kwargs}, config.num_warps, config.num_stages,
+           config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_K"])
 
 
 def compile_case(kernel, signature, constexprs, num_warps, num_stages, arch: int, weights_per_iteration: int) -> dict:

@@ -20,6 +20,7 @@ Peers that are not installed or do not run on the device are recorded as such, n
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import platform
 import statistics
@@ -137,27 +138,38 @@ def layer_variants(weight: torch.Tensor, device: str) -> dict[str, Callable | st
         # On CUDA the compiled layer is timed as a replayed CUDA graph: GPU time,
         # not Python launch overhead, which a serving stack's graphs remove too.
         variants[f"qpass {fmt} compiled"] = torch.compile(layer, fullgraph=True, dynamic=False)
-    if device == "cuda":  # the large-M alternative, to place DEQUANT_MATMUL_MIN_M
-        variants[FUSED_GEMM] = _without_dequant_matmul(variants["qpass nf4"])
+    if device == "cuda":  # the large-M alternatives, to place each switch to cuBLAS
+        for name, (fmt, module, switch) in FUSED_AT_ANY_M.items():
+            variants[name] = _fused_at_any_m(variants[f"qpass {fmt}"], module, switch)
     variants.update(_bitsandbytes_variants(weight))
     variants.update(_torchao_variants(weight))
     return variants
 
 
-FUSED_GEMM = "qpass nf4 fused GEMM"
+# From a number of rows on, each format hands the matmul to cuBLAS: nf4 dequantizes the weight first,
+# int8 lets torch._int_mm multiply and runs only the epilogue. These variants keep the fused kernel at
+# every M, to place those switches: name -> (format, kernel module, the module's switch).
+FUSED_AT_ANY_M = {
+    "qpass nf4 fused GEMM": ("nf4", "triton_4bit", "DEQUANT_MATMUL_MIN_M"),
+    "qpass int8 fused GEMM": ("int8", "triton_int8", "INT_MM_MIN_M"),
+}
 
 
-def _without_dequant_matmul(layer: nn.Module) -> Callable:
-    """``layer`` with the fused GEMM at every M, instead of dequantize-then-cuBLAS from
-    ``triton_4bit.DEQUANT_MATMUL_MIN_M`` rows on (eager: the switch is read at each call)."""
-    from qpass.kernels import triton_4bit
+def _kernel_module(name: str):
+    return importlib.import_module(f"qpass.kernels.{name}")
+
+
+def _fused_at_any_m(layer: nn.Module, module: str, switch: str) -> Callable:
+    """``layer`` with its fused kernel at every M (eager: the switch is read at each call)."""
+    kernels = _kernel_module(module)
 
     def run(x):
-        saved, triton_4bit.DEQUANT_MATMUL_MIN_M = triton_4bit.DEQUANT_MATMUL_MIN_M, 1 << 62
+        saved = getattr(kernels, switch)
+        setattr(kernels, switch, 1 << 62)
         try:
             return layer(x)
         finally:
-            triton_4bit.DEQUANT_MATMUL_MIN_M = saved
+            setattr(kernels, switch, saved)
     return run
 
 
@@ -165,12 +177,6 @@ def _linear_with(weight: torch.Tensor) -> nn.Linear:
     layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
     layer.weight.data.copy_(weight)
     return layer
-
-
-def _dequant_matmul_min_m() -> int:
-    from qpass.kernels import triton_4bit
-
-    return triton_4bit.DEQUANT_MATMUL_MIN_M
 
 
 def weight_bytes(name: str, n: int, k: int) -> float:
@@ -195,9 +201,11 @@ def bench_layers(device: str, shapes, ms, ceilings, on_progress=lambda rows: Non
                 if isinstance(fn, str):
                     rows.append({**row, "skipped": fn})
                     continue
-                if name == FUSED_GEMM and m < _dequant_matmul_min_m():
-                    rows.append({**row, "skipped": "below DEQUANT_MATMUL_MIN_M: the same kernels as qpass nf4"})
-                    continue
+                if name in FUSED_AT_ANY_M:
+                    fmt, module, switch = FUSED_AT_ANY_M[name]
+                    if m < getattr(_kernel_module(module), switch):
+                        rows.append({**row, "skipped": f"below {switch}: the same kernels as qpass {fmt}"})
+                        continue
                 inp = x16 if name.startswith("bnb int8") else x
                 try:
                     with torch.no_grad():

@@ -9,7 +9,8 @@ choice and bf16: the data for choosing the autotune configs and the split heuris
 
 NF4 (double quantization, as the issue's targets): M = 1 sweeps the GEMV's configs, larger M the
 GEMM's (those the autotuner would consider for that M); from ``DEQUANT_MATMUL_MIN_M`` on the op calls
-cuBLAS, which has nothing to sweep. int8 (threshold 6.0): the int8 GEMM's configs at any M. On CUDA
+cuBLAS, which has nothing to sweep. int8 (threshold 6.0): the fused int8 GEMM's configs at any M; from
+``INT_MM_MIN_M`` on, the op's own choice is cuBLAS's int8 product with the kernel as epilogue. On CUDA
 each variant is timed as a replayed CUDA graph (no launch overhead), so the split-K reduction and the
 int8 activation quantization count but Python does not. Rows go to ``sweep_<format>_<tag>.json``,
 rewritten after every M.
@@ -32,7 +33,7 @@ from qpass.formats import quantize_weight
 from qpass.kernels import triton_4bit, triton_int8
 from qpass.kernels.triton_4bit import DEQUANT_MATMUL_MIN_M, gemv_applies, gemv_split, linear_4bit_triton
 from qpass.kernels.triton_common import gemm_split, m_bucket, prune_gemm_configs
-from qpass.kernels.triton_int8 import linear_int8_triton
+from qpass.kernels.triton_int8 import int_mm_applies, linear_int8_triton
 
 sys.path.insert(0, str(Path(__file__).parent))
 from quantized_linears import median_ms  # noqa: E402
@@ -48,6 +49,7 @@ class Layer:
     call: Callable[..., torch.Tensor]  # call(x, autotune=..., config=..., splits=...)
     kernels: Callable[[int], tuple[str, list]]  # M -> (kernel name, the configs the autotuner would try)
     split_of: Callable[[str, int, int | None], tuple[int, int]]  # (kernel, M, wanted) -> (splits, per split)
+    op_path: Callable[[int], str]  # M -> what the op itself runs, when it is not the swept kernel
 
 
 def _nf4_layer(weight: torch.Tensor) -> Layer:
@@ -63,8 +65,8 @@ def _nf4_layer(weight: torch.Tensor) -> Layer:
     def split_of(kernel, m, wanted=None):
         return gemv_split(n, k, config.blocksize, wanted) if kernel == "gemv" else gemm_split(m, n, k, wanted)
 
-    return Layer(layout.dequantize(t, torch.bfloat16), call,
-                 lambda m: _4bit_configs(m, k, config.blocksize, t["weight"]), split_of)
+    kernels = lambda m: _4bit_configs(m, k, config.blocksize, t["weight"])  # noqa: E731
+    return Layer(layout.dequantize(t, torch.bfloat16), call, kernels, split_of, lambda m: kernels(m)[0])
 
 
 def _4bit_configs(m: int, k: int, blocksize: int, packed: torch.Tensor) -> tuple[str, list]:
@@ -87,7 +89,8 @@ def _int8_layer(weight: torch.Tensor) -> Layer:
 
     return Layer(layout.dequantize(t, torch.bfloat16), call,
                  lambda m: ("int8 gemm", _tuner_candidates(triton_int8._gemm_configs(), m)),
-                 lambda kernel, m, wanted=None: gemm_split(m, n, k, wanted))
+                 lambda kernel, m, wanted=None: gemm_split(m, n, k, wanted),
+                 lambda m: "torch._int_mm + int8 epilogue" if int_mm_applies(m, n, k) else "int8 gemm")
 
 
 LAYERS = {"nf4": _nf4_layer, "int8": _int8_layer}
@@ -106,8 +109,9 @@ def sweep(fmt: str, n: int, k: int, ms: list[int], splits: list[int], device: st
         rows.append({"M": m, "variant": "bf16 F.linear", "ms": bf16_ms})
         tuned = device == "cuda"  # the interpreter has no benchmarker: it runs the first config
         layer.call(x, autotune=tuned)  # tunes outside the timing (a CUDA graph cannot capture tuning)
-        choice = f"op's choice ({'autotuned' if tuned else 'first config'}, {heuristic} splits)"
-        rows.append({"M": m, "variant": choice, "kernel": kernel, "splits": heuristic,
+        path = layer.op_path(m)
+        choice = f"op's choice ({path}, {'autotuned' if tuned else 'first config'}, {heuristic} splits)"
+        rows.append({"M": m, "variant": choice, "kernel": path, "splits": heuristic,
                      "ms": median_ms(lambda: layer.call(x, autotune=tuned), device, cuda_graph)})
         for candidate in configs:
             for split in sorted({*splits, heuristic}):

@@ -10,6 +10,11 @@ no host synchronization, so CUDA graphs capture them:
    ``SCA[m] * SCB[n] / 127²`` into float32; then, per K tile that holds an outlier column (others are
    skipped), ``(x * mask) @ (CB * SCB / 127)^T`` in the compute dtype added into that float32 tile;
    bias in float32, one rounding to the compute dtype.
+
+From ``INT_MM_MIN_M`` rows on, cuBLAS computes the int32 product (``torch._int_mm``, cuBLASLt's int8
+tensor-core GEMM, as bitsandbytes does) and the same kernel, with ``PRODUCT_GIVEN``, runs only the
+rest of step 3 on it (the epilogue). Both products are exact int32 sums, so the two paths give the
+same bits.
 """
 
 from __future__ import annotations
@@ -20,6 +25,17 @@ import triton.language as tl
 
 from .reference_int8 import INT8_DEQUANT, INT8_SCALE_PRODUCT
 from .triton_common import chosen_config, dot, gemm_split, ieee_dot, m_bucket, mul_rn, prune_gemm_configs, sum_partials
+
+# From this many rows of x on, cuBLAS multiplies the int8 matrices (torch._int_mm) and the GEMM kernel
+# runs as the epilogue over its int32 result, which costs one more pass over an int32 [M, N]. Below,
+# the fused kernel. A static estimate, like the 4-bit DEQUANT_MATMUL_MIN_M: at M = 2048 on 28672 x 8192
+# (H100) the fused kernel took 1.886 ms against bf16's 1.385 ms, and bitsandbytes, whose int8 product
+# is cuBLASLt's, 1.433 ms. The GPU benchmark times both ("qpass int8" and "qpass int8 fused GEMM").
+INT_MM_MIN_M = 1024
+
+# Columns of the outlier mask the GEMM kernel checks at once before it checks their K tiles one by one
+# (a multiple of every BLOCK_K). A global constexpr, so Inductor's copy of the kernel keeps it.
+OUTLIER_SCAN = tl.constexpr(1024)
 
 
 @triton.jit
@@ -75,11 +91,11 @@ def _quantize_rows_kernel(x_ptr, mask_ptr, ca_ptr, sca_ptr, K, stride_xm, thresh
 
 @triton.jit
 def _int8_gemm_kernel(
-    ca_ptr, cb_ptr, sca_ptr, scb_ptr, x_ptr, mask_ptr, bias_ptr, out_ptr,
+    ca_ptr, cb_ptr, product_ptr, sca_ptr, scb_ptr, x_ptr, mask_ptr, bias_ptr, out_ptr,
     # scale_product and dequant are constants (1 / 127² and 1 / 127) and compile-time: Inductor would
     # pass Python floats as float64 runtime arguments
     M, N, K, stride_xm, stride_om, M_BUCKET, K_PER_SPLIT, scale_product: tl.constexpr, dequant: tl.constexpr,
-    HAS_OUTLIERS: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE_DOT: tl.constexpr,
+    HAS_OUTLIERS: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE_DOT: tl.constexpr, PRODUCT_GIVEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Two K loops, so that one accumulator tile is live at a time (two would halve the tile that fits
@@ -88,36 +104,52 @@ def _int8_gemm_kernel(
     # With several K splits (small M, see triton_common.gemm_split), each writes float32 partial sums to
     # out[split] and the bias comes after their sum. M_BUCKET (M rounded up to a power of two) only
     # keys the autotuner.
+    #
+    # PRODUCT_GIVEN (one split): CA @ CB^T comes computed, int32 [M, N] row-major at product_ptr, and
+    # only the epilogue runs.
+    #
+    # The outlier loop checks the mask a chunk of OUTLIER_SCAN columns at a time and looks at the
+    # chunk's K tiles only if the chunk holds an outlier column: a tile check is a reduction across
+    # the program's warps, too many of them for an epilogue over a large output when there is none.
     pid_m, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     k_start, k_end = split * K_PER_SPLIT, tl.minimum((split + 1) * K_PER_SPLIT, K)
     rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(ca_ptr + rows_m[:, None] * K + cols[None, :], mask=(rows_m[:, None] < M) & (cols[None, :] < K),
-                    other=0)
-        b = tl.load(cb_ptr + rows_n[:, None] * K + cols[None, :], mask=(rows_n[:, None] < N) & (cols[None, :] < K),
-                    other=0)
-        acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+    inside = (rows_m[:, None] < M) & (rows_n[None, :] < N)
+    if PRODUCT_GIVEN:
+        acc = tl.load(product_ptr + rows_m[:, None].to(tl.int64) * N + rows_n[None, :], mask=inside, other=0)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(ca_ptr + rows_m[:, None] * K + cols[None, :], mask=(rows_m[:, None] < M) & (cols[None, :] < K),
+                        other=0)
+            b = tl.load(cb_ptr + rows_n[:, None] * K + cols[None, :], mask=(rows_n[:, None] < N) & (cols[None, :] < K),
+                        other=0)
+            acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
     scb = tl.load(scb_ptr + rows_n, mask=rows_n < N, other=0.0)
     sca = tl.load(sca_ptr + rows_m, mask=rows_m < M, other=0.0)
     result = acc.to(tl.float32) * (sca[:, None] * scb[None, :]) * scale_product
     if HAS_OUTLIERS:
-        for k0 in range(k_start, k_end, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            column_mask = tl.load(mask_ptr + cols, mask=cols < K, other=0)
-            if tl.max(column_mask, axis=0) > 0:
-                x = tl.load(x_ptr + rows_m[:, None] * stride_xm + cols[None, :],
-                            mask=(rows_m[:, None] < M) & (cols[None, :] < K) & (column_mask[None, :] != 0), other=0.0)
-                b = tl.load(cb_ptr + rows_n[:, None] * K + cols[None, :],
-                            mask=(rows_n[:, None] < N) & (cols[None, :] < K), other=0)
-                w = (b.to(tl.float32) * scb[:, None] * dequant).to(x_ptr.dtype.element_ty)
-                result = dot(x, w, result, IEEE_DOT)
+        tl.static_assert(OUTLIER_SCAN % BLOCK_K == 0, "BLOCK_K must divide OUTLIER_SCAN")
+        for c0 in range(k_start, k_end, OUTLIER_SCAN):
+            chunk = c0 + tl.arange(0, OUTLIER_SCAN)
+            if tl.max(tl.load(mask_ptr + chunk, mask=(chunk < k_end), other=0), axis=0) > 0:
+                for k0 in range(c0, tl.minimum(c0 + OUTLIER_SCAN, k_end), BLOCK_K):
+                    cols = k0 + tl.arange(0, BLOCK_K)
+                    column_mask = tl.load(mask_ptr + cols, mask=cols < K, other=0)
+                    if tl.max(column_mask, axis=0) > 0:
+                        x = tl.load(x_ptr + rows_m[:, None] * stride_xm + cols[None, :],
+                                    mask=(rows_m[:, None] < M) & (cols[None, :] < K) & (column_mask[None, :] != 0),
+                                    other=0.0)
+                        b = tl.load(cb_ptr + rows_n[:, None] * K + cols[None, :],
+                                    mask=(rows_n[:, None] < N) & (cols[None, :] < K), other=0)
+                        w = (b.to(tl.float32) * scb[:, None] * dequant).to(x_ptr.dtype.element_ty)
+                        result = dot(x, w, result, IEEE_DOT)
     if HAS_BIAS:
         result += tl.load(bias_ptr + rows_n, mask=rows_n < N, other=0.0).to(x_ptr.dtype.element_ty).to(tl.float32)
     tl.store(out_ptr + (split * M + rows_m[:, None]) * stride_om + rows_n[None, :], result.to(out_ptr.dtype.element_ty),
-             mask=(rows_m[:, None] < M) & (rows_n[None, :] < N))
+             mask=inside)
 
 
 def _gemm_configs():
@@ -135,6 +167,10 @@ def _gemm_configs():
         ]
     ]
 
+
+# The epilogue over a given int32 product (PRODUCT_GIVEN): memory-bound on the int32 read and the
+# output write, so one config; its BLOCK_K only sizes the outlier tiles.
+EPILOGUE_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=2)
 
 _int8_gemm_tuned = triton.autotune(_gemm_configs(), key=["M_BUCKET", "N", "K", "K_PER_SPLIT"], cache_results=True,
                                    prune_configs_by={"early_config_prune": prune_gemm_configs})(_int8_gemm_kernel)
@@ -157,29 +193,45 @@ def int8_vectorwise_quant_triton(x: torch.Tensor, threshold: float, launch=lambd
     return ca, sca, mask
 
 
+def int_mm_applies(m: int, out_features: int, in_features: int) -> bool:
+    """Whether cuBLAS computes the int8 product (``torch._int_mm``): from INT_MM_MIN_M rows on, where
+    its CUDA constraints hold too (more than 16 rows, in and out features multiples of 8)."""
+    return m >= max(INT_MM_MIN_M, 17) and in_features % 8 == 0 and out_features % 8 == 0
+
+
 def linear_int8_triton(
     x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None, threshold: float,
     compute_dtype: torch.dtype, launch=lambda kernel: kernel, autotune: bool = True,
     config: triton.Config | None = None, splits: int | None = None,
 ) -> torch.Tensor:
     """LLM.int8() linear of a 2-D ``x``, in ``compute_dtype``. ``autotune=False`` runs the GEMM's first
-    config, ``config`` that one; ``splits`` sets the number of K splits instead of the heuristic (both
-    for benchmarks and tests)."""
+    config, ``config`` that one (the fused GEMM at any M, also where cuBLAS would multiply); ``splits``
+    sets the number of K splits instead of the heuristic (both for benchmarks and tests)."""
     x = x.to(compute_dtype).contiguous()
     M, K = x.shape
     N = cb.shape[0]
     ca, sca, mask = int8_vectorwise_quant_triton(x, threshold, launch)
     if M == 0:
         return torch.empty((M, N), device=x.device, dtype=compute_dtype)
+    statics = dict(HAS_OUTLIERS=threshold > 0, IEEE_DOT=ieee_dot(compute_dtype), scale_product=INT8_SCALE_PRODUCT,
+                   dequant=INT8_DEQUANT)
+    if config is None and splits is None and int_mm_applies(M, N, K):
+        product = torch._int_mm(ca, cb.t())
+        out = torch.empty((M, N), device=x.device, dtype=compute_dtype)
+        grid = (triton.cdiv(M, EPILOGUE_CONFIG.kwargs["BLOCK_M"]), triton.cdiv(N, EPILOGUE_CONFIG.kwargs["BLOCK_N"]), 1)
+        launch(_int8_gemm_kernel)[grid](
+            ca, cb, product, sca, scb, x, mask, bias if bias is not None else out, out,
+            M, N, K, x.stride(0), N, m_bucket(M), K, **statics, HAS_BIAS=bias is not None, PRODUCT_GIVEN=True,
+            **EPILOGUE_CONFIG.kwargs, num_warps=EPILOGUE_CONFIG.num_warps, num_stages=EPILOGUE_CONFIG.num_stages)
+        return out
     split, k_per_split = gemm_split(M, N, K, splits)
     if split > 1:
         out = torch.empty((split, M, N), device=x.device, dtype=torch.float32)
     else:
         out = torch.empty((M, N), device=x.device, dtype=compute_dtype)
-    args = (ca, cb, sca, scb, x, mask, bias if bias is not None else out, out,
-            M, N, K, x.stride(0), N, m_bucket(M), k_per_split, INT8_SCALE_PRODUCT, INT8_DEQUANT)
-    statics = dict(HAS_OUTLIERS=threshold > 0, HAS_BIAS=bias is not None and split == 1,
-                   IEEE_DOT=ieee_dot(compute_dtype))
+    args = (ca, cb, ca, sca, scb, x, mask, bias if bias is not None else out, out,
+            M, N, K, x.stride(0), N, m_bucket(M), k_per_split)
+    statics.update(HAS_BIAS=bias is not None and split == 1, PRODUCT_GIVEN=False)
     if autotune and config is None:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), split)  # noqa: E731
         launch(_int8_gemm_tuned)[grid](*args, **statics)

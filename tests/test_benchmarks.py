@@ -65,3 +65,13 @@ def test_sweep_times_every_config_and_split(tmp_path):
             assert sorted(str(r["config"]) for r in timed) == sorted(str(c.kwargs) for c in configs)  # one split each
             assert any(r["variant"] == "bf16 F.linear" for r in rows if r["M"] == m)
             assert any(r["variant"].startswith("op's choice") for r in rows if r["M"] == m)
+
+def test_fused_at_any_m_variants_keep_the_fused_kernel_for_one_call():
+    """The GPU-only "fused GEMM" variants (placing each format's switch to cuBLAS) lift the switch
+    during their call only."""
+    for fmt, module, switch in bench.FUSED_AT_ANY_M.values():
+        kernels = bench._kernel_module(module)
+        before = getattr(kernels, switch)
+        seen = []
+        bench._fused_at_any_m(lambda x: seen.append(getattr(kernels, switch)), module, switch)(None)
+        assert seen[0] >= 1 << 62 and getattr(kernels, switch) == before, fmt

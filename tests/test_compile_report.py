@@ -21,7 +21,7 @@ def test_every_config_compiles_for_sm90_without_spills(tmp_path):
                    env=env, check=True, cwd=tmp_path)
     rows = json.loads(out.read_text())
     kinds = {row["kernel"].split(" {")[0] for row in rows}
-    assert kinds == {"4bit gemv", "4bit gemm", "4bit dequant", "int8 gemm"}
+    assert kinds == {"4bit gemv", "4bit gemm", "4bit dequant", "int8 gemm", "int8 epilogue"}
     for row in rows:
         assert row["spill_stack_bytes"] == 0, row
         assert row["shared_bytes"] <= H100_MAX_SHARED, row

@@ -234,11 +234,14 @@ def test_4bit_gemv_reads_x_at_any_offset(dtype):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("spec", ["nf4", "int8"])
-def test_cuda_graphs_capture_the_compiled_layers(spec):
+@pytest.mark.parametrize("rows", [4, 1024], ids=["fused", "cublas"])
+def test_cuda_graphs_capture_the_compiled_layers(spec, rows):
     """torch.compile(mode="reduce-overhead") replays the kernels as a CUDA graph: no host sync, static
-    shapes, same result as eager."""
+    shapes, same result as eager; also where cuBLAS multiplies (from DEQUANT_MATMUL_MIN_M and
+    INT_MM_MIN_M rows on)."""
+    assert rows < 16 or rows >= max(triton_4bit.DEQUANT_MATMUL_MIN_M, triton_int8.INT_MM_MIN_M)
     model = qpass.quantize(torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.Linear(512, 128)).cuda(), spec)
-    x = torch.randn(4, 256, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(rows, 256, device="cuda", dtype=torch.bfloat16)
     x[:, 3] *= 50  # outlier column for int8
     eager = model(x)
     torch._dynamo.reset()
@@ -330,6 +333,35 @@ def test_large_m_dequantizes_once_then_multiplies(monkeypatch):
     assert len(calls) == 1
     op, args = layout.linear_call(x, t, bias)
     _check(out, x, layout, t, bias, _reference(op, args))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("outlier_column", [None, 1500], ids=["no-outliers", "outlier-in-second-scan-chunk"])
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_large_m_int8_product_from_int_mm(dtype, outlier_column, has_bias, monkeypatch):
+    """From INT_MM_MIN_M rows on: torch._int_mm (cuBLAS on a GPU) multiplies, the GEMM kernel's epilogue
+    adds scales, outlier tiles and bias. K = 2048 spans two chunks of the outlier scan, the first
+    without an outlier column. Without outliers the epilogue and the fused kernel give the same bits."""
+    monkeypatch.setattr(triton_int8, "INT_MM_MIN_M", 8)
+    m, n, k = 24, 40, 2048
+    calls = []
+    original = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda *a: calls.append(a) or original(*a))
+    layout, t = quantize_weight(torch.randn(n, k) * 0.05, qpass.Int8Config(compute_dtype=dtype))
+    t = {name: v.to(DEVICE) for name, v in t.items()}
+    x, bias = _inputs(m, n, k, dtype, outlier_column=outlier_column)
+    bias = bias if has_bias else None
+    out = linear_int8_triton(x, t["weight"], t["SCB"], bias, 6.0, dtype, autotune=False)
+    assert len(calls) == 1
+    op, args = layout.linear_call(x, t, bias)
+    _check_int8(out, _reference(op, args), dtype)
+    fused = linear_int8_triton(x, t["weight"], t["SCB"], bias, 6.0, dtype, config=triton_int8._gemm_configs()[0],
+                               splits=1)  # one split: the int32 sum is scaled once, as in the epilogue
+    assert len(calls) == 1  # an explicit config runs the fused kernel
+    if outlier_column is None:
+        assert torch.equal(out, fused)
+    # below 17 rows (torch._int_mm's CUDA floor) or with N not a multiple of 8: the fused kernel
+    assert not triton_int8.int_mm_applies(16, n, k) and not triton_int8.int_mm_applies(m, n + 1, k)
 
 
 @pytest.mark.skipif(INTERPRETED, reason="autotuning times every config on a GPU")
