@@ -27,6 +27,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -139,37 +140,54 @@ def layer_variants(weight: torch.Tensor, device: str) -> dict[str, Callable | st
         # not Python launch overhead, which a serving stack's graphs remove too.
         variants[f"qpass {fmt} compiled"] = torch.compile(layer, fullgraph=True, dynamic=False)
     if device == "cuda":  # the large-M alternatives, to place each switch to cuBLAS
-        for name, (fmt, module, switch) in FUSED_AT_ANY_M.items():
-            variants[name] = _fused_at_any_m(variants[f"qpass {fmt}"], module, switch)
+        for name, switched in SWITCHED.items():
+            variants[name] = _with_switch(variants[f"qpass {switched.fmt}"], switched)
     variants.update(_bitsandbytes_variants(weight))
     variants.update(_torchao_variants(weight))
     return variants
 
 
-# From a number of rows on, each format hands the matmul to cuBLAS: nf4 dequantizes the weight first,
-# int8 lets torch._int_mm multiply and runs only the epilogue. These variants keep the fused kernel at
-# every M, to place those switches: name -> (format, kernel module, the module's switch).
-FUSED_AT_ANY_M = {
-    "qpass nf4 fused GEMM": ("nf4", "triton_4bit", "DEQUANT_MATMUL_MIN_M"),
-    "qpass int8 fused GEMM": ("int8", "triton_int8", "INT_MM_MIN_M"),
+@dataclass(frozen=True)
+class Switched:
+    """A qpass layer on the other side of its format's switch to cuBLAS (``module.switch`` rows)."""
+
+    fmt: str
+    module: str  # the kernel module under qpass.kernels
+    switch: str  # its constant: from this many rows on, cuBLAS multiplies
+    forced: int  # the value the variant sets for its call
+
+    def kernels(self):
+        return importlib.import_module(f"qpass.kernels.{self.module}")
+
+    def differs_at(self, m: int) -> bool:
+        """Whether the forced switch takes another path than the op's own at M rows. cuBLAS only above
+        16 rows (torch._int_mm's floor; below, the GEMV and the split-K GEMM are the point)."""
+        current = getattr(self.kernels(), self.switch)
+        return (m >= current) != (m >= self.forced) and m > 16
+
+
+# nf4 dequantizes the weight and lets cuBLAS multiply from DEQUANT_MATMUL_MIN_M rows on; int8 lets
+# torch._int_mm multiply and runs only its kernel's epilogue from INT_MM_MIN_M on. Each variant here
+# takes the other path at the M where it differs from the op's, to place those switches.
+SWITCHED = {
+    "qpass nf4 fused GEMM": Switched("nf4", "triton_4bit", "DEQUANT_MATMUL_MIN_M", 1 << 62),
+    "qpass nf4 via cuBLAS": Switched("nf4", "triton_4bit", "DEQUANT_MATMUL_MIN_M", 0),
+    "qpass int8 fused GEMM": Switched("int8", "triton_int8", "INT_MM_MIN_M", 1 << 62),
+    "qpass int8 via cuBLAS": Switched("int8", "triton_int8", "INT_MM_MIN_M", 0),
 }
 
 
-def _kernel_module(name: str):
-    return importlib.import_module(f"qpass.kernels.{name}")
-
-
-def _fused_at_any_m(layer: nn.Module, module: str, switch: str) -> Callable:
-    """``layer`` with its fused kernel at every M (eager: the switch is read at each call)."""
-    kernels = _kernel_module(module)
+def _with_switch(layer: nn.Module, switched: Switched) -> Callable:
+    """``layer`` with ``switched.forced`` as its switch during each call (eager: read at each call)."""
+    kernels = switched.kernels()
 
     def run(x):
-        saved = getattr(kernels, switch)
-        setattr(kernels, switch, 1 << 62)
+        saved = getattr(kernels, switched.switch)
+        setattr(kernels, switched.switch, switched.forced)
         try:
             return layer(x)
         finally:
-            setattr(kernels, switch, saved)
+            setattr(kernels, switched.switch, saved)
     return run
 
 
@@ -201,11 +219,9 @@ def bench_layers(device: str, shapes, ms, ceilings, on_progress=lambda rows: Non
                 if isinstance(fn, str):
                     rows.append({**row, "skipped": fn})
                     continue
-                if name in FUSED_AT_ANY_M:
-                    fmt, module, switch = FUSED_AT_ANY_M[name]
-                    if m < getattr(_kernel_module(module), switch):
-                        rows.append({**row, "skipped": f"below {switch}: the same kernels as qpass {fmt}"})
-                        continue
+                if name in SWITCHED and not SWITCHED[name].differs_at(m):
+                    rows.append({**row, "skipped": f"the same path as qpass {SWITCHED[name].fmt} at this M"})
+                    continue
                 inp = x16 if name.startswith("bnb int8") else x
                 try:
                     with torch.no_grad():

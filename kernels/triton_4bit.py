@@ -52,7 +52,8 @@ GEMV_MAX_M = 1
 # From this many rows of x on, the weight is dequantized once (one memory-bound pass) and multiplied by
 # cuBLAS, as bitsandbytes does for M > 1: the fused GEMM would dequantize each weight M / BLOCK_M
 # times (16 times at M = 2048 with 128-row tiles, ~9 instructions each). A static estimate; the GPU
-# benchmark times both ("qpass nf4" and "qpass nf4 fused GEMM") to set it.
+# layer benchmark times the other path at each M ("qpass nf4 fused GEMM" from here on, "qpass nf4 via
+# cuBLAS" below) to set it.
 DEQUANT_MATMUL_MIN_M = 1024
 
 

@@ -30,7 +30,8 @@ from .triton_common import chosen_config, dot, gemm_split, ieee_dot, m_bucket, m
 # runs as the epilogue over its int32 result, which costs one more pass over an int32 [M, N]. Below,
 # the fused kernel. A static estimate, like the 4-bit DEQUANT_MATMUL_MIN_M: at M = 2048 on 28672 x 8192
 # (H100) the fused kernel took 1.886 ms against bf16's 1.385 ms, and bitsandbytes, whose int8 product
-# is cuBLASLt's, 1.433 ms. The GPU benchmark times both ("qpass int8" and "qpass int8 fused GEMM").
+# is cuBLASLt's, 1.433 ms. The GPU layer benchmark times the other path at each M ("qpass int8 fused
+# GEMM" from here on, "qpass int8 via cuBLAS" below).
 INT_MM_MIN_M = 1024
 
 # Columns of the outlier mask the GEMM kernel checks at once before it checks their K tiles one by one

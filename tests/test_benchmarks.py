@@ -66,12 +66,15 @@ def test_sweep_times_every_config_and_split(tmp_path):
             assert any(r["variant"] == "bf16 F.linear" for r in rows if r["M"] == m)
             assert any(r["variant"].startswith("op's choice") for r in rows if r["M"] == m)
 
-def test_fused_at_any_m_variants_keep_the_fused_kernel_for_one_call():
-    """The GPU-only "fused GEMM" variants (placing each format's switch to cuBLAS) lift the switch
-    during their call only."""
-    for fmt, module, switch in bench.FUSED_AT_ANY_M.values():
-        kernels = bench._kernel_module(module)
-        before = getattr(kernels, switch)
+def test_switched_variants_take_the_other_path_for_one_call():
+    """The GPU-only variants that place each format's switch to cuBLAS set it during their call only,
+    and are timed only at the M where they take another path than the op's own."""
+    for name, switched in bench.SWITCHED.items():
+        kernels = switched.kernels()
+        before = getattr(kernels, switched.switch)
         seen = []
-        bench._fused_at_any_m(lambda x: seen.append(getattr(kernels, switch)), module, switch)(None)
-        assert seen[0] >= 1 << 62 and getattr(kernels, switch) == before, fmt
+        bench._with_switch(lambda x: seen.append(getattr(kernels, switched.switch)), switched)(None)
+        assert seen == [switched.forced] and getattr(kernels, switched.switch) == before, name
+        fused = switched.forced > before
+        assert [m for m in (1, 16, 17, before - 1, before, 2 * before) if switched.differs_at(m)] == (
+            [before, 2 * before] if fused else [17, before - 1]), name
