@@ -41,6 +41,17 @@ def _output_dtype(x: Tensor, compute_dtype: torch.dtype) -> torch.dtype:
     return x.dtype if x.is_floating_point() else compute_dtype
 
 
+def _grad_input(grad_out: Tensor, weight: Tensor, compute_dtype: torch.dtype, x_dtype: torch.dtype) -> Tensor:
+    """The input's gradient ``grad_out @ W`` (``weight`` the dequantized ``W`` in ``compute_dtype``) with
+    the forward's numerics: compute-dtype operands, float32 accumulation, one rounding. On CUDA that is
+    cuBLAS's tensor-core GEMM in the compute dtype (a float32 GEMM would be several times slower and
+    hold a float32 copy of the weight); elsewhere float32 operands, as the reference computes."""
+    grad_out = grad_out.to(compute_dtype)
+    if grad_out.device.type == "cuda":
+        return (grad_out @ weight).to(x_dtype)
+    return (grad_out.float() @ weight.float()).to(compute_dtype).to(x_dtype)
+
+
 def _check_input(x: Tensor, in_features: int, op: str) -> None:
     torch._check(
         x.dim() >= 1 and x.shape[-1] == in_features,
@@ -164,7 +175,7 @@ def _backward_linear_4bit(ctx, grad_out):
         weight = torch.ops.qpass.dequantize_4bit(
             packed, quant_map, absmax, nested_absmax, nested_code, offset, shape, blocksize, compute_dtype
         )
-        grad_x = (grad_out.to(compute_dtype).float() @ weight.float()).to(compute_dtype).to(x_dtype)
+        grad_x = _grad_input(grad_out, weight, compute_dtype, x_dtype)
     if bias_dtype is not None and ctx.needs_input_grad[7]:
         grad_bias = grad_out.reshape(-1, shape[0]).sum(0).to(bias_dtype)
     return (grad_x,) + (None,) * 6 + (grad_bias,) + (None,) * 5
@@ -230,7 +241,7 @@ def _backward_linear_int8(ctx, grad_out):
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
         weight = torch.ops.qpass.dequantize_int8(cb, scb, compute_dtype)
-        grad_x = (grad_out.to(compute_dtype).float() @ weight.float()).to(compute_dtype).to(x_dtype)
+        grad_x = _grad_input(grad_out, weight, compute_dtype, x_dtype)
     if bias_dtype is not None and ctx.needs_input_grad[3]:
         grad_bias = grad_out.reshape(-1, cb.shape[0]).sum(0).to(bias_dtype)
     return grad_x, None, None, grad_bias, None, None

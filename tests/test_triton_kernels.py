@@ -256,6 +256,23 @@ def test_cuda_graphs_capture_the_compiled_layers(spec, rows):
     assert relative_error(out, eager) < VS_REFERENCE[torch.bfloat16]
 
 
+@pytest.mark.parametrize("config", [qpass.NF4Config(), qpass.Int8Config(), qpass.NF4Config(compute_dtype=torch.float16)],
+                         ids=["nf4-bf16", "int8-bf16", "nf4-fp16"])
+def test_input_gradient_on_the_kernel_device(config):
+    """Backward through the ops where the kernels run (QLoRA's path): the input's gradient is
+    grad_out @ W with compute-dtype operands and float32 accumulation (on CUDA a tensor-core GEMM)."""
+    layout, t = quantize_weight(torch.randn(48, 256) * 0.05, config)
+    t = {name: None if v is None else v.to(DEVICE) for name, v in t.items()}
+    x = torch.randn(3, 5, 256, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    op, args = layout.linear_call(x, t, None)
+    out = op(*args)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    dtype = config.compute_dtype
+    exact = grad_out.to(dtype).double() @ layout.dequantize(t, dtype).double()
+    assert x.grad.dtype == torch.bfloat16 and relative_error(x.grad, exact) < VS_FP64[torch.bfloat16]
+
+
 @pytest.mark.parametrize("k", [128, 100], ids=["gemv", "gemm"])
 def test_empty_batch(k):
     """M = 0 (an empty batch) gives an empty result, not a launch error."""
