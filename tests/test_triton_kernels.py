@@ -256,11 +256,15 @@ def test_cuda_graphs_capture_the_compiled_layers(spec, rows):
     assert relative_error(out, eager) < VS_REFERENCE[torch.bfloat16]
 
 
-@pytest.mark.parametrize("config", [qpass.NF4Config(), qpass.Int8Config(), qpass.NF4Config(compute_dtype=torch.float16)],
-                         ids=["nf4-bf16", "int8-bf16", "nf4-fp16"])
-def test_input_gradient_on_the_kernel_device(config):
+GRADIENT_CONFIGS = {"nf4-bf16": qpass.NF4Config(), "int8-bf16": qpass.Int8Config(),
+                    "nf4-fp16": qpass.NF4Config(compute_dtype=torch.float16)}
+
+
+@pytest.mark.parametrize("name", GRADIENT_CONFIGS)
+def test_input_gradient_on_the_kernel_device(name):
     """Backward through the ops where the kernels run (QLoRA's path): the input's gradient is
     grad_out @ W with compute-dtype operands and float32 accumulation (on CUDA a tensor-core GEMM)."""
+    config = GRADIENT_CONFIGS[name]
     layout, t = quantize_weight(torch.randn(48, 256) * 0.05, config)
     t = {name: None if v is None else v.to(DEVICE) for name, v in t.items()}
     x = torch.randn(3, 5, 256, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
