@@ -170,8 +170,9 @@ def _gemm_configs():
 
 
 # The epilogue over a given int32 product (PRODUCT_GIVEN): memory-bound on the int32 read and the
-# output write, so one config; its BLOCK_K only sizes the outlier tiles.
-EPILOGUE_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=2)
+# output write, so one config; its BLOCK_K only sizes the outlier tiles. Eight warps: 103 registers per
+# thread on sm_90 (four warps need 180), so an SM holds two programs with twice the threads in flight.
+EPILOGUE_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=2)
 
 _int8_gemm_tuned = triton.autotune(_gemm_configs(), key=["M_BUCKET", "N", "K", "K_PER_SPLIT"], cache_results=True,
                                    prune_configs_by={"early_config_prune": prune_gemm_configs})(_int8_gemm_kernel)
