@@ -139,7 +139,7 @@ def layer_variants(weight: torch.Tensor, device: str) -> dict[str, Callable | st
         # On CUDA the compiled layer is timed as a replayed CUDA graph: GPU time,
         # not Python launch overhead, which a serving stack's graphs remove too.
         variants[f"qpass {fmt} compiled"] = torch.compile(layer, fullgraph=True, dynamic=False)
-    if device == "cuda":  # the large-M alternatives, to place each switch to cuBLAS
+    if device == "cuda":  # each format's other path around its switch to cuBLAS, to place the switch
         for name, switched in SWITCHED.items():
             variants[name] = _with_switch(variants[f"qpass {switched.fmt}"], switched)
     variants.update(_bitsandbytes_variants(weight))

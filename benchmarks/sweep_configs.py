@@ -49,7 +49,7 @@ class Layer:
     call: Callable[..., torch.Tensor]  # call(x, autotune=..., config=..., splits=...)
     kernels: Callable[[int], tuple[str, list]]  # M -> (kernel name, the configs the autotuner would try)
     split_of: Callable[[str, int, int | None], tuple[int, int]]  # (kernel, M, wanted) -> (splits, per split)
-    op_path: Callable[[int], str]  # M -> what the op itself runs, when it is not the swept kernel
+    op_path: Callable[[int], str]  # M -> what the op itself runs (the swept kernel, or cuBLAS + epilogue)
 
 
 def _nf4_layer(weight: torch.Tensor) -> Layer:
