@@ -13,8 +13,9 @@ no host synchronization, so CUDA graphs capture them:
 
 From ``INT_MM_MIN_M`` rows on, cuBLAS computes the int32 product (``torch._int_mm``, cuBLASLt's int8
 tensor-core GEMM, as bitsandbytes does) and the same kernel, with ``PRODUCT_GIVEN``, runs only the
-rest of step 3 on it (the epilogue). Both products are exact int32 sums, so the two paths give the
-same bits.
+rest of step 3 on it (the epilogue). Both products are the exact int32 sum, so without outlier
+columns the two paths give the same bits (with them, the outlier tiles' float32 sums may be grouped
+differently: the fused kernel's BLOCK_K is tuned).
 """
 
 from __future__ import annotations
