@@ -202,6 +202,13 @@ def int_mm_applies(m: int, out_features: int, in_features: int) -> bool:
     return m >= max(INT_MM_MIN_M, 17) and in_features % 8 == 0 and out_features % 8 == 0
 
 
+def _launch(launch, config: triton.Config, M: int, N: int, split: int, args: tuple, statics: dict) -> None:
+    """``_int8_gemm_kernel`` with one config (untuned, or the epilogue's) over its M x N tiles and splits."""
+    grid = (triton.cdiv(M, config.kwargs["BLOCK_M"]), triton.cdiv(N, config.kwargs["BLOCK_N"]), split)
+    launch(_int8_gemm_kernel)[grid](*args, **statics, **config.kwargs, num_warps=config.num_warps,
+                                    num_stages=config.num_stages)
+
+
 def linear_int8_triton(
     x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None, threshold: float,
     compute_dtype: torch.dtype, launch=lambda kernel: kernel, autotune: bool = True,
@@ -219,13 +226,11 @@ def linear_int8_triton(
     statics = dict(HAS_OUTLIERS=threshold > 0, IEEE_DOT=ieee_dot(compute_dtype), scale_product=INT8_SCALE_PRODUCT,
                    dequant=INT8_DEQUANT)
     if config is None and splits is None and int_mm_applies(M, N, K):
-        product = torch._int_mm(ca, cb.t())
         out = torch.empty((M, N), device=x.device, dtype=compute_dtype)
-        grid = (triton.cdiv(M, EPILOGUE_CONFIG.kwargs["BLOCK_M"]), triton.cdiv(N, EPILOGUE_CONFIG.kwargs["BLOCK_N"]), 1)
-        launch(_int8_gemm_kernel)[grid](
-            ca, cb, product, sca, scb, x, mask, bias if bias is not None else out, out,
-            M, N, K, x.stride(0), N, m_bucket(M), K, **statics, HAS_BIAS=bias is not None, PRODUCT_GIVEN=True,
-            **EPILOGUE_CONFIG.kwargs, num_warps=EPILOGUE_CONFIG.num_warps, num_stages=EPILOGUE_CONFIG.num_stages)
+        args = (ca, cb, torch._int_mm(ca, cb.t()), sca, scb, x, mask, bias if bias is not None else out, out,
+                M, N, K, x.stride(0), N, m_bucket(M), K)
+        statics.update(HAS_BIAS=bias is not None, PRODUCT_GIVEN=True)
+        _launch(launch, EPILOGUE_CONFIG, M, N, 1, args, statics)
         return out
     split, k_per_split = gemm_split(M, N, K, splits)
     if split > 1:
@@ -239,8 +244,5 @@ def linear_int8_triton(
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), split)  # noqa: E731
         launch(_int8_gemm_tuned)[grid](*args, **statics)
     else:
-        config = chosen_config(_gemm_configs(), config, "int8 GEMM")
-        grid = (triton.cdiv(M, config.kwargs["BLOCK_M"]), triton.cdiv(N, config.kwargs["BLOCK_N"]), split)
-        launch(_int8_gemm_kernel)[grid](*args, **statics, **config.kwargs, num_warps=config.num_warps,
-                                        num_stages=config.num_stages)
+        _launch(launch, chosen_config(_gemm_configs(), config, "int8 GEMM"), M, N, split, args, statics)
     return sum_partials(out, bias, compute_dtype) if split > 1 else out
