@@ -4,8 +4,9 @@
 
 Triton's compiler and ptxas ship in the triton wheel, so a CPU machine can compile the kernels for
 sm_90 (H100/H200) and read registers per thread, spill stack and shared memory off the cubin
-(``cuobjdump -res-usage``). A config that spills or exceeds the 227 KiB of shared memory an H100 block
-may use is worth dropping before any GPU time is spent on autotuning it.
+(``cuobjdump -res-usage``), and how its dots run off Triton's GPU IR (``tensor_cores``). A config that
+spills or exceeds the 227 KiB of shared memory an H100 block may use is worth dropping before any GPU
+time is spent on autotuning it.
 
 Each kernel is compiled as a launch on a Llama-sized layer (28672 x 8192) would specialize it: every
 pointer and every integer argument divisible by 16 is marked so, which decides how wide the loads
@@ -113,9 +114,20 @@ def compile_case(kernel, signature, constexprs, num_warps, num_stages, arch: int
     match = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     loop = main_loop(sass)
     return {"registers": int(match.group(1)), "spill_stack_bytes": int(match.group(2)), "shared_bytes": compiled.metadata.shared,
+            "tensor_cores": tensor_cores(compiled.asm["ttgir"]),
             "main_loop_instructions": len(loop),
             "instructions_per_weight": len(loop) * 32 * num_warps / weights_per_iteration,
             "main_loop_mix": dict(collections.Counter(_opcode(line) for line in loop).most_common(8))}
+
+
+def tensor_cores(ttgir: str) -> str:
+    """How a kernel's dots run, from its Triton GPU IR: "wgmma async" (Hopper's warp-group MMA, left
+    in flight across loop steps: some wait allows pending dots), "wgmma waited" (every dot waited for
+    at once), "mma.sync" (the pre-Hopper warp MMA) or "none"."""
+    if "ttng.warp_group_dot " in ttgir:
+        pending = [int(n) for n in re.findall(r"warp_group_dot_wait.*?pendings = (\d+)", ttgir)]
+        return "wgmma async" if any(pending) else "wgmma waited"
+    return "mma.sync" if "tt.dot " in ttgir else "none"
 
 
 def _cuobjdump(flag: str, path: str) -> str:
@@ -160,6 +172,7 @@ def main(argv=None) -> list[dict]:
             flags.append("TOO MUCH SHARED MEMORY")
         print(f"{name:<70} warps={warps} stages={stages} regs={row['registers']:>3} "
               f"spill={row['spill_stack_bytes']:>5} shared={row['shared_bytes'] / 1024:6.1f} KiB "
+              f"mma={row['tensor_cores']:<12} "
               f"instr/weight={row['instructions_per_weight']:5.2f} "
               f"{' '.join(flags)}", flush=True)
         rows.append(row)

@@ -11,7 +11,7 @@ compute dtype, multiplied with ``x`` (in the compute dtype) accumulating in floa
 float32 and the result is rounded once. Two paths scale after multiplying, so they round something
 else than the weight, within one compute-dtype rounding per weight of the reference either way: the
 GEMV never rounds (``scale * sum(code * x)`` in float32 per block), and GEMM tiles of at most 32 rows
-whose K step is one block round the code value, not the scaled weight.
+whose K step is one block (not SWAP_AB) round the code value, not the scaled weight.
 
 Three paths:
 
@@ -25,9 +25,12 @@ Three paths:
   are adjacent in the grid, so the weight is read from DRAM once.
 * ``_gemm_kernel`` (GEMV_MAX_M < M < DEQUANT_MATMUL_MIN_M, and M = 1 when the GEMV does not apply):
   BLOCK_M x BLOCK_N tiles; each K step dequantizes a [BLOCK_N, BLOCK_K] weight tile in registers
-  and feeds ``tl.dot`` (tensor cores). For whole blocks per row, the high and low nibbles stay in
-  two half tiles that meet the even and odd columns of x in two dots (no interleave), and the lookup
-  is a ``tl.gather`` (shared memory; warp shuffles in single-warp tiles).
+  and feeds ``tl.dot`` (tensor cores). For whole blocks per row, the lookup is a ``tl.gather``: per
+  packed byte from 256 pairs of code values in multi-warp tiles (shared memory), per nibble from
+  the 16 values in single-warp tiles (warp shuffles). Either the high and low nibbles stay in two
+  half tiles that meet the even and odd columns of x in two dots (no interleave), or (SWAP_AB
+  configs) they are joined into the weight tile and the dot is computed transposed, W @ x^T, so
+  that Hopper's wgmma takes the weight from registers and runs asynchronously.
   For M <= GEMM_SPLIT_MAX_M the K range is split when the output tiles alone are too few programs
   for the GPU; the splits' float32 sums are added as in the GEMV.
 * M >= DEQUANT_MATMUL_MIN_M: ``_dequant_kernel`` writes the weight in the compute dtype once (also the
@@ -72,21 +75,40 @@ def _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, bl
 
 
 @triton.jit
-def _code_halves(packed_ptr, code, rows, k0, N, K, BLOCK_K: tl.constexpr):
+def _code_table(code_ptr, PAIRS: tl.constexpr):
+    """The code book as a ``tl.gather`` table: its 16 float32 values, or with PAIRS 256 int64 entries,
+    entry b holding the bits of code[b >> 4] in its low and of code[b & 15] in its high 32 bits (the
+    two weights of packed byte b). Programs of several warps gather through shared memory, where one
+    64-bit lookup per byte costs half the loads of one per nibble and needs no nibble extraction; in a
+    single-warp program tl.gather from 16 values is one warp shuffle, and from 256 far more."""
+    table = tl.load(code_ptr + tl.arange(0, 16))
+    if PAIRS:
+        bits = table.to(tl.uint32, bitcast=True).to(tl.uint64)
+        table = tl.reshape(bits[:, None] | (bits[None, :] << 32), (256,))
+    return table
+
+
+@triton.jit
+def _code_halves(packed_ptr, table, rows, k0, N, K, BLOCK_K: tl.constexpr):
     """float32 code-book values (unscaled) of (W[rows, k0::2], W[rows, k0 + 1::2]) over k0 : k0 + BLOCK_K,
     zero outside the matrix, for K % BLOCKSIZE == 0 (no block crosses a row: every LLM layer).
 
     The tile's bytes load contiguously; high nibbles (even k) and low nibbles (odd k) stay apart, so
-    the caller multiplies them with the even and odd columns of x instead of interleaving them. The
-    lookup in the 16-value ``code`` is one ``tl.gather`` per half."""
+    the caller multiplies them with the even and odd columns of x (or joins them). The lookup in
+    ``table`` (``_code_table``) is one ``tl.gather`` per byte (pairs) or per half (16 values)."""
     HALF: tl.constexpr = BLOCK_K // 2
     BLOCK_N: tl.constexpr = rows.shape[0]
     byte_cols = k0 // 2 + tl.arange(0, HALF)
     inside_bytes = (rows[:, None] < N) & (byte_cols[None, :] < K // 2)
     byte = tl.load(packed_ptr + rows[:, None].to(tl.int64) * (K // 2) + byte_cols[None, :], mask=inside_bytes, other=0)
-    byte = byte.to(tl.int32)
-    high = tl.reshape(tl.gather(code, tl.reshape(byte >> 4, (BLOCK_N * HALF,)), 0), (BLOCK_N, HALF))
-    low = tl.reshape(tl.gather(code, tl.reshape(byte & 0xF, (BLOCK_N * HALF,)), 0), (BLOCK_N, HALF))
+    byte = tl.reshape(byte.to(tl.int32), (BLOCK_N * HALF,))
+    if table.shape[0] == 256:
+        pair = tl.reshape(tl.gather(table, byte, 0), (BLOCK_N, HALF))
+        high = pair.to(tl.uint32).to(tl.float32, bitcast=True)
+        low = (pair >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
+    else:
+        high = tl.reshape(tl.gather(table, byte >> 4, 0), (BLOCK_N, HALF))
+        low = tl.reshape(tl.gather(table, byte & 0xF, 0), (BLOCK_N, HALF))
     return high, low
 
 
@@ -106,14 +128,14 @@ def _tile_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, row
 
 @triton.jit
 def _dequant_halves(
-    packed_ptr, code, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, rows, k0, N, K,
+    packed_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, rows, k0, N, K,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """float32 (W[rows, k0::2], W[rows, k0 + 1::2]): ``_code_halves`` times each block's scale."""
     HALF: tl.constexpr = BLOCK_K // 2
     BLOCKS: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_K >= BLOCKSIZE else 1
     BLOCK_N: tl.constexpr = rows.shape[0]
-    high, low = _code_halves(packed_ptr, code, rows, k0, N, K, BLOCK_K)
+    high, low = _code_halves(packed_ptr, table, rows, k0, N, K, BLOCK_K)
     scale = _tile_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, rows, k0, N, K,
                          BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, BLOCK_K)[:, :, None]
     high = tl.reshape(tl.reshape(high, (BLOCK_N, BLOCKS, HALF // BLOCKS)) * scale, (BLOCK_N, HALF))
@@ -236,7 +258,7 @@ def _gemm_kernel(
     M, N, K, stride_xm, stride_om, M_BUCKET, K_PER_SPLIT,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr,
     HAS_BIAS: tl.constexpr, IEEE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    LOAD_STAGES: tl.constexpr,
+    LOAD_STAGES: tl.constexpr, SWAP_AB: tl.constexpr, PAIR_LOOKUP: tl.constexpr,
 ):
     # out[split, m, n] = round(sum over this split's k of x[m, k] * W[n, k] (+ bias[n])) over a
     # BLOCK_M x BLOCK_N tile. With one split, out is the [M, N] result in the compute dtype; with
@@ -250,13 +272,27 @@ def _gemm_kernel(
     # LOAD_STAGES 0: the kernel's num_stages pipelines the loads feeding tl.dot (x and the codes)
     # only, and each step waits for its scales (a 1-byte absmax load, then the nested code it indexes);
     # an int: every load of the loop, the scale chain included, is pipelined that many steps deep.
+    #
+    # SWAP_AB: the tile is computed transposed, acc[BLOCK_N, BLOCK_M] = W_tile @ x_tile^T, with the
+    # weight whole (high and low nibbles joined) as the dot's first operand. On Hopper, wgmma reads
+    # its first operand from registers and its second from shared memory, so the dequantized weight
+    # goes straight from registers into the tensor cores, x from the pipeline's shared-memory buffer,
+    # and the dots stay asynchronous across steps; without SWAP_AB the dequantized tile is written to
+    # shared memory each step and every dot is waited for. The swap also puts the weight's BLOCK_N (a
+    # multiple of 64) on wgmma's 64-row side, so M = 16 tiles use wgmma too.
+    #
+    # PAIR_LOOKUP: code-book lookups a byte at a time from 256 value pairs (see _code_table); set for
+    # multi-warp programs, whose gathers go through shared memory.
     pid_m, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    SCALE_AFTER_DOT: tl.constexpr = BLOCK_K == BLOCKSIZE and BLOCK_M <= 32
+    SCALE_AFTER_DOT: tl.constexpr = BLOCK_K == BLOCKSIZE and BLOCK_M <= 32 and not SWAP_AB
     rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if ROW_ALIGNED:
-        code = tl.load(code_ptr + tl.arange(0, 16))
+        table = _code_table(code_ptr, PAIR_LOOKUP)
     k_first = split * K_PER_SPLIT
     k_last = tl.minimum(k_first + K_PER_SPLIT, K)
     for k0 in tl.range(k_first, k_last, BLOCK_K, num_stages=LOAD_STAGES if LOAD_STAGES else None):
@@ -265,16 +301,22 @@ def _gemm_kernel(
                     mask=(rows_m[:, None] < M) & (cols[None, :] < K), other=0.0)
         if ROW_ALIGNED and SCALE_AFTER_DOT:  # the step is one quantization block
             x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
-            c_even, c_odd = _code_halves(packed_ptr, code, rows_n, k0, N, K, BLOCK_K)
+            c_even, c_odd = _code_halves(packed_ptr, table, rows_n, k0, N, K, BLOCK_K)
             step = dot(x_even, c_even.to(x_ptr.dtype.element_ty), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
                         IEEE_DOT)
             step = dot(x_odd, c_odd.to(x_ptr.dtype.element_ty), step, IEEE_DOT)
             scale = _tile_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, rows_n, k0, N, K,
                                  BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, BLOCK_K)
             acc += step * tl.reshape(scale, (1, BLOCK_N))
+        elif ROW_ALIGNED and SWAP_AB:
+            w_even, w_odd = _dequant_halves(packed_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
+                                            offset_ptr, rows_n, k0, N, K, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT,
+                                            BLOCK_K)
+            w = tl.reshape(tl.join(w_even, w_odd), (BLOCK_N, BLOCK_K))
+            acc = dot(w.to(x_ptr.dtype.element_ty), x, acc, IEEE_DOT)
         elif ROW_ALIGNED:  # even and odd columns of x against the high and low nibbles
             x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
-            w_even, w_odd = _dequant_halves(packed_ptr, code, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
+            w_even, w_odd = _dequant_halves(packed_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
                                             offset_ptr, rows_n, k0, N, K, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT,
                                             BLOCK_K)
             acc = dot(x_even, w_even.to(x_ptr.dtype.element_ty), acc, IEEE_DOT)
@@ -282,7 +324,12 @@ def _gemm_kernel(
         else:
             w = _dequant_tile(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
                               rows_n, k0, N, K, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, BLOCK_K)
-            acc = dot(x, w.to(x_ptr.dtype.element_ty), acc, IEEE_DOT)
+            if SWAP_AB:
+                acc = dot(w.to(x_ptr.dtype.element_ty), x, acc, IEEE_DOT)
+            else:
+                acc = dot(x, w.to(x_ptr.dtype.element_ty), acc, IEEE_DOT)
+    if SWAP_AB:
+        acc = tl.trans(acc)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows_n, mask=rows_n < N, other=0.0).to(x_ptr.dtype.element_ty).to(tl.float32)
     tl.store(out_ptr + (split * M + rows_m[:, None]) * stride_om + rows_n[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -301,8 +348,8 @@ def _dequant_kernel(
     k0 = tl.program_id(1) * BLOCK_K
     cols = k0 + tl.arange(0, BLOCK_K)
     if ROW_ALIGNED:
-        code = tl.load(code_ptr + tl.arange(0, 16))
-        w_even, w_odd = _dequant_halves(packed_ptr, code, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+        table = _code_table(code_ptr, PAIRS=True)  # four warps (DEQUANT_CONFIG): gathers through shared memory
+        w_even, w_odd = _dequant_halves(packed_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
                                         rows, k0, N, K, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, BLOCK_K)
         w = tl.reshape(tl.join(w_even, w_odd), (BLOCK_N, BLOCK_K))
     else:
@@ -317,20 +364,32 @@ DEQUANT_CONFIG = triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4)
 
 def _gemm_configs():
     # Each compiles for sm_90 without register spills and within an H100 block's shared memory, at
-    # 5.7-11.9 main-loop instructions per weight (``benchmarks/compile_report.py``, checked by
+    # 4.8-9.7 main-loop instructions per weight (``benchmarks/compile_report.py``, checked by
     # ``tests/test_compile_report.py``). Single-warp tiles do the lookup by warp shuffle instead of
-    # shared memory (5.7-6.3): for small M, with split-K supplying the programs.
+    # shared memory (5.7-6.9): for small M, with split-K supplying the programs. Multi-warp tiles look
+    # up a byte at a time (PAIR_LOOKUP): 2.5 instructions per weight fewer than a nibble at a time.
     #
     # LOAD_STAGES (see _gemm_kernel): 0 pipelines only the loads that feed tl.dot (x and the codes,
     # num_stages deep); 3 pipelines every load of the loop 3 deep, the scale chain too. The second
     # variant exists for the mma.sync tiles (BLOCK_M <= 32) only: the wgmma tiles compile the same.
+    #
+    # SWAP_AB tiles (W @ x^T, see _gemm_kernel) compile to asynchronous wgmma with the dequantized
+    # weight read from registers, from BLOCK_M = 16 up (the others: mma.sync up to BLOCK_M = 32, and
+    # wgmma waited for at every step from 64); they need BLOCK_N a multiple of 64 per four warps.
+    # LOAD_STAGES 3 compiles the same as 0 for them. 124-252 registers, 6.7-7.1 instructions per
+    # weight (9.7 for the 128 x 128 eight-warp tile, 168 registers).
+    plain = [
+        (16, 32, 64, 1, 0), (16, 64, 64, 1, 0), (16, 64, 64, 4, 0), (16, 128, 64, 4, 0), (16, 256, 64, 8, 0),
+        (32, 128, 64, 4, 0), (64, 128, 64, 4, 0), (128, 128, 64, 8, 0), (128, 256, 64, 8, 0), (128, 256, 32, 8, 0),
+        (16, 32, 64, 1, 3), (16, 64, 64, 4, 3), (16, 128, 64, 4, 3), (16, 256, 64, 8, 3), (32, 128, 64, 4, 3),
+    ]
+    swapped = [(16, 128, 64, 4), (16, 256, 64, 8), (32, 128, 64, 4), (64, 128, 64, 4), (64, 256, 64, 8),
+               (128, 128, 64, 8), (128, 256, 64, 8)]
+    tiles = [(*tile, False) for tile in plain] + [(*tile, 0, True) for tile in swapped]
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "LOAD_STAGES": stages}, num_warps=w, num_stages=3)
-        for bm, bn, bk, w, stages in [
-            (16, 32, 64, 1, 0), (16, 64, 64, 1, 0), (16, 64, 64, 4, 0), (16, 128, 64, 4, 0), (16, 256, 64, 8, 0),
-            (32, 128, 64, 4, 0), (64, 128, 64, 4, 0), (128, 128, 64, 8, 0), (128, 256, 64, 8, 0), (128, 256, 32, 8, 0),
-            (16, 32, 64, 1, 3), (16, 64, 64, 4, 3), (16, 128, 64, 4, 3), (16, 256, 64, 8, 3), (32, 128, 64, 4, 3),
-        ]
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "LOAD_STAGES": stages, "SWAP_AB": swap,
+                       "PAIR_LOOKUP": w > 1}, num_warps=w, num_stages=3)
+        for bm, bn, bk, w, stages, swap in tiles
     ]
 
 

@@ -1,5 +1,7 @@
 """Every autotune config of the Triton kernels compiles for sm_90 (H100) without a GPU, with no
-register spills and within an H100 block's shared memory. Triton and ptxas ship in the triton wheel.
+register spills and within an H100 block's shared memory, and the 4-bit GEMM's SWAP_AB tiles keep
+their tensor-core dots in flight across K steps (what they exist for). Triton and ptxas ship in the
+triton wheel.
 
 Runs in a subprocess: the test session may have TRITON_INTERPRET=1 set, and interpreted kernels
 cannot be compiled."""
@@ -25,3 +27,6 @@ def test_every_config_compiles_for_sm90_without_spills(tmp_path):
     for row in rows:
         assert row["spill_stack_bytes"] == 0, row
         assert row["shared_bytes"] <= H100_MAX_SHARED, row
+    swapped = [row for row in rows if "'SWAP_AB': True" in row["kernel"]]
+    assert swapped and all(row["tensor_cores"] == "wgmma async" for row in swapped), swapped
+    assert {row["tensor_cores"] for row in rows if row["kernel"].startswith("4bit gemv")} == {"none"}

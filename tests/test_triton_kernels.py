@@ -101,14 +101,16 @@ def _reference(op, args):
 
 
 def test_4bit_blocks_straddling_rows():
-    """K = 40 with blocksize 32: blocks (and, for odd K, bytes) cross row boundaries."""
+    """K = 40 with blocksize 32: blocks (and, for odd K, bytes) cross row boundaries. The GEMM runs
+    with its first config and with the first that computes the transposed tile (SWAP_AB)."""
+    swapped = next(c for c in triton_4bit._gemm_configs() if c.kwargs["SWAP_AB"])
     for k in (40, 41):
         layout, t = quantize_weight(torch.randn(9, k), qpass.NF4Config(blocksize=32, compute_dtype=torch.float32))
         t = {name: None if v is None else v.to(DEVICE) for name, v in t.items()}
-        for m in (1, 20):
+        for m, config in ((1, None), (20, None), (20, swapped)):
             x, bias = _inputs(m, 9, k, torch.float32)
             op, args = layout.linear_call(x, t, bias)
-            _check(_4bit_call(layout, t, x, bias), x, layout, t, bias, _reference(op, args))
+            _check(_4bit_call(layout, t, x, bias, config=config), x, layout, t, bias, _reference(op, args))
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
