@@ -5,6 +5,7 @@ choice and bf16: the data for choosing the autotune configs and the split heuris
 
     python benchmarks/sweep_configs.py --shape 28672x8192 --ms 1,16,64,128 --out results
     python benchmarks/sweep_configs.py --format int8 --shape 28672x8192 --ms 16,128,2048 --out results
+    python benchmarks/sweep_configs.py --ms 16,64,128 --match "SWAP_AB: True"  # only some configs
     python benchmarks/sweep_configs.py --device cpu --shape 64x256 --ms 1,16 --splits 1,2  # interpreter smoke run
 
 NF4 (double quantization, as the issue's targets): M = 1 sweeps the GEMV's configs, larger M the
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,7 +99,9 @@ LAYERS = {"nf4": _nf4_layer, "int8": _int8_layer}
 
 
 def sweep(fmt: str, n: int, k: int, ms: list[int], splits: list[int], device: str,
-          on_progress=lambda rows: None) -> list[dict]:
+          on_progress=lambda rows: None, match: str | None = None) -> list[dict]:
+    """Rows of median times at each M; ``match`` (a regular expression) keeps only the configs whose
+    text (``str(config)``) it finds, the bf16 and op's-choice rows always."""
     layer = LAYERS[fmt](torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02)
     cuda_graph = device == "cuda"
     rows = []
@@ -113,7 +117,7 @@ def sweep(fmt: str, n: int, k: int, ms: list[int], splits: list[int], device: st
         choice = f"op's choice ({path}, {'autotuned' if tuned else 'first config'}, {heuristic} splits)"
         rows.append({"M": m, "variant": choice, "kernel": path, "splits": heuristic,
                      "ms": median_ms(lambda: layer.call(x, autotune=tuned), device, cuda_graph)})
-        for candidate in configs:
+        for candidate in (c for c in configs if match is None or re.search(match, str(c))):
             for split in sorted({*splits, heuristic}):
                 if layer.split_of(kernel, m, split)[0] != split:  # more splits than K allows
                     continue
@@ -122,9 +126,11 @@ def sweep(fmt: str, n: int, k: int, ms: list[int], splits: list[int], device: st
                              "num_warps": candidate.num_warps, "num_stages": candidate.num_stages, "splits": split,
                              "ms": ms_})
         timed = [r for r in rows if r["M"] == m and "kernel" in r]
-        best = min(timed[1:], key=lambda r: r["ms"])
-        print(f"M={m:<5} bf16 {bf16_ms * 1e3:8.1f} us | op's choice {timed[0]['ms'] * 1e3:8.1f} us | "
-              f"best {best['ms'] * 1e3:8.1f} us: {best['variant']}, {best['splits']} splits", flush=True)
+        best = min(timed[1:], key=lambda r: r["ms"], default=None)
+        best_text = (f"best {best['ms'] * 1e3:8.1f} us: {best['variant']}, {best['splits']} splits" if best
+                     else "no config matched")
+        print(f"M={m:<5} bf16 {bf16_ms * 1e3:8.1f} us | op's choice {timed[0]['ms'] * 1e3:8.1f} us | {best_text}",
+              flush=True)
         on_progress(rows)
     return rows
 
@@ -141,6 +147,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--shape", type=_shape, default=(28672, 8192), help="N x K of the weight")
     parser.add_argument("--ms", type=lambda s: [int(v) for v in s.split(",")], default=[1, 16, 64, 128])
     parser.add_argument("--splits", type=lambda s: [int(v) for v in s.split(",")], default=DEFAULT_SPLITS)
+    parser.add_argument("--match", default=None,
+                        help="only the configs whose text matches this regular expression, e.g. \"SWAP_AB: True\"")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--tag", default=None, help="file name suffix (default: the device)")
     args = parser.parse_args(argv)
@@ -156,7 +164,7 @@ def main(argv=None) -> list[dict]:
         path.write_text(json.dumps({"device": device_name, "format": args.format, "N": n, "K": k, "rows": rows},
                                    indent=2) + "\n")
 
-    rows = sweep(args.format, n, k, args.ms, args.splits, args.device, on_progress=save)
+    rows = sweep(args.format, n, k, args.ms, args.splits, args.device, on_progress=save, match=args.match)
     save(rows)
     print(f"wrote {path}")
     return rows

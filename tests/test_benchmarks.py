@@ -66,6 +66,20 @@ def test_sweep_times_every_config_and_split(tmp_path):
             assert any(r["variant"] == "bf16 F.linear" for r in rows if r["M"] == m)
             assert any(r["variant"].startswith("op's choice") for r in rows if r["M"] == m)
 
+
+def test_sweep_can_time_only_some_configs(tmp_path):
+    """--match keeps the configs whose text matches (a short GPU call can time just the new ones); the
+    bf16 and op's-choice rows stay."""
+    import sweep_configs
+
+    sweep_configs.main(["--device", "cpu", "--shape", "32x128", "--ms", "16", "--splits", "1",
+                        "--match", "SWAP_AB: True", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "sweep_nf4_cpu.json").read_text())["rows"]
+    timed = [r for r in rows if "config" in r]
+    wanted = [c for c in sweep_configs.LAYERS["nf4"](torch.randn(32, 128) * 0.02).kernels(16)[1] if c.kwargs["SWAP_AB"]]
+    assert wanted and sorted(str(r["config"]) for r in timed) == sorted(str(c.kwargs) for c in wanted)
+    assert {r["variant"].split(" (")[0] for r in rows if "config" not in r} == {"bf16 F.linear", "op's choice"}
+
 def test_switched_variants_take_the_other_path_for_one_call():
     """The GPU-only variants that place each format's switch to cuBLAS set it during their call only,
     and are timed only at the M where they take another path than the op's own."""
