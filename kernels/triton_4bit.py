@@ -277,9 +277,10 @@ def _gemm_kernel(
     # weight whole (high and low nibbles joined) as the dot's first operand. On Hopper, wgmma reads
     # its first operand from registers and its second from shared memory, so the dequantized weight
     # goes straight from registers into the tensor cores, x from the pipeline's shared-memory buffer,
-    # and the dots stay asynchronous across steps; without SWAP_AB the dequantized tile is written to
-    # shared memory each step and every dot is waited for. The swap also puts the weight's BLOCK_N (a
-    # multiple of 64) on wgmma's 64-row side, so M = 16 tiles use wgmma too.
+    # and the dots stay asynchronous across steps; without SWAP_AB the dequantized tile goes through
+    # shared memory each step, and the 64- and 128-row tiles wait for every wgmma (the compile
+    # report's tensor_cores column). The swap also puts the weight's BLOCK_N (a multiple of 64) on
+    # wgmma's 64-row side, so M = 16 tiles use wgmma too.
     #
     # PAIR_LOOKUP: code-book lookups a byte at a time from 256 value pairs (see _code_table); set for
     # multi-warp programs, whose gathers go through shared memory.
