@@ -87,7 +87,8 @@ def kernel_cases():
            _signature(triton_4bit._dequant_kernel, dequant_types), {**FOURBIT_CONSTS, **config.kwargs}, config.num_warps,
            config.num_stages, config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_K"])
     int8_types = {"ca_ptr": _ptr("i8"), "cb_ptr": _ptr("i8"), "product_ptr": _ptr("i32"), "sca_ptr": _ptr("fp32"),
-                  "scb_ptr": _ptr("fp32"), "x_ptr": _ptr("bf16"), "mask_ptr": _ptr("i32"), "bias_ptr": _ptr("bf16"),
+                  "scb_ptr": _ptr("fp32"), "x_ptr": _ptr("bf16"), "columns_ptr": _ptr("i32"), "count_ptr": _ptr("i32"),
+                  "bias_ptr": _ptr("bf16"),
                   "out_ptr": _ptr("bf16"), "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_om": "i32",
                   "M_BUCKET": "i32", "K_PER_SPLIT": "i32"}
     int8_consts = {"HAS_OUTLIERS": True, "HAS_BIAS": True, "IEEE_DOT": False,
@@ -97,7 +98,7 @@ def kernel_cases():
         yield (f"int8 gemm {config.kwargs}", triton_int8._int8_gemm_kernel, int8_signature,
                {**int8_consts, "PRODUCT_GIVEN": False, **config.kwargs}, config.num_warps, config.num_stages,
                config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_K"])
-    config = triton_int8.EPILOGUE_CONFIG  # its only loop is the outlier scan: instr/weight means little here
+    config = triton_int8.EPILOGUE_CONFIG  # its only loop gathers outlier columns: instr/weight means little here
     yield (f"int8 epilogue {config.kwargs}", triton_int8._int8_gemm_kernel, int8_signature,
            {**int8_consts, "PRODUCT_GIVEN": True, **config.kwargs}, config.num_warps, config.num_stages,
            config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_K"])
@@ -140,7 +141,7 @@ def _opcode(instruction: str) -> str:
 
 def main_loop(sass: str) -> list[str]:
     """The instructions of the kernel's first loop (a backward branch's span) in a SASS listing: the
-    K loop of every kernel here (the int8 GEMM's second loop, over outlier tiles, is rarely taken); the
+    K loop of every kernel here (the int8 GEMM's second loop, over outlier columns, is short or empty); the
     whole kernel when it has no loop."""
     instructions = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*?)\s*;", sass)]
     loops = []

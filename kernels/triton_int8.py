@@ -5,20 +5,24 @@ no host synchronization, so CUDA graphs capture them:
 
 1. ``_outlier_columns_kernel``: ``mask[k] = any_m |x[m, k]| >= threshold`` (int32, atomic max).
 2. ``_quantize_rows_kernel``: one program per row: ``SCA[m] = max |x[m, k]|`` over entries below the
-   threshold, ``CA[m, k] = round(x * 127 / SCA)`` (half to even) with outlier columns zeroed.
+   threshold, ``CA[m, k] = round(x * 127 / SCA)`` (half to even) with outlier columns zeroed. Program 0
+   also compacts the mask: the outlier column indices in increasing order at the front of an int32
+   ``[k]`` list, and their count (an int32 on the device: the shapes stay static).
 3. ``_int8_gemm_kernel``: ``CA @ CB^T`` on int8 tensor cores into int32, scaled once by
-   ``SCA[m] * SCB[n] / 127²`` into float32; then, per K tile that holds an outlier column (others are
-   skipped), ``(x * mask) @ (CB * SCB / 127)^T`` in the compute dtype added into that float32 tile;
-   bias in float32, one rounding to the compute dtype.
+   ``SCA[m] * SCB[n] / 127²`` into float32; then the outlier columns, OUTLIER_BLOCK at a time from the
+   compacted list (a loop of count / OUTLIER_BLOCK steps, none without outliers): x's and CB's columns
+   gathered, ``x[:, cols] @ (CB[:, cols] * SCB / 127)^T`` in the compute dtype added into that float32
+   tile; bias in float32, one rounding to the compute dtype.
 
 From ``INT_MM_MIN_M`` rows on, cuBLAS computes the int32 product (``torch._int_mm``, cuBLASLt's int8
 tensor-core GEMM, as bitsandbytes does) and the same kernel, with ``PRODUCT_GIVEN``, runs only the
 rest of step 3 on it (the epilogue). Both products are the exact int32 sum, so without outlier
-columns the two paths give the same bits (with them, the outlier tiles' float32 sums may be grouped
-differently: the fused kernel's BLOCK_K is tuned).
+columns the two paths give the same bits, and with them too (the outlier loop is the same code).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -35,9 +39,9 @@ from .triton_common import chosen_config, dot, gemm_split, ieee_dot, m_bucket, m
 # GEMM" from here on, "qpass int8 via cuBLAS" below).
 INT_MM_MIN_M = 1024
 
-# Columns of the outlier mask the GEMM kernel checks at once before it checks their K tiles one by one
-# (a multiple of every BLOCK_K). A global constexpr, so Inductor's copy of the kernel keeps it.
-OUTLIER_SCAN = tl.constexpr(1024)
+# Outlier columns the GEMM kernel gathers per step (the K of one compute-dtype tl.dot: at least 16). A
+# global constexpr, so Inductor's copy of the kernel keeps it.
+OUTLIER_BLOCK = tl.constexpr(16)
 
 
 @triton.jit
@@ -62,10 +66,12 @@ def _round_half_even(v):
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, mask_ptr, ca_ptr, sca_ptr, K, stride_xm, threshold,
+def _quantize_rows_kernel(x_ptr, mask_ptr, ca_ptr, sca_ptr, columns_ptr, count_ptr, K, stride_xm, threshold,
                           HAS_OUTLIERS: tl.constexpr, SINGLE_ROW: tl.constexpr, BLOCK_K: tl.constexpr):
     # SINGLE_ROW (M = 1, decode): the outlier columns are this row's entries >= threshold, so the
     # program writes the mask itself and the mask kernel (and its zero fill) is skipped.
+    # Program 0 writes the outlier column indices, in increasing order, to columns[0 : count] (the
+    # rest of columns is left as it was) and count to count_ptr.
     m = tl.program_id(0)
     absmax = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -78,22 +84,29 @@ def _quantize_rows_kernel(x_ptr, mask_ptr, ca_ptr, sca_ptr, K, stride_xm, thresh
     tl.store(sca_ptr + m, row_absmax)
     # torch evaluates the reference's ``127.0 / absmax`` as ``absmax.reciprocal() * 127``: two roundings
     scale = mul_rn(tl.div_rn(1.0, tl.where(row_absmax > 0, row_absmax, 1.0)), 127.0)
+    found = tl.full((), 0, tl.int32)  # outlier columns before this chunk
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + m * stride_xm + cols, mask=cols < K, other=0.0).to(tl.float32)
         q = _round_half_even(mul_rn(x, scale))
-        if HAS_OUTLIERS and SINGLE_ROW:
-            outlier = tl.abs(x) >= threshold
-            tl.store(mask_ptr + cols, outlier.to(tl.int32), mask=cols < K)
+        if HAS_OUTLIERS:
+            if SINGLE_ROW:
+                outlier = (tl.abs(x) >= threshold) & (cols < K)
+                tl.store(mask_ptr + cols, outlier.to(tl.int32), mask=cols < K)
+            else:
+                outlier = tl.load(mask_ptr + cols, mask=cols < K, other=0) != 0
             q = tl.where(outlier, 0.0, q)
-        elif HAS_OUTLIERS:
-            q = tl.where(tl.load(mask_ptr + cols, mask=cols < K, other=0) != 0, 0.0, q)
+            if m == 0:  # one program compacts the mask
+                hit = outlier.to(tl.int32)
+                tl.store(columns_ptr + found + tl.cumsum(hit, 0) - hit, cols, mask=outlier)
+                found += tl.sum(hit, 0)
         tl.store(ca_ptr + m * K + cols, q.to(tl.int8), mask=cols < K)
+    tl.store(count_ptr, found, mask=m == 0)  # 0 without outliers
 
 
 @triton.jit
 def _int8_gemm_kernel(
-    ca_ptr, cb_ptr, product_ptr, sca_ptr, scb_ptr, x_ptr, mask_ptr, bias_ptr, out_ptr,
+    ca_ptr, cb_ptr, product_ptr, sca_ptr, scb_ptr, x_ptr, columns_ptr, count_ptr, bias_ptr, out_ptr,
     # scale_product and dequant are constants (1 / 127² and 1 / 127) and compile-time: Inductor would
     # pass Python floats as float64 runtime arguments
     M, N, K, stride_xm, stride_om, M_BUCKET, K_PER_SPLIT, scale_product: tl.constexpr, dequant: tl.constexpr,
@@ -102,7 +115,8 @@ def _int8_gemm_kernel(
 ):
     # Two K loops, so that one accumulator tile is live at a time (two would halve the tile that fits
     # in registers): the int8 loop into int32, scaled into float32 once, then the outlier loop adds
-    # into that float32 tile, visiting only K tiles that hold an outlier column.
+    # into that float32 tile, over the compacted outlier columns (columns[0 : count], see
+    # _quantize_rows_kernel) that fall in this split's K range.
     # With several K splits (small M, see triton_common.gemm_split), each writes float32 partial sums to
     # out[split] and the bias comes after their sum. M_BUCKET (M rounded up to a power of two) only
     # keys the autotuner.
@@ -110,9 +124,9 @@ def _int8_gemm_kernel(
     # PRODUCT_GIVEN (one split): CA @ CB^T comes computed, int32 [M, N] row-major at product_ptr, and
     # only the epilogue runs.
     #
-    # The outlier loop checks the mask a chunk of OUTLIER_SCAN columns at a time and looks at the
-    # chunk's K tiles only if the chunk holds an outlier column: a tile check is a reduction across
-    # the program's warps, too many of them for an epilogue over a large output when there is none.
+    # The outlier loop visits only outlier columns: a layer of a real LLM has a few to a few dozen of
+    # them in thousands, spread over K, so gathering them costs one or two OUTLIER_BLOCK-wide dots
+    # where visiting each K tile that holds one (64-128 columns) would cost one dot per column.
     pid_m, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     k_start, k_end = split * K_PER_SPLIT, tl.minimum((split + 1) * K_PER_SPLIT, K)
     rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -133,21 +147,17 @@ def _int8_gemm_kernel(
     sca = tl.load(sca_ptr + rows_m, mask=rows_m < M, other=0.0)
     result = acc.to(tl.float32) * (sca[:, None] * scb[None, :]) * scale_product
     if HAS_OUTLIERS:
-        tl.static_assert(OUTLIER_SCAN % BLOCK_K == 0, "BLOCK_K must divide OUTLIER_SCAN")
-        for c0 in range(k_start, k_end, OUTLIER_SCAN):
-            chunk = c0 + tl.arange(0, OUTLIER_SCAN)
-            if tl.max(tl.load(mask_ptr + chunk, mask=(chunk < k_end), other=0), axis=0) > 0:
-                for k0 in range(c0, tl.minimum(c0 + OUTLIER_SCAN, k_end), BLOCK_K):
-                    cols = k0 + tl.arange(0, BLOCK_K)
-                    column_mask = tl.load(mask_ptr + cols, mask=cols < K, other=0)
-                    if tl.max(column_mask, axis=0) > 0:
-                        x = tl.load(x_ptr + rows_m[:, None] * stride_xm + cols[None, :],
-                                    mask=(rows_m[:, None] < M) & (cols[None, :] < K) & (column_mask[None, :] != 0),
-                                    other=0.0)
-                        b = tl.load(cb_ptr + rows_n[:, None] * K + cols[None, :],
-                                    mask=(rows_n[:, None] < N) & (cols[None, :] < K), other=0)
-                        w = (b.to(tl.float32) * scb[:, None] * dequant).to(x_ptr.dtype.element_ty)
-                        result = dot(x, w, result, IEEE_DOT)
+        count = tl.load(count_ptr)
+        for j0 in range(0, count, OUTLIER_BLOCK):
+            j = j0 + tl.arange(0, OUTLIER_BLOCK)
+            cols = tl.load(columns_ptr + j, mask=j < count, other=0)
+            take = (j < count) & (cols >= k_start) & (cols < k_end)
+            x = tl.load(x_ptr + rows_m[:, None] * stride_xm + cols[None, :], mask=(rows_m[:, None] < M) & take[None, :],
+                        other=0.0)
+            b = tl.load(cb_ptr + rows_n[:, None] * K + cols[None, :], mask=(rows_n[:, None] < N) & take[None, :],
+                        other=0)
+            w = (b.to(tl.float32) * scb[:, None] * dequant).to(x_ptr.dtype.element_ty)
+            result = dot(x, w, result, IEEE_DOT)
     if HAS_BIAS:
         result += tl.load(bias_ptr + rows_n, mask=rows_n < N, other=0.0).to(x_ptr.dtype.element_ty).to(tl.float32)
     tl.store(out_ptr + (split * M + rows_m[:, None]) * stride_om + rows_n[None, :], result.to(out_ptr.dtype.element_ty),
@@ -156,31 +166,43 @@ def _int8_gemm_kernel(
 
 def _gemm_configs():
     # Spill-free on sm_90 with the outlier loop compiled in, at 0.9-1.8 main-loop instructions per
-    # weight (``benchmarks/compile_report.py``): with one accumulator live at a time, 128 x 256 x 64 tiles fit
-    # (128 x 256 x 128 spills 40 bytes, 64 x 128 x 128 with four warps 16). The large-M tiles also come
-    # with a fourth stage in flight (96-128 KiB of shared memory): untuned on a GPU, M = 2048 runs at 0.73x
-    # bf16 with three.
+    # weight (``benchmarks/compile_report.py``): with one accumulator live at a time and the outlier
+    # loop's dots only OUTLIER_BLOCK deep, tiles up to 128 x 256 x 128 fit (216 registers). Triton 3.6
+    # waits for every int8 wgmma (the report's tensor_cores column), so the 64- and 128-row tiles also
+    # come with BLOCK_K = 128: half the waits per K. The large-M tiles also come with a fourth stage in
+    # flight (96-128 KiB of shared memory): untuned on a GPU, M = 2048 ran at 0.73x bf16 with three.
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=stages)
         for bm, bn, bk, w, stages in [
-            (16, 64, 64, 4, 3), (16, 128, 128, 4, 3), (16, 256, 128, 8, 3), (64, 128, 128, 8, 3),
-            (64, 256, 128, 8, 3), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3),
+            (16, 64, 64, 4, 3), (16, 128, 128, 4, 3), (16, 256, 128, 8, 3), (64, 128, 128, 4, 3), (64, 128, 128, 8, 3),
+            (64, 256, 128, 8, 3), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3), (128, 256, 128, 8, 3),
             (128, 128, 128, 8, 4), (128, 256, 64, 8, 4),
         ]
     ]
 
 
 # The epilogue over a given int32 product (PRODUCT_GIVEN): memory-bound on the int32 read and the
-# output write, so one config; its BLOCK_K only sizes the outlier tiles. Eight warps: 103 registers per
-# thread on sm_90 (four warps need 180), so an SM holds two programs with twice the threads in flight.
+# output write, so one config; its BLOCK_K is unused (the outlier loop gathers OUTLIER_BLOCK columns).
+# Eight warps: 88 registers per thread on sm_90 (four warps need 144), so an SM holds programs with
+# more threads in flight.
 EPILOGUE_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=2)
 
 _int8_gemm_tuned = triton.autotune(_gemm_configs(), key=["M_BUCKET", "N", "K", "K_PER_SPLIT"], cache_results=True,
                                    prune_configs_by={"early_config_prune": prune_gemm_configs})(_int8_gemm_kernel)
 
 
-def int8_vectorwise_quant_triton(x: torch.Tensor, threshold: float, launch=lambda kernel: kernel):
-    """(CA int8 ``[m, k]``, SCA float32 ``[m]``, outlier column mask int32 ``[k]``) of a 2-D ``x``."""
+class ActivationQuant(NamedTuple):
+    """What ``int8_vectorwise_quant_triton`` computes of ``x [m, k]``."""
+
+    ca: torch.Tensor  # int8 [m, k], outlier columns zeroed
+    sca: torch.Tensor  # float32 [m], row absmax below the threshold
+    mask: torch.Tensor  # int32 [k], 1 for outlier columns
+    outlier_columns: torch.Tensor  # int32 [k]: the outlier column indices, increasing, in the first count
+    outlier_count: torch.Tensor  # int32 [1] on the device (no host sync, static shapes)
+
+
+def int8_vectorwise_quant_triton(x: torch.Tensor, threshold: float, launch=lambda kernel: kernel) -> ActivationQuant:
+    """Row-wise int8 of a 2-D ``x`` with its outlier columns, as a mask and as a compacted list."""
     M, K = x.shape
     has_outliers = threshold > 0
     single_row = M == 1 and has_outliers  # the row kernel writes the whole mask
@@ -190,10 +212,13 @@ def int8_vectorwise_quant_triton(x: torch.Tensor, threshold: float, launch=lambd
         launch(_outlier_columns_kernel)[grid](x, mask, M, K, x.stride(0), threshold, BLOCK_M=32, BLOCK_K=128)
     ca = torch.empty((M, K), device=x.device, dtype=torch.int8)
     sca = torch.empty((M,), device=x.device, dtype=torch.float32)
+    columns = torch.empty((K,), device=x.device, dtype=torch.int32)
+    count = torch.zeros((1,), device=x.device, dtype=torch.int32) if M == 0 else torch.empty((1,), device=x.device,
+                                                                                               dtype=torch.int32)
     if M > 0:
-        launch(_quantize_rows_kernel)[(M,)](x, mask, ca, sca, K, x.stride(0), threshold,
+        launch(_quantize_rows_kernel)[(M,)](x, mask, ca, sca, columns, count, K, x.stride(0), threshold,
                                             HAS_OUTLIERS=has_outliers, SINGLE_ROW=single_row, BLOCK_K=256)
-    return ca, sca, mask
+    return ActivationQuant(ca, sca, mask, columns, count)
 
 
 def int_mm_applies(m: int, out_features: int, in_features: int) -> bool:
@@ -220,14 +245,14 @@ def linear_int8_triton(
     x = x.to(compute_dtype).contiguous()
     M, K = x.shape
     N = cb.shape[0]
-    ca, sca, mask = int8_vectorwise_quant_triton(x, threshold, launch)
+    ca, sca, _, columns, count = int8_vectorwise_quant_triton(x, threshold, launch)
     if M == 0:
         return torch.empty((M, N), device=x.device, dtype=compute_dtype)
     statics = dict(HAS_OUTLIERS=threshold > 0, IEEE_DOT=ieee_dot(compute_dtype), scale_product=INT8_SCALE_PRODUCT,
                    dequant=INT8_DEQUANT)
     if config is None and splits is None and int_mm_applies(M, N, K):
         out = torch.empty((M, N), device=x.device, dtype=compute_dtype)
-        args = (ca, cb, torch._int_mm(ca, cb.t()), sca, scb, x, mask, bias if bias is not None else out, out,
+        args = (ca, cb, torch._int_mm(ca, cb.t()), sca, scb, x, columns, count, bias if bias is not None else out, out,
                 M, N, K, x.stride(0), N, m_bucket(M), K)
         statics.update(HAS_BIAS=bias is not None, PRODUCT_GIVEN=True)
         _launch(launch, EPILOGUE_CONFIG, M, N, 1, args, statics)
@@ -237,7 +262,7 @@ def linear_int8_triton(
         out = torch.empty((split, M, N), device=x.device, dtype=torch.float32)
     else:
         out = torch.empty((M, N), device=x.device, dtype=compute_dtype)
-    args = (ca, cb, ca, sca, scb, x, mask, bias if bias is not None else out, out,
+    args = (ca, cb, ca, sca, scb, x, columns, count, bias if bias is not None else out, out,
             M, N, K, x.stride(0), N, m_bucket(M), k_per_split)
     statics.update(HAS_BIAS=bias is not None and split == 1, PRODUCT_GIVEN=False)
     if autotune and config is None:

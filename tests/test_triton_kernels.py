@@ -123,9 +123,10 @@ def test_int8_kernels(shape, dtype, outliers, has_bias):
     t = {name: v.to(DEVICE) for name, v in t.items()}
     x, bias = _inputs(m, n, k, dtype, outlier_column=7 if outliers else None)
     bias = bias if has_bias else None
-    ca, sca, mask = int8_vectorwise_quant_triton(x, 6.0)
+    ca, sca, mask, columns, count = int8_vectorwise_quant_triton(x, 6.0)
     ca_ref, sca_ref, mask_ref = torch.ops.qpass.int8_vectorwise_quant(x, 6.0)
     assert torch.equal(mask.bool(), mask_ref) and bool(mask[7]) == outliers
+    assert torch.equal(columns[: int(count)].long(), mask_ref.nonzero().flatten())
     assert torch.equal(sca, sca_ref)
     if dtype != torch.bfloat16 or not INTERPRETED:  # the interpreter's bf16 loads may differ in the last bit
         assert torch.equal(ca, ca_ref)
@@ -294,7 +295,7 @@ def test_empty_batch(k):
 
 @pytest.mark.parametrize("outliers", [True, False])
 def test_int8_gemm_split_k(outliers):
-    """Small M on a long K: both K loops (int8 and outlier tiles) run per split."""
+    """Small M on a long K: both K loops (int8 and outlier columns) run per split."""
     m, n, k = 5, 8, 1024
     assert gemm_split(m, n, k)[0] == 2
     layout, t = quantize_weight(torch.randn(n, k) * 0.05, qpass.Int8Config(compute_dtype=torch.float16))
@@ -359,12 +360,12 @@ def test_large_m_dequantizes_once_then_multiplies(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("outlier_column", [None, 1500], ids=["no-outliers", "outlier-in-second-scan-chunk"])
+@pytest.mark.parametrize("outlier_column", [None, 1500], ids=["no-outliers", "outlier"])
 @pytest.mark.parametrize("has_bias", [True, False])
 def test_large_m_int8_product_from_int_mm(dtype, outlier_column, has_bias, monkeypatch):
     """From INT_MM_MIN_M rows on: torch._int_mm (cuBLAS on a GPU) multiplies, the GEMM kernel's epilogue
-    adds scales, outlier tiles and bias. K = 2048 spans two chunks of the outlier scan, the first
-    without an outlier column. Without outliers the epilogue and the fused kernel give the same bits."""
+    adds scales, outlier columns and bias. Without outliers the epilogue and the fused kernel give the
+    same bits."""
     monkeypatch.setattr(triton_int8, "INT_MM_MIN_M", 8)
     m, n, k = 24, 40, 2048
     calls = []
@@ -385,6 +386,28 @@ def test_large_m_int8_product_from_int_mm(dtype, outlier_column, has_bias, monke
         assert torch.equal(out, fused)
     # below 17 rows (torch._int_mm's CUDA floor) or with N not a multiple of 8: the fused kernel
     assert not triton_int8.int_mm_applies(16, n, k) and not triton_int8.int_mm_applies(m, n + 1, k)
+
+
+@pytest.mark.parametrize("m", [1, 5, 24])
+def test_int8_many_outlier_columns(m, monkeypatch):
+    """37 outlier columns spread over K: more than two of the GEMM's OUTLIER_BLOCK gathers, in both K
+    splits (M = 1 and 5), through the fused kernel and (M = 24) the epilogue after torch._int_mm; M = 1
+    takes the single-row mask. The compacted list holds exactly the mask's columns, in order."""
+    monkeypatch.setattr(triton_int8, "INT_MM_MIN_M", 24)
+    n, k = 24, 1024
+    layout, t = quantize_weight(torch.randn(n, k) * 0.05, qpass.Int8Config(compute_dtype=torch.float16))
+    t = {name: v.to(DEVICE) for name, v in t.items()}
+    x, bias = _inputs(m, n, k, torch.float16)
+    outliers = torch.randperm(k)[:37].sort().values.to(DEVICE)
+    x[m // 2, outliers] = 10.0 * torch.randn(37, device=DEVICE).sign().to(x.dtype)
+    quant = int8_vectorwise_quant_triton(x, 6.0)
+    assert int(quant.outlier_count) >= 37 > 2 * triton_int8.OUTLIER_BLOCK
+    assert torch.equal(quant.outlier_columns[: int(quant.outlier_count)].long(), quant.mask.nonzero().flatten())
+    assert set(outliers.tolist()) <= set(quant.mask.nonzero().flatten().tolist())
+    assert triton_int8.int_mm_applies(m, n, k) == (m == 24) and (m == 24 or gemm_split(m, n, k)[0] > 1)
+    out = linear_int8_triton(x, t["weight"], t["SCB"], bias, 6.0, torch.float16, autotune=False)
+    op, args = layout.linear_call(x, t, bias)
+    _check_int8(out, _reference(op, args), torch.float16)
 
 
 @pytest.mark.skipif(INTERPRETED, reason="autotuning times every config on a GPU")
