@@ -14,7 +14,7 @@ cuBLAS, which has nothing to sweep. int8 (threshold 6.0): the fused int8 GEMM's 
 ``INT_MM_MIN_M`` on, the op's own choice is cuBLAS's int8 product with the kernel as epilogue. On CUDA
 each variant is timed as a replayed CUDA graph (no launch overhead), so the split-K reduction and the
 int8 activation quantization count but Python does not. Rows go to ``sweep_<format>_<tag>.json``,
-rewritten after every M.
+rewritten after every config.
 """
 
 from __future__ import annotations
@@ -125,6 +125,7 @@ def sweep(fmt: str, n: int, k: int, ms: list[int], splits: list[int], device: st
                 rows.append({"M": m, "variant": str(candidate), "kernel": kernel, "config": candidate.kwargs,
                              "num_warps": candidate.num_warps, "num_stages": candidate.num_stages, "splits": split,
                              "ms": ms_})
+            on_progress(rows)  # a call stopped at its time limit keeps every config timed so far
         timed = [r for r in rows if r["M"] == m and "kernel" in r]
         best = min(timed[1:], key=lambda r: r["ms"], default=None)
         best_text = (f"best {best['ms'] * 1e3:8.1f} us: {best['variant']}, {best['splits']} splits" if best
