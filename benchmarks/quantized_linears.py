@@ -235,7 +235,7 @@ def bench_layers(device: str, shapes, ms, ceilings, on_progress=lambda rows: Non
                 limit_ms = max(moved / ceilings["bandwidth_bytes_per_s"], 2 * m * n * k / ceilings["matmul_flops_per_s"]) * 1e3
                 rows.append({**row, "ms": t, "speedup_vs_bf16": base / t if base else None, "fraction_of_limit": limit_ms / t})
                 print(f"{n:>6}x{k:<6} M={m:<5} {name:<22} {t:9.4f} ms  x{(base or t) / t:5.2f}  {100 * limit_ms / t:5.1f}% of limit", flush=True)
-        on_progress(rows)
+            on_progress(rows)  # per M: a device call cut off at its time limit keeps what it timed
         del variants
     return rows
 
