@@ -17,7 +17,8 @@ no host synchronization, so CUDA graphs capture them:
 From ``INT_MM_MIN_M`` rows on, cuBLAS computes the int32 product (``torch._int_mm``, cuBLASLt's int8
 tensor-core GEMM, as bitsandbytes does) and the same kernel, with ``PRODUCT_GIVEN``, runs only the
 rest of step 3 on it (the epilogue). Both products are the exact int32 sum, so without outlier
-columns the two paths give the same bits, and with them too (the outlier loop is the same code).
+columns the two paths give the same bits. With them, both add the outlier columns in the same groups
+of 16; within a group, tile shapes with different MMA instructions may still sum differently.
 """
 
 from __future__ import annotations
