@@ -64,12 +64,15 @@ def m_bucket(m: int) -> int:
 
 
 def prune_gemm_configs(configs, named_args, **kwargs):
-    """Tiles no taller than M (rounded up to a power of two, at least 16): fewer configs to time. All
-    of them for a symbolic M (pruning would guard on it)."""
+    """Tiles no taller than M (rounded up to a power of two, at least 16) and at least a quarter of it
+    (or the tallest there are): fewer configs to compile and time. A tile of M / 8 rows or fewer
+    reads or dequantizes each weight eight times or more: at M = 128 a 16-row 4-bit tile issues more
+    than bf16 takes to read the weight. All of them for a symbolic M (pruning would guard on it)."""
     if not isinstance(named_args["M_BUCKET"], int):
         return configs
     m_bucket = max(named_args["M_BUCKET"], 16)
-    return [c for c in configs if c.kwargs["BLOCK_M"] <= m_bucket]
+    shortest = min(m_bucket // 4, max(c.kwargs["BLOCK_M"] for c in configs))
+    return [c for c in configs if shortest <= c.kwargs["BLOCK_M"] <= m_bucket]
 
 
 # Split-K of the GEMM for small M (at most GEMM_SPLIT_MAX_M rows: one or two row tiles), where the

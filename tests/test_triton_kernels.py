@@ -306,6 +306,23 @@ def test_int8_gemm_split_k(outliers):
     _check_int8(out, _reference(op, args), torch.float16)
 
 
+def test_autotuner_times_tiles_between_a_quarter_of_m_and_m():
+    """The GEMM autotuners prune by M's power-of-two bucket: tiles no taller than it (16 at least) and
+    no shorter than a quarter of it, or the tallest tiles where M is beyond every tile."""
+    from qpass.kernels.triton_common import prune_gemm_configs
+
+    def heights(configs, bucket):
+        return sorted({c.kwargs["BLOCK_M"] for c in prune_gemm_configs(configs, {"M_BUCKET": bucket})})
+
+    fourbit, int8 = triton_4bit._gemm_configs(), triton_int8._gemm_configs()
+    assert {c.kwargs["BLOCK_M"] for c in fourbit} == {16, 32, 64, 128}
+    assert {c.kwargs["BLOCK_M"] for c in int8} == {16, 64, 128}
+    assert heights(fourbit, 1) == heights(fourbit, 16) == heights(int8, 16) == [16]
+    assert heights(fourbit, 64) == [16, 32, 64] and heights(int8, 64) == [16, 64]
+    assert heights(fourbit, 128) == [32, 64, 128] and heights(int8, 128) == [64, 128]
+    assert heights(fourbit, 2048) == heights(int8, 2048) == [128]
+
+
 def test_launch_parameters_take_a_symbolic_m():
     """Under torch.compile with dynamic shapes the op bodies see M as a SymInt: picking the kernel,
     the split and the autotune bucket must not specialize on M (one guard, M <= 128, at most)."""
