@@ -88,9 +88,8 @@ def kernel_cases():
            config.num_stages, config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_K"])
     int8_types = {"ca_ptr": _ptr("i8"), "cb_ptr": _ptr("i8"), "product_ptr": _ptr("i32"), "sca_ptr": _ptr("fp32"),
                   "scb_ptr": _ptr("fp32"), "x_ptr": _ptr("bf16"), "columns_ptr": _ptr("i32"), "count_ptr": _ptr("i32"),
-                  "bias_ptr": _ptr("bf16"),
-                  "out_ptr": _ptr("bf16"), "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_om": "i32",
-                  "M_BUCKET": "i32", "K_PER_SPLIT": "i32"}
+                  "bias_ptr": _ptr("bf16"), "out_ptr": _ptr("bf16"), "M": "i32", "N": "i32", "K": "i32",
+                  "stride_xm": "i32", "stride_om": "i32", "M_BUCKET": "i32", "K_PER_SPLIT": "i32"}
     int8_consts = {"HAS_OUTLIERS": True, "HAS_BIAS": True, "IEEE_DOT": False,
                    "scale_product": triton_int8.INT8_SCALE_PRODUCT, "dequant": triton_int8.INT8_DEQUANT}
     int8_signature = _signature(triton_int8._int8_gemm_kernel, int8_types)

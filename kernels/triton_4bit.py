@@ -162,6 +162,24 @@ def _dequant_tile(
 
 
 @triton.jit
+def _weight_tile(
+    packed_ptr, table, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, rows, k0, N, K,
+    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """float32 W[rows, k0:k0 + BLOCK_K], zero outside the matrix: ``_dequant_halves`` joined back into
+    row order (``table`` from ``_code_table``) for whole blocks per row, else ``_dequant_tile``."""
+    if ROW_ALIGNED:
+        high, low = _dequant_halves(packed_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                                    rows, k0, N, K, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, BLOCK_K)
+        w = tl.reshape(tl.join(high, low), (rows.shape[0], BLOCK_K))
+    else:
+        w = _dequant_tile(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                          rows, k0, N, K, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, BLOCK_K)
+    return w
+
+
+@triton.jit
 def _x_element(word, p, X_DTYPE: tl.constexpr):
     """float32 value of x element p of a little-endian int64 ``word`` of x elements (in X_DTYPE)."""
     if X_DTYPE == tl.float32:
@@ -292,8 +310,7 @@ def _gemm_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if ROW_ALIGNED:
-        table = _code_table(code_ptr, PAIR_LOOKUP)
+    table = _code_table(code_ptr, PAIR_LOOKUP)  # unused (and compiled away) unless ROW_ALIGNED
     k_first = split * K_PER_SPLIT
     k_last = tl.minimum(k_first + K_PER_SPLIT, K)
     for k0 in tl.range(k_first, k_last, BLOCK_K, num_stages=LOAD_STAGES if LOAD_STAGES else None):
@@ -309,22 +326,16 @@ def _gemm_kernel(
             scale = _tile_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, rows_n, k0, N, K,
                                  BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, BLOCK_K)
             acc += step * tl.reshape(scale, (1, BLOCK_N))
-        elif ROW_ALIGNED and SWAP_AB:
-            w_even, w_odd = _dequant_halves(packed_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
-                                            offset_ptr, rows_n, k0, N, K, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT,
-                                            BLOCK_K)
-            w = tl.reshape(tl.join(w_even, w_odd), (BLOCK_N, BLOCK_K))
-            acc = dot(w.to(x_ptr.dtype.element_ty), x, acc, IEEE_DOT)
-        elif ROW_ALIGNED:  # even and odd columns of x against the high and low nibbles
+        elif ROW_ALIGNED and not SWAP_AB:  # even and odd columns of x against the high and low nibbles
             x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
             w_even, w_odd = _dequant_halves(packed_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
                                             offset_ptr, rows_n, k0, N, K, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT,
                                             BLOCK_K)
             acc = dot(x_even, w_even.to(x_ptr.dtype.element_ty), acc, IEEE_DOT)
             acc = dot(x_odd, w_odd.to(x_ptr.dtype.element_ty), acc, IEEE_DOT)
-        else:
-            w = _dequant_tile(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-                              rows_n, k0, N, K, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, BLOCK_K)
+        else:  # the whole weight tile
+            w = _weight_tile(packed_ptr, table, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                             rows_n, k0, N, K, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K)
             if SWAP_AB:
                 acc = dot(w.to(x_ptr.dtype.element_ty), x, acc, IEEE_DOT)
             else:
@@ -348,14 +359,9 @@ def _dequant_kernel(
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     cols = k0 + tl.arange(0, BLOCK_K)
-    if ROW_ALIGNED:
-        table = _code_table(code_ptr, PAIRS=True)  # four warps (DEQUANT_CONFIG): gathers through shared memory
-        w_even, w_odd = _dequant_halves(packed_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-                                        rows, k0, N, K, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, BLOCK_K)
-        w = tl.reshape(tl.join(w_even, w_odd), (BLOCK_N, BLOCK_K))
-    else:
-        w = _dequant_tile(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-                          rows, k0, N, K, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, BLOCK_K)
+    table = _code_table(code_ptr, PAIRS=True)  # four warps (DEQUANT_CONFIG): gathers through shared memory
+    w = _weight_tile(packed_ptr, table, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, rows,
+                     k0, N, K, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K)
     tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], w.to(out_ptr.dtype.element_ty),
              mask=(rows[:, None] < N) & (cols[None, :] < K))
 

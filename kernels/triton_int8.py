@@ -214,8 +214,7 @@ def int8_vectorwise_quant_triton(x: torch.Tensor, threshold: float, launch=lambd
     ca = torch.empty((M, K), device=x.device, dtype=torch.int8)
     sca = torch.empty((M,), device=x.device, dtype=torch.float32)
     columns = torch.empty((K,), device=x.device, dtype=torch.int32)
-    count = torch.zeros((1,), device=x.device, dtype=torch.int32) if M == 0 else torch.empty((1,), device=x.device,
-                                                                                               dtype=torch.int32)
+    count = (torch.zeros if M == 0 else torch.empty)((1,), device=x.device, dtype=torch.int32)  # row 0 writes it
     if M > 0:
         launch(_quantize_rows_kernel)[(M,)](x, mask, ca, sca, columns, count, K, x.stride(0), threshold,
                                             HAS_OUTLIERS=has_outliers, SINGLE_ROW=single_row, BLOCK_K=256)
