@@ -117,7 +117,7 @@ def compile_case(kernel, signature, constexprs, num_warps, num_stages, arch: int
             "tensor_cores": tensor_cores(compiled.asm["ttgir"]),
             "main_loop_instructions": len(loop),
             "instructions_per_weight": len(loop) * 32 * num_warps / weights_per_iteration,
-            "main_loop_mix": dict(collections.Counter(_opcode(line) for line in loop).most_common(8))}
+            "main_loop_mix": dict(collections.Counter(_opcode(line) for line in loop).most_common())}
 
 
 def tensor_cores(ttgir: str) -> str:

@@ -15,22 +15,22 @@ whose K step is one block (not SWAP_AB) round the code value, not the scaled wei
 
 Three paths:
 
-* ``_gemv_kernel`` (decode: M <= GEMV_MAX_M, K a multiple of BLOCKSIZE): single-warp programs, PARTS
-  neighbouring lanes per weight row, each reading 32 packed codes per step as two int64 words (one
-  16-byte load) so that a warp's load covers whole 32-byte runs of a row; x is read as int64 words
-  too, unpacked in registers, once per thread for all the rows it holds; the code-book lookup is a
-  ``tl.gather`` that lowers to one warp shuffle per weight. No tensor cores at M=1. The K range is
-  split so that enough programs stream weights; each split writes float32 partial sums that one small
-  reduction adds (deterministic, no atomics). Programs of the M rows of x for the same weight tile
+* ``_gemv_kernel`` (decode: M <= GEMV_MAX_M, K a multiple of BLOCKSIZE): PARTS neighbouring lanes
+  per weight row, each reading 32 packed codes per step as two int64 words (one 16-byte load) so
+  that a warp's load covers whole 32-byte runs of a row; x is read as int64 words too, unpacked in
+  registers, once per thread for all the rows it holds; the code-book lookup is one warp shuffle per
+  weight (``_shuffle_code``), whose nibble costs one shift and no mask. No tensor cores at M=1. The
+  K range is split so that enough programs stream weights; each split writes float32 partial sums
+  that one small reduction adds (deterministic, no atomics). Programs of the M rows of x for the same weight tile
   are adjacent in the grid, so the weight is read from DRAM once.
 * ``_gemm_kernel`` (GEMV_MAX_M < M < DEQUANT_MATMUL_MIN_M, and M = 1 when the GEMV does not apply):
   BLOCK_M x BLOCK_N tiles; each K step dequantizes a [BLOCK_N, BLOCK_K] weight tile in registers
-  and feeds ``tl.dot`` (tensor cores). For whole blocks per row, the lookup is a ``tl.gather``: per
-  packed byte from 256 pairs of code values in multi-warp tiles (shared memory), per nibble from
-  the 16 values in single-warp tiles (warp shuffles). Either the high and low nibbles stay in two
-  half tiles that meet the even and odd columns of x in two dots (no interleave), or (SWAP_AB
-  configs) they are joined into the weight tile and the dot is computed transposed, W @ x^T, so
-  that Hopper's wgmma takes the weight from registers and runs asynchronously.
+  and feeds ``tl.dot`` (tensor cores). For whole blocks per row, the lookup is a ``tl.gather`` per
+  packed byte from 256 pairs of code values in multi-warp tiles (shared memory), a warp shuffle per
+  nibble in single-warp tiles. Either the high and low nibbles stay in two half tiles that meet the
+  even and odd columns of x in two dots (no interleave), or (SWAP_AB configs) they are joined into
+  the weight tile and the dot is computed transposed, W @ x^T, so that Hopper's wgmma takes the
+  weight from registers and runs asynchronously.
   For M <= GEMM_SPLIT_MAX_M the K range is split when the output tiles alone are too few programs
   for the GPU; the splits' float32 sums are added as in the GEMV.
 * M >= DEQUANT_MATMUL_MIN_M: ``_dequant_kernel`` writes the weight in the compute dtype once (also the
@@ -44,10 +44,10 @@ import triton
 import triton.language as tl
 
 from .codebooks import DOUBLE_QUANT_BLOCKSIZE
-from .triton_common import (chosen_config, dot, gemm_split, ieee_dot, m_bucket, mul_rn, prune_gemm_configs,
-                            split_evenly, sum_partials)
+from .triton_common import (INTERPRETED, chosen_config, dot, gemm_split, ieee_dot, m_bucket, mul_rn,
+                            prune_gemm_configs, split_evenly, sum_partials)
 
-# The GEMV repeats its lookups for each row of x (M x 5-6.6 instructions per weight), while the GEMM
+# The GEMV repeats its lookups for each row of x (M x 4.2-5.8 instructions per weight), while the GEMM
 # dequantizes a weight tile once for up to 16 rows (~6-7 instructions per weight): by the compile
 # report, the GEMV only wins at M = 1.
 GEMV_MAX_M = 1
@@ -79,8 +79,8 @@ def _code_table(code_ptr, PAIRS: tl.constexpr):
     """The code book as a ``tl.gather`` table: its 16 float32 values, or with PAIRS 256 int64 entries,
     entry b holding the bits of code[b >> 4] in its low and of code[b & 15] in its high 32 bits (the
     two weights of packed byte b). Programs of several warps gather through shared memory, where one
-    64-bit lookup per byte costs half the loads of one per nibble and needs no nibble extraction; in a
-    single-warp program tl.gather from 16 values is one warp shuffle, and from 256 far more."""
+    64-bit lookup per byte costs half the loads of one per nibble and needs no nibble extraction;
+    without PAIRS the lookups are warp shuffles (``_shuffle_code``), which take no table."""
     table = tl.load(code_ptr + tl.arange(0, 16))
     if PAIRS:
         bits = table.to(tl.uint32, bitcast=True).to(tl.uint64)
@@ -89,13 +89,39 @@ def _code_table(code_ptr, PAIRS: tl.constexpr):
 
 
 @triton.jit
-def _code_halves(packed_ptr, table, rows, k0, N, K, BLOCK_K: tl.constexpr):
+def _shuffle_code(code_ptr, index):
+    """float32 ``code_ptr[index & 15]`` for an int32 ``index`` of any shape and any value: the code-book
+    value of the nibble in bits 0-3 of each element, whatever bits 4 and up hold.
+
+    On the GPU, one warp shuffle per element: each lane reads code[lane & 15] (lanes L and L + 16 hold
+    the same value) and ``shfl.sync.idx`` takes the value of lane ``index``. PTX defines that lane by
+    bits 0-4 of the index alone, so the caller need not clear the bits above the nibble: a weight's
+    nibble costs one shift, or none (bits 0-3 of a word), instead of a shift and a mask. Written in
+    PTX because ``tl.gather`` requires in-range indices, and because which lane holds which element
+    of a Triton tensor is the compiler's choice: the asm reads its own lane's value itself, so it is
+    right in any layout and any number of warps. ptxas keeps one such read per loop step (every call
+    reads the same address). Needs the whole warp converged, as straight-line kernel code is. The
+    interpreter (no inline PTX) takes ``tl.gather`` of the masked index."""
+    if INTERPRETED:
+        table = tl.load(code_ptr + tl.arange(0, 16))
+        return tl.reshape(tl.gather(table, tl.reshape(index & 0xF, (index.numel,)), 0), index.shape)
+    else:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 lane; .reg .b64 address; .reg .f32 own;"
+            " mov.u32 lane, %laneid; and.b32 lane, lane, 15; mad.wide.u32 address, lane, 4, $1;"
+            " ld.global.nc.f32 own, [address]; shfl.sync.idx.b32 $0, own, $2, 31, -1; }",
+            "=f,l,r", [code_ptr, index], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _code_halves(packed_ptr, code_ptr, table, rows, k0, N, K, BLOCK_K: tl.constexpr):
     """float32 code-book values (unscaled) of (W[rows, k0::2], W[rows, k0 + 1::2]) over k0 : k0 + BLOCK_K,
     zero outside the matrix, for K % BLOCKSIZE == 0 (no block crosses a row: every LLM layer).
 
     The tile's bytes load contiguously; high nibbles (even k) and low nibbles (odd k) stay apart, so
     the caller multiplies them with the even and odd columns of x (or joins them). The lookup in
-    ``table`` (``_code_table``) is one ``tl.gather`` per byte (pairs) or per half (16 values)."""
+    ``table`` (``_code_table``) is one ``tl.gather`` per byte (pairs), or else one warp shuffle per
+    nibble (``_shuffle_code``)."""
     HALF: tl.constexpr = BLOCK_K // 2
     BLOCK_N: tl.constexpr = rows.shape[0]
     byte_cols = k0 // 2 + tl.arange(0, HALF)
@@ -107,8 +133,9 @@ def _code_halves(packed_ptr, table, rows, k0, N, K, BLOCK_K: tl.constexpr):
         high = pair.to(tl.uint32).to(tl.float32, bitcast=True)
         low = (pair >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
     else:
-        high = tl.reshape(tl.gather(table, byte >> 4, 0), (BLOCK_N, HALF))
-        low = tl.reshape(tl.gather(table, byte & 0xF, 0), (BLOCK_N, HALF))
+        byte = tl.reshape(byte, (BLOCK_N, HALF))
+        high = _shuffle_code(code_ptr, byte >> 4)
+        low = _shuffle_code(code_ptr, byte)  # bits 4-7, the high nibble, are ignored
     return high, low
 
 
@@ -128,14 +155,14 @@ def _tile_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, row
 
 @triton.jit
 def _dequant_halves(
-    packed_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, rows, k0, N, K,
+    packed_ptr, code_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, rows, k0, N, K,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """float32 (W[rows, k0::2], W[rows, k0 + 1::2]): ``_code_halves`` times each block's scale."""
     HALF: tl.constexpr = BLOCK_K // 2
     BLOCKS: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_K >= BLOCKSIZE else 1
     BLOCK_N: tl.constexpr = rows.shape[0]
-    high, low = _code_halves(packed_ptr, table, rows, k0, N, K, BLOCK_K)
+    high, low = _code_halves(packed_ptr, code_ptr, table, rows, k0, N, K, BLOCK_K)
     scale = _tile_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, rows, k0, N, K,
                          BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, BLOCK_K)[:, :, None]
     high = tl.reshape(tl.reshape(high, (BLOCK_N, BLOCKS, HALF // BLOCKS)) * scale, (BLOCK_N, HALF))
@@ -170,8 +197,8 @@ def _weight_tile(
     """float32 W[rows, k0:k0 + BLOCK_K], zero outside the matrix: ``_dequant_halves`` joined back into
     row order (``table`` from ``_code_table``) for whole blocks per row, else ``_dequant_tile``."""
     if ROW_ALIGNED:
-        high, low = _dequant_halves(packed_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-                                    rows, k0, N, K, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, BLOCK_K)
+        high, low = _dequant_halves(packed_ptr, code_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
+                                    offset_ptr, rows, k0, N, K, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, BLOCK_K)
         w = tl.reshape(tl.join(high, low), (rows.shape[0], BLOCK_K))
     else:
         w = _dequant_tile(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
@@ -195,7 +222,7 @@ def _x_element(word, p, X_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _qword_dot(qword, x_words, live, code, X_DTYPE: tl.constexpr):
+def _qword_dot(qword, x_words, live, code_ptr, X_DTYPE: tl.constexpr):
     """float32 sums over the 16 codes of each int64 ``qword`` ([GROUPS, ROWS, PARTS]) of code-book value
     times x, with x's 16 elements read as int64 words from ``x_words`` ([PARTS], the first element's
     word; the same x for all rows). Byte i of a qword (little-endian) holds elements 2i (high nibble)
@@ -206,9 +233,8 @@ def _qword_dot(qword, x_words, live, code, X_DTYPE: tl.constexpr):
         x_word = tl.load(x_words + w, mask=live, other=0)
         for p in tl.static_range(X_PER_WORD):
             j = w * X_PER_WORD + p
-            nibble = (qword >> (8 * (j // 2) + 4 * (1 - j % 2))).to(tl.int32) & 0xF
-            value = tl.reshape(tl.gather(code, tl.reshape(nibble, (qword.numel,)), 0), qword.shape)
-            total += value * _x_element(x_word, p, X_DTYPE)[None, None, :]
+            nibble = (qword >> (8 * (j // 2) + 4 * (1 - j % 2))).to(tl.int32)  # bits 4 and up: the next codes
+            total += _shuffle_code(code_ptr, nibble) * _x_element(x_word, p, X_DTYPE)[None, None, :]
     return total
 
 
@@ -222,14 +248,14 @@ def _gemv_kernel(
     # partial[split, m, n] = sum over this split's part of row n of
     #     scale[n, block(k)] * x[m, k] * code[n, k]
     #
-    # Single-warp programs over BLOCK_N rows, as [GROUPS, ROWS, PARTS] lanes: a warp's 32 lanes are
-    # ROWS rows of PARTS neighbouring lanes, each lane reading 32 codes per step (16 bytes as two int64
-    # qwords; the row's 16 * PARTS bytes of a step are one contiguous run, 16-byte aligned, see
-    # gemv_applies). Each thread holds GROUPS lanes of the same part, so the x elements, which depend
-    # on the part only, are read once per thread (as int64 words, unpacked in registers) for all of
-    # them. The code-book lookup is a tl.gather from the 16-entry table, which a one-warp program
-    # lowers to one warp shuffle per weight. A lane's 32 codes lie inside one quantization block
-    # (BLOCKSIZE >= 32): their float32 dot is scaled once; each row's PARTS lanes are summed at the end.
+    # Programs over BLOCK_N rows, as [GROUPS, ROWS, PARTS] lanes: ROWS rows of PARTS neighbouring lanes
+    # (32 lanes), each lane reading 32 codes per step (16 bytes as two int64 qwords; the row's
+    # 16 * PARTS bytes of a step are one contiguous run, 16-byte aligned, see gemv_applies). The x
+    # elements depend on the part only, so a thread reads them once (as int64 words, unpacked in
+    # registers) for all the rows of that part it holds. The code-book lookup is one warp shuffle per
+    # weight (_shuffle_code), fed the code shifted down, unmasked. A lane's 32 codes lie inside one
+    # quantization block (BLOCKSIZE >= 32): their float32 dot is scaled once; each row's PARTS lanes
+    # are summed at the end.
     # LOAD_STAGES 0: a step waits for its own loads (other warps hide the latency); an int: Triton
     # pipelines every load of the loop (codes, x, the absmax -> nested code chain) that many steps
     # deep through shared memory.
@@ -245,7 +271,6 @@ def _gemv_kernel(
     qwords = (packed_ptr.to(tl.pointer_type(tl.int64)) + rows.to(tl.int64)[:, :, None] * (K // 32 * 2)
               + step_words[None, None, :])
     row_blocks = rows.to(tl.uint64)[:, :, None] * (K // BLOCKSIZE)
-    code = tl.load(code_ptr + tl.arange(0, 16))
     x_words = (x_ptr + m * stride_xm).to(tl.pointer_type(tl.int64))
     k_first = split * BLOCKS_PER_SPLIT * BLOCKSIZE
     k_last = tl.minimum(k_first + BLOCKS_PER_SPLIT * BLOCKSIZE, K)
@@ -258,8 +283,8 @@ def _gemv_kernel(
         words = tl.load(qwords + k0 // 32 * 2, mask=inside_rows[:, :, None] & live_words[None, None, :], other=0)
         first, second = tl.split(tl.reshape(words, (GROUPS, ROWS, PARTS, 2)))
         lane_x = x_words + k // X_PER_WORD
-        lane_dot = _qword_dot(first, lane_x, live, code, x_ptr.dtype.element_ty)
-        lane_dot += _qword_dot(second, lane_x + 16 // X_PER_WORD, live, code, x_ptr.dtype.element_ty)
+        lane_dot = _qword_dot(first, lane_x, live, code_ptr, x_ptr.dtype.element_ty)
+        lane_dot += _qword_dot(second, lane_x + 16 // X_PER_WORD, live, code_ptr, x_ptr.dtype.element_ty)
         block = row_blocks + (k.to(tl.uint32) // BLOCKSIZE).to(tl.uint64)[None, None, :]
         scale = _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block, inside,
                               NESTED_BLOCKSIZE, DOUBLE_QUANT)
@@ -319,7 +344,7 @@ def _gemm_kernel(
                     mask=(rows_m[:, None] < M) & (cols[None, :] < K), other=0.0)
         if ROW_ALIGNED and SCALE_AFTER_DOT:  # the step is one quantization block
             x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
-            c_even, c_odd = _code_halves(packed_ptr, table, rows_n, k0, N, K, BLOCK_K)
+            c_even, c_odd = _code_halves(packed_ptr, code_ptr, table, rows_n, k0, N, K, BLOCK_K)
             step = dot(x_even, c_even.to(x_ptr.dtype.element_ty), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
                         IEEE_DOT)
             step = dot(x_odd, c_odd.to(x_ptr.dtype.element_ty), step, IEEE_DOT)
@@ -328,7 +353,7 @@ def _gemm_kernel(
             acc += step * tl.reshape(scale, (1, BLOCK_N))
         elif ROW_ALIGNED and not SWAP_AB:  # even and odd columns of x against the high and low nibbles
             x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
-            w_even, w_odd = _dequant_halves(packed_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
+            w_even, w_odd = _dequant_halves(packed_ptr, code_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
                                             offset_ptr, rows_n, k0, N, K, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT,
                                             BLOCK_K)
             acc = dot(x_even, w_even.to(x_ptr.dtype.element_ty), acc, IEEE_DOT)
@@ -373,12 +398,13 @@ def _gemm_configs():
     # Each compiles for sm_90 without register spills and within an H100 block's shared memory, at
     # 4.8-9.7 main-loop instructions per weight (``benchmarks/compile_report.py``, checked by
     # ``tests/test_compile_report.py``). Single-warp tiles do the lookup by warp shuffle instead of
-    # shared memory (5.7-6.9): for small M, with split-K supplying the programs. Multi-warp tiles look
-    # up a byte at a time (PAIR_LOOKUP): 2.5 instructions per weight fewer than a nibble at a time.
+    # shared memory (5.3-5.8): for small M, with split-K supplying the programs. Multi-warp tiles look
+    # up a byte at a time (PAIR_LOOKUP): 0.6-1.3 instructions per weight fewer than by shuffles.
     #
     # LOAD_STAGES (see _gemm_kernel): 0 pipelines only the loads that feed tl.dot (x and the codes,
     # num_stages deep); 3 pipelines every load of the loop 3 deep, the scale chain too. The second
-    # variant exists for the mma.sync tiles (BLOCK_M <= 32) only: the wgmma tiles compile the same.
+    # variant exists for the mma.sync tiles (BLOCK_M <= 32) only: the wgmma tiles compile the same;
+    # the single-warp 16 x 32 tile spills with it (ptxas gives it 128 registers).
     #
     # SWAP_AB tiles (W @ x^T, see _gemm_kernel) compile to asynchronous wgmma with the dequantized
     # weight read from registers, from BLOCK_M = 16 up (the others: mma.sync up to BLOCK_M = 32, and
@@ -388,7 +414,7 @@ def _gemm_configs():
     plain = [
         (16, 32, 64, 1, 0), (16, 64, 64, 1, 0), (16, 64, 64, 4, 0), (16, 128, 64, 4, 0), (16, 256, 64, 8, 0),
         (32, 128, 64, 4, 0), (64, 128, 64, 4, 0), (128, 128, 64, 8, 0), (128, 256, 64, 8, 0), (128, 256, 32, 8, 0),
-        (16, 32, 64, 1, 3), (16, 64, 64, 4, 3), (16, 128, 64, 4, 3), (16, 256, 64, 8, 3), (32, 128, 64, 4, 3),
+        (16, 64, 64, 4, 3), (16, 128, 64, 4, 3), (16, 256, 64, 8, 3), (32, 128, 64, 4, 3),
     ]
     swapped = [(16, 128, 64, 4), (16, 256, 64, 8), (32, 128, 64, 4), (64, 128, 64, 4), (64, 256, 64, 8),
                (128, 128, 64, 8), (128, 256, 64, 8)]
@@ -401,17 +427,19 @@ def _gemm_configs():
 
 
 def _gemv_configs():
-    # Single-warp programs: tl.gather lowers to warp shuffles only when the table and the indices live
-    # in one warp (more warps go through shared memory with a barrier per lookup). PARTS lanes share a
-    # row (PARTS * 16 contiguous bytes per step). Few rows per program and many programs measured
-    # fastest on an H100 with the previous GEMV, 8 bytes per lane and step
+    # PARTS lanes share a row (PARTS * 16 contiguous bytes per step). Few rows per program and many
+    # programs measured fastest on an H100 with the previous GEMV, 8 bytes per lane and step
     # (benchmarks/results/h100/gemv_layouts.json: 28672x8192 105 us at 16 rows, 138 us at 64).
-    # Each layout comes plain (LOAD_STAGES 0: a step's loads are waited for in that step) and with
-    # every load software-pipelined 3 steps ahead through shared memory (+1.4-1.8 instructions per
-    # weight, +6-17 registers by the compile report): latency hidden by the program itself rather
-    # than by other warps.
-    return [triton.Config({"BLOCK_N": bn, "PARTS": parts, "LOAD_STAGES": stages}, num_warps=1)
-            for bn, parts in [(16, 4), (8, 4), (8, 8), (16, 8), (32, 4)] for stages in (0, 3)]
+    # Single-warp layouts come plain (LOAD_STAGES 0: a step's loads are waited for in that step) and
+    # with every load software-pipelined 3 steps ahead through shared memory (+1.4-1.8 instructions
+    # per weight, +6-17 registers by the compile report): latency hidden by the program itself rather
+    # than by other warps. An H100 SM holds at most 32 programs, so single-warp programs of 63-72
+    # registers leave it 28-32 warps; the 2- and 4-warp programs of 16 rows per warp take 40 registers
+    # (about 5.1 instructions per weight), room for 48 warps on an SM: more loads in flight.
+    single_warp = [triton.Config({"BLOCK_N": bn, "PARTS": parts, "LOAD_STAGES": stages}, num_warps=1)
+                   for bn, parts in [(16, 4), (8, 4), (8, 8), (16, 8), (32, 4)] for stages in (0, 3)]
+    return single_warp + [triton.Config({"BLOCK_N": 16 * warps, "PARTS": 4, "LOAD_STAGES": 0}, num_warps=warps)
+                          for warps in (2, 4)]
 
 
 # Autotuned variants for real GPUs; the interpreter (TRITON_INTERPRET=1) uses the plain kernels with
