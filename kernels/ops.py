@@ -29,12 +29,16 @@ from .reference_matmul import linear_fp32_accumulate
 
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+# The Triton kernels hold inline PTX (mul.rn, warp shuffles): NVIDIA GPUs only. A ROCm build of torch
+# calls its GPUs "cuda" too, and runs the reference there.
+ON_ROCM = torch.version.hip is not None
 
 
 def use_triton(x: Tensor) -> bool:
-    """Whether the linear ops run their Triton kernels for ``x``: on CUDA, when Triton is installed.
-    Decided inside each op's body from the device, so Inductor traces the reference for CPU inputs."""
-    return HAS_TRITON and x.device.type == "cuda"
+    """Whether the linear ops run their Triton kernels for ``x``: on NVIDIA CUDA, when Triton is
+    installed. Decided inside each op's body from the device, so Inductor traces the reference for
+    CPU inputs."""
+    return HAS_TRITON and not ON_ROCM and x.device.type == "cuda"
 
 
 def _output_dtype(x: Tensor, compute_dtype: torch.dtype) -> torch.dtype:

@@ -100,6 +100,19 @@ def test_wrong_input_width_names_the_shape():
         _call(layout, tensors, torch.randn(3, 81), b)
 
 
+def test_kernels_run_on_nvidia_gpus_only(monkeypatch):
+    """The Triton kernels (inline PTX) for CUDA tensors; the reference on CPU and on ROCm, whose GPUs torch
+    also calls "cuda"."""
+    from qpass.kernels import ops
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        gpu_tensor = torch.empty(2, device="cuda")  # a fake one: no GPU needed
+    assert ops.use_triton(gpu_tensor) == ops.HAS_TRITON and not ops.use_triton(torch.empty(2))
+    monkeypatch.setattr(ops, "ON_ROCM", True)
+    assert not ops.use_triton(gpu_tensor)
+
+
 @pytest.mark.parametrize("threshold", [6.0, 0.0])
 def test_int8_linear_matches_bitsandbytes(threshold):
     """qpass' int8 linear against bitsandbytes' own Linear8bitLt on the same weights, with outliers."""
