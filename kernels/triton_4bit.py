@@ -473,12 +473,14 @@ def gemv_split(out_features: int, in_features: int, blocksize: int, wanted: int 
     return split_evenly(blocks_per_row, wanted, most=blocks_per_row // GEMV_MIN_BLOCKS_PER_SPLIT)
 
 
-def _kernel_operands(packed, absmax, nested_absmax, nested_code, offset):
-    """The packed codes as flat bytes (whatever their quant_storage view), and the three double
-    quantization pointers (absmax stands in for them, unused, without double quantization)."""
+def _kernel_operands(packed, quant_map, absmax, nested_absmax, nested_code, offset):
+    """The packed codes as flat bytes (whatever their quant_storage view), the code book as float32 (the
+    kernels read its bits as float32: the format stores it so, a direct op call may pass another
+    dtype), and the three double quantization pointers (absmax stands in for them, unused, without
+    double quantization)."""
     packed = packed.reshape(-1).view(torch.uint8) if packed.dtype != torch.uint8 else packed.reshape(-1)
     nested = (nested_absmax, nested_code, offset) if nested_absmax is not None else (absmax, absmax, absmax)
-    return packed, nested
+    return packed, quant_map.to(torch.float32), nested
 
 
 def dequantize_4bit_triton(
@@ -488,7 +490,7 @@ def dequantize_4bit_triton(
 ) -> torch.Tensor:
     """The weight ``[out_features, in_features]`` in ``dtype``, bit for bit the reference's."""
     N, K = out_features, in_features
-    packed, dq = _kernel_operands(packed, absmax, nested_absmax, nested_code, offset)
+    packed, quant_map, dq = _kernel_operands(packed, quant_map, absmax, nested_absmax, nested_code, offset)
     double_quant = nested_absmax is not None
     out = torch.empty((N, K), device=packed.device, dtype=dtype)
     grid = (triton.cdiv(N, DEQUANT_CONFIG.kwargs["BLOCK_N"]), triton.cdiv(K, DEQUANT_CONFIG.kwargs["BLOCK_K"]))
@@ -512,7 +514,7 @@ def linear_4bit_triton(
     ``splits`` sets the number of K splits instead of the heuristic: both for benchmarks and tests."""
     x = x.to(compute_dtype).contiguous()
     M, K, N = x.shape[0], in_features, out_features
-    packed, dq = _kernel_operands(packed, absmax, nested_absmax, nested_code, offset)
+    packed, quant_map, dq = _kernel_operands(packed, quant_map, absmax, nested_absmax, nested_code, offset)
     double_quant = nested_absmax is not None
     statics = dict(BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=DOUBLE_QUANT_BLOCKSIZE, DOUBLE_QUANT=double_quant,
                    ROW_ALIGNED=K % blocksize == 0)

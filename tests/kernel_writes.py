@@ -1,6 +1,7 @@
 """Prints, as JSON, what Inductor's analysis finds each qpass Triton kernel writes, for every kernel the
 two linear ops launch (4-bit at M = 1, 16 and DEQUANT_MATMUL_MIN_M; int8 at M = 1, 16 and from
-INT_MM_MIN_M). Run by tests/test_kernel_writes.py, in a process without TRITON_INTERPRET.
+INT_MM_MIN_M). Run by tests/test_kernel_writes.py, in a process without TRITON_INTERPRET; other tests
+import ``recorded_launches`` to see what the host code hands the kernels.
 
 Under torch.compile, Inductor reads each user Triton kernel's TTIR to find the tensor arguments it
 writes (``torch._higher_order_ops.triton_kernel_wrap``). The analysis needs no GPU, only a compile

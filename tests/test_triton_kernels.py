@@ -15,6 +15,7 @@ from qpass.kernels.triton_4bit import GEMV_MAX_M, dequantize_4bit_triton, gemv_a
 from qpass.kernels.triton_common import gemm_split
 from qpass.kernels.triton_int8 import _round_half_even, int8_vectorwise_quant_triton, linear_int8_triton
 
+from kernel_writes import recorded_launches
 from models import relative_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -231,6 +232,22 @@ def test_4bit_gemv_reads_x_at_any_offset(dtype):
     buffer, bias = _inputs(1, 16, 129, dtype)
     x = buffer[:, 1:]  # storage offset of one element: 2 or 4 bytes
     assert gemv_applies(1, 128, 64, t["weight"]) and x.storage_offset() * x.element_size() % 8
+    op, args = layout.linear_call(x, t, bias)
+    _check(_4bit_call(layout, t, x, bias), x, layout, t, bias, _reference(op, args))
+
+
+@pytest.mark.parametrize("m", [1, 3, triton_4bit.DEQUANT_MATMUL_MIN_M], ids=["gemv", "gemm", "dequant"])
+def test_4bit_kernels_read_a_float32_code_book(m):
+    """The kernels read the code book's bits as float32 (on a GPU, a shuffle of each lane's own 32-bit
+    value): a code book in another dtype, possible in a direct op call, reaches them as float32. The
+    interpreter converts loads itself, so the launch is checked here, and the result on any device."""
+    layout, t = quantize_weight(torch.randn(48, 128) * 0.05, qpass.NF4Config(compute_dtype=torch.float32))
+    t = {name: None if v is None else v.to(DEVICE) for name, v in t.items()}
+    t["quant_map"] = t["quant_map"].half()
+    launches = []
+    x, bias = _inputs(m, 48, 128, torch.float32)
+    _4bit_call(layout, t, x, bias, launch=recorded_launches(launches))
+    assert launches and all(arguments["code_ptr"].dtype == torch.float32 for _, arguments in launches)
     op, args = layout.linear_call(x, t, bias)
     _check(_4bit_call(layout, t, x, bias), x, layout, t, bias, _reference(op, args))
 
