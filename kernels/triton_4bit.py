@@ -76,11 +76,12 @@ def _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, bl
 
 @triton.jit
 def _code_table(code_ptr, PAIRS: tl.constexpr):
-    """The code book as a ``tl.gather`` table: its 16 float32 values, or with PAIRS 256 int64 entries,
-    entry b holding the bits of code[b >> 4] in its low and of code[b & 15] in its high 32 bits (the
-    two weights of packed byte b). Programs of several warps gather through shared memory, where one
-    64-bit lookup per byte costs half the loads of one per nibble and needs no nibble extraction;
-    without PAIRS the lookups are warp shuffles (``_shuffle_code``), which take no table."""
+    """With PAIRS, the code book as a 256-entry int64 ``tl.gather`` table: entry b holds the bits of
+    code[b >> 4] in its low and of code[b & 15] in its high 32 bits (the two weights of packed byte b).
+    Programs of several warps gather through shared memory, where one 64-bit lookup per byte costs
+    half the loads of one per nibble and needs no nibble extraction. Without PAIRS, its 16 values:
+    only their shape is used, telling ``_code_halves`` to look nibbles up by warp shuffle
+    (``_shuffle_code``, which reads the code book itself); the load compiles away."""
     table = tl.load(code_ptr + tl.arange(0, 16))
     if PAIRS:
         bits = table.to(tl.uint32, bitcast=True).to(tl.uint64)
