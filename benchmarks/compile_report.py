@@ -1,6 +1,6 @@
 """Compile every Triton kernel config for a GPU target without a GPU, and report its resources.
 
-    python benchmarks/compile_report.py [--arch 90]
+    python benchmarks/compile_report.py [--arch 90] [--match TEXT] [--no-fp-fusion]
 
 Triton's compiler and ptxas ship in the triton wheel, so a CPU machine can compile the kernels for
 sm_90 (H100/H200) and read registers per thread, spill stack and shared memory off the cubin
@@ -103,9 +103,15 @@ def kernel_cases():
            config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_K"])
 
 
-def compile_case(kernel, signature, constexprs, num_warps, num_stages, arch: int, weights_per_iteration: int) -> dict:
+def compile_case(kernel, signature, constexprs, num_warps, num_stages, arch: int, weights_per_iteration: int,
+                 fp_fusion: bool | None = None) -> dict:
+    """``fp_fusion``: whether the compiler may contract a product and a following add into one FMA;
+    None for Triton's default (on up to 3.9; 3.10 turns it off)."""
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=_divisibility(kernel, signature))
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    if fp_fusion is not None:
+        options["enable_fp_fusion"] = fp_fusion
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
@@ -158,13 +164,20 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100/H200")
     parser.add_argument("--json", type=Path, help="also write the rows to this file")
+    parser.add_argument("--match", action="append",
+                        help="compile only the configs whose printed name contains this text (repeatable)")
+    parser.add_argument("--no-fp-fusion", action="store_true",
+                        help="forbid contracting products into FMAs, as Triton 3.10 will by default")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
     rows = []
     for name, kernel, signature, constexprs, warps, stages, weights in kernel_cases():
+        if args.match and not any(text in name for text in args.match):
+            continue
         row = {"kernel": name, "num_warps": warps, "num_stages": stages,
-               **compile_case(kernel, signature, constexprs, warps, stages, args.arch, weights)}
+               **compile_case(kernel, signature, constexprs, warps, stages, args.arch, weights,
+                              fp_fusion=False if args.no_fp_fusion else None)}
         flags = []
         if row["spill_stack_bytes"]:
             flags.append("SPILLS")

@@ -227,7 +227,8 @@ def _qword_dot(qword, x_words, live, code_ptr, X_DTYPE: tl.constexpr):
     """float32 sums over the 16 codes of each int64 ``qword`` ([GROUPS, ROWS, PARTS]) of code-book value
     times x, with x's 16 elements read as int64 words from ``x_words`` ([PARTS], the first element's
     word; the same x for all rows). Byte i of a qword (little-endian) holds elements 2i (high nibble)
-    and 2i + 1."""
+    and 2i + 1. Products accumulate through ``tl.fma``: one FFMA each, whether or not the compiler may
+    contract ``a * b + c`` (Triton 3.10 stops doing so by default)."""
     X_PER_WORD: tl.constexpr = 64 // X_DTYPE.primitive_bitwidth
     total = tl.zeros(qword.shape, dtype=tl.float32)
     for w in tl.static_range(16 // X_PER_WORD):
@@ -235,7 +236,7 @@ def _qword_dot(qword, x_words, live, code_ptr, X_DTYPE: tl.constexpr):
         for p in tl.static_range(X_PER_WORD):
             j = w * X_PER_WORD + p
             nibble = (qword >> (8 * (j // 2) + 4 * (1 - j % 2))).to(tl.int32)  # bits 4 and up: the next codes
-            total += _shuffle_code(code_ptr, nibble) * _x_element(x_word, p, X_DTYPE)[None, None, :]
+            total = tl.fma(_shuffle_code(code_ptr, nibble), _x_element(x_word, p, X_DTYPE)[None, None, :], total)
     return total
 
 
@@ -289,7 +290,7 @@ def _gemv_kernel(
         block = row_blocks + (k.to(tl.uint32) // BLOCKSIZE).to(tl.uint64)[None, None, :]
         scale = _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block, inside,
                               NESTED_BLOCKSIZE, DOUBLE_QUANT)
-        acc += lane_dot * scale
+        acc = tl.fma(lane_dot, scale, acc)
     M = tl.num_programs(0)
     out_rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     tl.store(partial_ptr + (split * M + m) * N + out_rows, tl.reshape(tl.sum(acc, axis=2), (BLOCK_N,)),
@@ -351,7 +352,7 @@ def _gemm_kernel(
             step = dot(x_odd, c_odd.to(x_ptr.dtype.element_ty), step, IEEE_DOT)
             scale = _tile_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, rows_n, k0, N, K,
                                  BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, BLOCK_K)
-            acc += step * tl.reshape(scale, (1, BLOCK_N))
+            acc = tl.fma(step, tl.reshape(scale, (1, BLOCK_N)), acc)
         elif ROW_ALIGNED and not SWAP_AB:  # even and odd columns of x against the high and low nibbles
             x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
             w_even, w_odd = _dequant_halves(packed_ptr, code_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
