@@ -398,10 +398,13 @@ DEQUANT_CONFIG = triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4)
 
 def _gemm_configs():
     # Each compiles for sm_90 without register spills and within an H100 block's shared memory, at
-    # 4.8-9.7 main-loop instructions per weight (``benchmarks/compile_report.py``, checked by
-    # ``tests/test_compile_report.py``). Single-warp tiles do the lookup by warp shuffle instead of
-    # shared memory (5.3-5.8): for small M, with split-K supplying the programs. Multi-warp tiles look
-    # up a byte at a time (PAIR_LOOKUP): 0.6-1.3 instructions per weight fewer than by shuffles.
+    # 4.8-9.7 main-loop instructions per weight, with Triton 3.6 (torch 2.11-2.13) and 3.9 (torch 2.15)
+    # (``benchmarks/compile_report.py``, checked by ``tests/test_compile_report.py``). No tile sits at
+    # the register limit: the 128 x 256 x 64 tiles took 252-255 registers with 3.6 and spilled with 3.9;
+    # the 128 x 256 tiles step through K 32 columns at a time (212-222 registers).
+    # Single-warp tiles do the lookup by warp shuffle instead of shared memory (5.3-5.8): for small M,
+    # with split-K supplying the programs. Multi-warp tiles look up a byte at a time (PAIR_LOOKUP):
+    # 0.6-1.3 instructions per weight fewer than by shuffles.
     #
     # LOAD_STAGES (see _gemm_kernel): 0 pipelines only the loads that feed tl.dot (x and the codes,
     # num_stages deep); 3 pipelines every load of the loop 3 deep, the scale chain too. The second
@@ -411,15 +414,15 @@ def _gemm_configs():
     # SWAP_AB tiles (W @ x^T, see _gemm_kernel) compile to asynchronous wgmma with the dequantized
     # weight read from registers, from BLOCK_M = 16 up (the others: mma.sync up to BLOCK_M = 32, and
     # wgmma waited for at every step from 64); they need BLOCK_N a multiple of 64 per four warps.
-    # LOAD_STAGES 3 compiles the same as 0 for them. 124-252 registers, 6.7-7.1 instructions per
-    # weight (9.7 for the 128 x 128 eight-warp tile, 168 registers).
+    # LOAD_STAGES 3 compiles the same as 0 for them. 120-224 registers, 6.6-7.0 instructions per
+    # weight (8.1-8.4 for the 128 x 256 x 32 tile, 9.0-9.7 for the 128 x 128 one).
     plain = [
         (16, 32, 64, 1, 0), (16, 64, 64, 1, 0), (16, 64, 64, 4, 0), (16, 128, 64, 4, 0), (16, 256, 64, 8, 0),
-        (32, 128, 64, 4, 0), (64, 128, 64, 4, 0), (128, 128, 64, 8, 0), (128, 256, 64, 8, 0), (128, 256, 32, 8, 0),
+        (32, 128, 64, 4, 0), (64, 128, 64, 4, 0), (128, 128, 64, 8, 0), (128, 256, 32, 8, 0),
         (16, 64, 64, 4, 3), (16, 128, 64, 4, 3), (16, 256, 64, 8, 3), (32, 128, 64, 4, 3),
     ]
     swapped = [(16, 128, 64, 4), (16, 256, 64, 8), (32, 128, 64, 4), (64, 128, 64, 4), (64, 256, 64, 8),
-               (128, 128, 64, 8), (128, 256, 64, 8)]
+               (128, 128, 64, 8), (128, 256, 32, 8)]
     tiles = [(*tile, False) for tile in plain] + [(*tile, 0, True) for tile in swapped]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "LOAD_STAGES": stages, "SWAP_AB": swap,
