@@ -21,8 +21,8 @@ Three paths:
   registers, once per thread for all the rows it holds; the code-book lookup is one warp shuffle per
   weight (``_shuffle_code``), whose nibble costs one shift and no mask. No tensor cores at M=1. The
   K range is split so that enough programs stream weights; each split writes float32 partial sums
-  that one small reduction adds (deterministic, no atomics). Programs of the M rows of x for the same weight tile
-  are adjacent in the grid, so the weight is read from DRAM once.
+  that one small reduction adds (deterministic, no atomics). Programs of the M rows of x for the
+  same weight tile are adjacent in the grid, so the weight is read from DRAM once.
 * ``_gemm_kernel`` (GEMV_MAX_M < M < DEQUANT_MATMUL_MIN_M, and M = 1 when the GEMV does not apply):
   BLOCK_M x BLOCK_N tiles; each K step dequantizes a [BLOCK_N, BLOCK_K] weight tile in registers
   and feeds ``tl.dot`` (tensor cores). For whole blocks per row, the lookup is a ``tl.gather`` per
@@ -75,18 +75,13 @@ def _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, bl
 
 
 @triton.jit
-def _code_table(code_ptr, PAIRS: tl.constexpr):
-    """With PAIRS, the code book as a 256-entry int64 ``tl.gather`` table: entry b holds the bits of
-    code[b >> 4] in its low and of code[b & 15] in its high 32 bits (the two weights of packed byte b).
-    Programs of several warps gather through shared memory, where one 64-bit lookup per byte costs
-    half the loads of one per nibble and needs no nibble extraction. Without PAIRS, its 16 values:
-    only their shape is used, telling ``_code_halves`` to look nibbles up by warp shuffle
-    (``_shuffle_code``, which reads the code book itself); the load compiles away."""
-    table = tl.load(code_ptr + tl.arange(0, 16))
-    if PAIRS:
-        bits = table.to(tl.uint32, bitcast=True).to(tl.uint64)
-        table = tl.reshape(bits[:, None] | (bits[None, :] << 32), (256,))
-    return table
+def _pair_table(code_ptr):
+    """The code book as a 256-entry int64 ``tl.gather`` table: entry b holds the bits of code[b >> 4]
+    in its low and of code[b & 15] in its high 32 bits (the two weights of packed byte b). Programs of
+    several warps gather through shared memory, where one 64-bit lookup per byte costs half the loads
+    of one per nibble and needs no nibble extraction."""
+    bits = tl.load(code_ptr + tl.arange(0, 16)).to(tl.uint32, bitcast=True).to(tl.uint64)
+    return tl.reshape(bits[:, None] | (bits[None, :] << 32), (256,))
 
 
 @triton.jit
@@ -115,22 +110,22 @@ def _shuffle_code(code_ptr, index):
 
 
 @triton.jit
-def _code_halves(packed_ptr, code_ptr, table, rows, k0, N, K, BLOCK_K: tl.constexpr):
+def _code_halves(packed_ptr, code_ptr, pairs, rows, k0, N, K, BLOCK_K: tl.constexpr):
     """float32 code-book values (unscaled) of (W[rows, k0::2], W[rows, k0 + 1::2]) over k0 : k0 + BLOCK_K,
     zero outside the matrix, for K % BLOCKSIZE == 0 (no block crosses a row: every LLM layer).
 
     The tile's bytes load contiguously; high nibbles (even k) and low nibbles (odd k) stay apart, so
-    the caller multiplies them with the even and odd columns of x (or joins them). The lookup in
-    ``table`` (``_code_table``) is one ``tl.gather`` per byte (pairs), or else one warp shuffle per
-    nibble (``_shuffle_code``)."""
+    the caller multiplies them with the even and odd columns of x (or joins them). The lookup is one
+    ``tl.gather`` per byte from ``pairs`` (``_pair_table``), or where ``pairs`` is None one warp
+    shuffle per nibble (``_shuffle_code``)."""
     HALF: tl.constexpr = BLOCK_K // 2
     BLOCK_N: tl.constexpr = rows.shape[0]
     byte_cols = k0 // 2 + tl.arange(0, HALF)
     inside_bytes = (rows[:, None] < N) & (byte_cols[None, :] < K // 2)
     byte = tl.load(packed_ptr + rows[:, None].to(tl.int64) * (K // 2) + byte_cols[None, :], mask=inside_bytes, other=0)
     byte = tl.reshape(byte.to(tl.int32), (BLOCK_N * HALF,))
-    if table.shape[0] == 256:
-        pair = tl.reshape(tl.gather(table, byte, 0), (BLOCK_N, HALF))
+    if pairs is not None:
+        pair = tl.reshape(tl.gather(pairs, byte, 0), (BLOCK_N, HALF))
         high = pair.to(tl.uint32).to(tl.float32, bitcast=True)
         low = (pair >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
     else:
@@ -156,14 +151,14 @@ def _tile_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, row
 
 @triton.jit
 def _dequant_halves(
-    packed_ptr, code_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, rows, k0, N, K,
+    packed_ptr, code_ptr, pairs, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, rows, k0, N, K,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """float32 (W[rows, k0::2], W[rows, k0 + 1::2]): ``_code_halves`` times each block's scale."""
     HALF: tl.constexpr = BLOCK_K // 2
     BLOCKS: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_K >= BLOCKSIZE else 1
     BLOCK_N: tl.constexpr = rows.shape[0]
-    high, low = _code_halves(packed_ptr, code_ptr, table, rows, k0, N, K, BLOCK_K)
+    high, low = _code_halves(packed_ptr, code_ptr, pairs, rows, k0, N, K, BLOCK_K)
     scale = _tile_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, rows, k0, N, K,
                          BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, BLOCK_K)[:, :, None]
     high = tl.reshape(tl.reshape(high, (BLOCK_N, BLOCKS, HALF // BLOCKS)) * scale, (BLOCK_N, HALF))
@@ -191,14 +186,14 @@ def _dequant_tile(
 
 @triton.jit
 def _weight_tile(
-    packed_ptr, table, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, rows, k0, N, K,
+    packed_ptr, pairs, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, rows, k0, N, K,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """float32 W[rows, k0:k0 + BLOCK_K], zero outside the matrix: ``_dequant_halves`` joined back into
-    row order (``table`` from ``_code_table``) for whole blocks per row, else ``_dequant_tile``."""
+    row order (``pairs`` as there) for whole blocks per row, else ``_dequant_tile``."""
     if ROW_ALIGNED:
-        high, low = _dequant_halves(packed_ptr, code_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
+        high, low = _dequant_halves(packed_ptr, code_ptr, pairs, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
                                     offset_ptr, rows, k0, N, K, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, BLOCK_K)
         w = tl.reshape(tl.join(high, low), (rows.shape[0], BLOCK_K))
     else:
@@ -327,7 +322,7 @@ def _gemm_kernel(
     # report's tensor_cores column). The swap also puts the weight's BLOCK_N (a multiple of 64) on
     # wgmma's 64-row side, so M = 16 tiles use wgmma too.
     #
-    # PAIR_LOOKUP: code-book lookups a byte at a time from 256 value pairs (see _code_table); set for
+    # PAIR_LOOKUP: code-book lookups a byte at a time from 256 value pairs (see _pair_table); set for
     # multi-warp programs, whose gathers go through shared memory.
     pid_m, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     SCALE_AFTER_DOT: tl.constexpr = BLOCK_K == BLOCKSIZE and BLOCK_M <= 32 and not SWAP_AB
@@ -337,7 +332,7 @@ def _gemm_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    table = _code_table(code_ptr, PAIR_LOOKUP)  # unused (and compiled away) unless ROW_ALIGNED
+    pairs = _pair_table(code_ptr) if PAIR_LOOKUP else None  # without: lookups by warp shuffle
     k_first = split * K_PER_SPLIT
     k_last = tl.minimum(k_first + K_PER_SPLIT, K)
     for k0 in tl.range(k_first, k_last, BLOCK_K, num_stages=LOAD_STAGES if LOAD_STAGES else None):
@@ -346,7 +341,7 @@ def _gemm_kernel(
                     mask=(rows_m[:, None] < M) & (cols[None, :] < K), other=0.0)
         if ROW_ALIGNED and SCALE_AFTER_DOT:  # the step is one quantization block
             x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
-            c_even, c_odd = _code_halves(packed_ptr, code_ptr, table, rows_n, k0, N, K, BLOCK_K)
+            c_even, c_odd = _code_halves(packed_ptr, code_ptr, pairs, rows_n, k0, N, K, BLOCK_K)
             step = dot(x_even, c_even.to(x_ptr.dtype.element_ty), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
                         IEEE_DOT)
             step = dot(x_odd, c_odd.to(x_ptr.dtype.element_ty), step, IEEE_DOT)
@@ -355,13 +350,13 @@ def _gemm_kernel(
             acc = tl.fma(step, tl.reshape(scale, (1, BLOCK_N)), acc)
         elif ROW_ALIGNED and not SWAP_AB:  # even and odd columns of x against the high and low nibbles
             x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
-            w_even, w_odd = _dequant_halves(packed_ptr, code_ptr, table, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
+            w_even, w_odd = _dequant_halves(packed_ptr, code_ptr, pairs, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
                                             offset_ptr, rows_n, k0, N, K, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT,
                                             BLOCK_K)
             acc = dot(x_even, w_even.to(x_ptr.dtype.element_ty), acc, IEEE_DOT)
             acc = dot(x_odd, w_odd.to(x_ptr.dtype.element_ty), acc, IEEE_DOT)
         else:  # the whole weight tile
-            w = _weight_tile(packed_ptr, table, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+            w = _weight_tile(packed_ptr, pairs, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
                              rows_n, k0, N, K, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K)
             if SWAP_AB:
                 acc = dot(w.to(x_ptr.dtype.element_ty), x, acc, IEEE_DOT)
@@ -386,8 +381,8 @@ def _dequant_kernel(
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     cols = k0 + tl.arange(0, BLOCK_K)
-    table = _code_table(code_ptr, PAIRS=True)  # four warps (DEQUANT_CONFIG): gathers through shared memory
-    w = _weight_tile(packed_ptr, table, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, rows,
+    pairs = _pair_table(code_ptr)  # four warps (DEQUANT_CONFIG): gathers through shared memory
+    w = _weight_tile(packed_ptr, pairs, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, rows,
                      k0, N, K, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K)
     tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], w.to(out_ptr.dtype.element_ty),
              mask=(rows[:, None] < N) & (cols[None, :] < K))
@@ -440,7 +435,7 @@ def _gemv_configs():
     # per weight, +6-17 registers by the compile report): latency hidden by the program itself rather
     # than by other warps. An H100 SM holds at most 32 programs, so single-warp programs of 63-72
     # registers leave it 28-32 warps; the 2- and 4-warp programs of 16 rows per warp take 40 registers
-    # (about 5.1 instructions per weight), room for 48 warps on an SM: more loads in flight.
+    # (4.8-5.0 instructions per weight), room for 48 warps on an SM: more loads in flight.
     single_warp = [triton.Config({"BLOCK_N": bn, "PARTS": parts, "LOAD_STAGES": stages}, num_warps=1)
                    for bn, parts in [(16, 4), (8, 4), (8, 8), (16, 8), (32, 4)] for stages in (0, 3)]
     return single_warp + [triton.Config({"BLOCK_N": 16 * warps, "PARTS": 4, "LOAD_STAGES": 0}, num_warps=warps)
