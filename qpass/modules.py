@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .formats import Layout
+from .formats import Layout, quantize_layer
 
 
 class QuantizedLinear(nn.Module):
@@ -38,6 +38,20 @@ class QuantizedLinear(nn.Module):
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight ``[out_features, in_features]`` in full precision (compute dtype by default)."""
         return self.layout.dequantize(self.quantized_tensors, dtype or self.layout.config.compute_dtype)
+
+    def requantize_(self, weight: torch.Tensor, name: str = "") -> None:
+        """Replace the quantized tensors by those of ``weight`` (float, ``[out_features, in_features]``)
+        quantized with this layer's config, on the device they are on: merging a LoRA adapter into the
+        layer (``qpass.integrations.peft``). Lossy, as re-quantizing always is: one more rounding to the
+        format. ``name`` names the layer in errors."""
+        name = name or type(self).__name__
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"layer {name!r}: expected a weight of shape {(self.out_features, self.in_features)}, "
+                             f"got {tuple(weight.shape)}")
+        layout, tensors = quantize_layer(weight.to(self.weight.device), self.layout.config, name)
+        assert layout == self.layout, (layout, self.layout)
+        for tensor_name in self.layout.tensor_names:
+            self._buffers[tensor_name] = tensors[tensor_name]
 
     def _apply(self, fn, recurse=True):
         # Quantized tensors follow device moves only: a dtype cast would corrupt packed codes and scales.
