@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftModel
 
 import qpass
 from qpass.formats import quantize_weight
@@ -40,7 +40,8 @@ def test_qlora_recipe_trains_adapters_on_a_frozen_quantized_base(fmt):
         base_logits = model(ids).logits
     frozen = _quantized_tensors(model)
 
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = qpass_peft.prepare_model_for_kbit_training(model)
+    assert model.is_gradient_checkpointing
     config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
     peft_model = qpass_peft.get_peft_model(model, config)
 
@@ -64,6 +65,26 @@ def test_qlora_recipe_trains_adapters_on_a_frozen_quantized_base(fmt):
     assert losses[-1] < 0.95 * losses[0], losses
     after = _quantized_tensors(peft_model)
     assert after.keys() == frozen.keys() and all(torch.equal(after[k], frozen[k]) for k in frozen)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_recomputes_the_quantized_layers_exactly(reentrant):
+    torch.manual_seed(0)
+    ids = torch.randint(0, 128, (2, 16))
+    grads = []
+    for checkpointing in (False, True):
+        model = qpass.quantize(tiny_llama(), qpass.NF4Config(compute_dtype=torch.float32))
+        model = qpass_peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                                           gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        assert model.is_gradient_checkpointing == checkpointing
+        peft_model = qpass_peft.get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+        _randomize_lora_b(peft_model)
+        peft_model.train()
+        peft_model(ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, msg=name)
 
 
 def test_adapter_saved_by_peft_loads_onto_a_fresh_quantized_base(tmp_path):

@@ -1,10 +1,10 @@
 """QLoRA with PEFT: LoRA adapters on the ``QuantizedLinear`` layers of a qpass model.
 
-    from peft import LoraConfig, prepare_model_for_kbit_training
+    from peft import LoraConfig
     from qpass.integrations import peft as qpass_peft
 
     model = qpass.quantize(model, "nf4")   # or AutoModelForCausalLM.from_pretrained(..., quantization_config=...)
-    model = prepare_model_for_kbit_training(model)
+    model = qpass_peft.prepare_model_for_kbit_training(model)   # frozen, norms in fp32, checkpointing
     model = qpass_peft.get_peft_model(model, LoraConfig(r=16, target_modules="all-linear"))
     ...                                    # train: the quantized weights stay frozen, the adapters learn
     model.save_pretrained("adapter/")      # the adapter only, as PEFT writes it
@@ -16,7 +16,8 @@ PEFT knows bitsandbytes' layers but not qpass', so ``prepare_lora_config`` regis
 ``target_modules="all-linear"`` into the names of the model's linear layers, quantized or not, the output
 embedding excluded (PEFT's own expansion only sees ``nn.Linear``). Pass its result wherever PEFT takes a
 ``LoraConfig`` (``peft.get_peft_model``, trl's ``SFTTrainer(peft_config=...)``); ``get_peft_model`` and
-``load_adapter`` here are that, around PEFT's functions of the same job.
+``load_adapter`` here are that, around PEFT's functions of the same job. ``prepare_model_for_kbit_training``
+is PEFT's, plus the gradient checkpointing PEFT turns on only for quantizers it knows.
 
 The layer is PEFT's ``lora.Linear`` (same forward, dropout, scaling, rsLoRA, ``lora_bias``, several
 adapters, ``adapter_names`` batches) with two changes. Merging dequantizes the weight to float32, adds
@@ -35,6 +36,7 @@ import warnings
 import torch
 from peft import LoraConfig, PeftModel
 from peft import get_peft_model as _peft_get_peft_model
+from peft import prepare_model_for_kbit_training as _peft_prepare_model_for_kbit_training
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
@@ -163,6 +165,21 @@ def prepare_lora_config(config: LoraConfig, model: nn.Module) -> LoraConfig:
         config.target_modules = names
     config._register_custom_module({QuantizedLinear: QuantizedLoraLinear})
     return config
+
+
+def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True,
+                                    gradient_checkpointing_kwargs: dict | None = None) -> nn.Module:
+    """``peft.prepare_model_for_kbit_training`` for a qpass model (a transformers model): every parameter
+    frozen, fp16/bf16 ones (norms, embeddings) cast to float32, and gradient checkpointing turned on,
+    which PEFT does only for the quantizers it knows by name. Checkpoints are non-reentrant unless
+    ``gradient_checkpointing_kwargs`` says ``use_reentrant=True`` (torch asks for an explicit choice)."""
+    model = _peft_prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if use_gradient_checkpointing:
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        if kwargs["use_reentrant"]:  # reentrant checkpoints need an input that requires grad
+            model.enable_input_require_grads()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return model
 
 
 def get_peft_model(model: nn.Module, config: LoraConfig, **kwargs) -> PeftModel:
