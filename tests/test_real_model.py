@@ -79,3 +79,12 @@ def test_checkpoints_both_ways_with_bitsandbytes(checkpoint, tokens, tmp_path):
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "qpass", device_map="cpu").eval()
     with torch.no_grad():
         assert torch.equal(back(ids).logits, reference)  # same bytes, same bitsandbytes kernel
+
+
+def test_qlora_example_lowers_held_out_perplexity():
+    """examples/qlora.py, shortened: LoRA adapters on frozen NF4 SmolLM2 learn from pydoc text."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import qlora
+
+    result = qlora.main(["--steps", "3", "--seq", "64", "--batch", "2", "--eval-windows", "1", "--rank", "8"])
+    assert result["after"] < 0.97 * result["before"], result
