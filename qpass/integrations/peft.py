@@ -21,9 +21,10 @@ is PEFT's, plus the gradient checkpointing PEFT turns on only for quantizers it 
 
 The layer is PEFT's ``lora.Linear`` (same forward, dropout, scaling, rsLoRA, ``lora_bias``, several
 adapters, ``adapter_names`` batches) with two changes. Merging dequantizes the weight to float32, adds
-``B @ A * scaling`` and quantizes the sum again with the layer's config (``QuantizedLinear.requantize_``),
-as PEFT does for bitsandbytes' 4-bit layers: one more rounding, so merged outputs differ slightly from
-unmerged ones, and unmerging does not restore the original bytes. And anything that would read the
+``B @ A * scaling`` and quantizes the sum again with the layer's config
+(``QuantizedLinear.requantize_``), as PEFT does for bitsandbytes' 4-bit layers: one more rounding,
+which takes away any change smaller than the format's step (most of a short fine-tune: README), and
+unmerging does not restore the original bytes. And anything that would read the
 packed bytes as a float weight is refused with the layer's name: LoRA variants (DoRA, aLoRA, ...) and
 initialisations from the weight (PiSSA, OLoRA, LoftQ, CorDA, ...).
 """
@@ -95,10 +96,9 @@ class QuantizedLoraLinear(LoraLinear):
         for adapter in check_adapters_to_merge(self, adapter_names):
             if adapter not in self.lora_A:
                 continue
-            warnings.warn(f"merging LoRA adapter {adapter!r} into {self.layer_name!r} re-quantizes its weight: changes "
-                          "smaller than the format's step are rounded away (examples/qlora.py: SmolLM2 perplexity "
-                          "10.3 with adapters, 17.4 merged, 17.9 before training); keep adapters unmerged to keep them",
-                          stacklevel=2)
+            warnings.warn(f"merging LoRA adapter {adapter!r} into {self.layer_name!r} re-quantizes its weight: "
+                          "changes smaller than the format's step are rounded away (examples/qlora.py measures how "
+                          "much); keep adapters unmerged to keep all they learned", stacklevel=2)
             self._add_to_base(adapter, sign=1.0)
             self.merged_adapters.append(adapter)
 
@@ -146,7 +146,7 @@ def linear_layer_names(model: nn.Module) -> set[str]:
         if isinstance(module, BaseTunerLayer):
             wrappers.append(name)
             base = module.get_base_layer()
-        if base is output_embedding or module is output_embedding:
+        if base is output_embedding:
             continue
         if isinstance(base, QuantizedLinear) or linear_weight(base) is not None:
             names.add(name)
