@@ -5,7 +5,7 @@
 """
 
 from . import kernels  # noqa: F401  (registers torch.ops.qpass.*)
-from .api import quantize
+from .api import dequantize, quantize
 from .checkpoints import CheckpointError, from_pretrained, save_pretrained
 from .config import FP4Config, Int8Config, NF4Config, QPassConfig, QuantConfig, Weight4bitConfig
 from .errors import QuantizationError
@@ -27,6 +27,7 @@ __all__ = [
     "QuantizationError",
     "QuantizedLinear",
     "Weight4bitConfig",
+    "dequantize",
     "estimate",
     "footprint",
     "from_pretrained",

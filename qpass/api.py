@@ -1,14 +1,16 @@
-"""``qpass.quantize``: one entry point for modules and exported programs."""
+"""``qpass.quantize``: one entry point for modules and exported programs; ``qpass.dequantize``, its inverse."""
 
 from __future__ import annotations
 
 from typing import TypeVar, overload
 
+import torch
 from torch import nn
 from torch.export import ExportedProgram
 
 from .config import ConfigLike, QPassConfig, as_plan
-from .module_swap import quantize_module
+from .module_swap import dequantize_module, quantize_module
+from .modules import QuantizedLinear
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -38,3 +40,38 @@ def quantize(model, spec, **plan_options):
     if isinstance(model, nn.Module):
         return quantize_module(model, plan)
     raise TypeError(f"qpass.quantize takes an nn.Module or a torch.export.ExportedProgram, got {type(model).__name__}")
+
+
+def dequantize(model: M, dtype: torch.dtype | None = None) -> M:
+    """Replace the ``QuantizedLinear`` layers of ``model`` by full-precision ``nn.Linear`` (or transformers
+    ``Conv1D``) layers holding the dequantized weights, in place; returns ``model`` (the new layer where
+    ``model`` is itself a ``QuantizedLinear``).
+
+    The weights are the quantized ones decoded, not the originals: quantization error stays. What it is
+    for: merging LoRA adapters without re-quantizing them away (``qpass.integrations.peft``), or handing a
+    model to code that needs plain layers. ``dtype`` defaults to the dtype of the model's other
+    floating-point parameters (see ``module_swap.dequantize_module``). A transformers model forgets its
+    quantization config too, so ``model.save_pretrained`` writes a plain checkpoint; through transformers,
+    ``model.dequantize()`` does the same.
+    """
+    if isinstance(model, ExportedProgram):
+        raise TypeError("qpass.dequantize takes an nn.Module; for an exported program, dequantize the module and "
+                        "export it again")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"qpass.dequantize takes an nn.Module, got {type(model).__name__}")
+    if not any(isinstance(m, QuantizedLinear) for m in model.modules()):
+        return model
+    model = dequantize_module(model, dtype)
+    _drop_quantization_config(model)
+    return model
+
+
+def _drop_quantization_config(model: nn.Module) -> None:
+    """A transformers model still says it is quantized (``config.quantization_config``, ``hf_quantizer``):
+    ``save_pretrained`` would refuse, or write a quantized config over full-precision weights."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel wraps it
+    quantizer = getattr(base, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(base)
+    elif hasattr(getattr(base, "config", None), "quantization_config"):
+        del base.config.quantization_config

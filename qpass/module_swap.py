@@ -1,4 +1,5 @@
-"""Module front-end: replace the linear layers of an ``nn.Module`` by ``QuantizedLinear`` in place."""
+"""Module front-end: replace the linear layers of an ``nn.Module`` by ``QuantizedLinear`` in place, and
+back (``dequantize_module``)."""
 
 from __future__ import annotations
 
@@ -54,6 +55,66 @@ def quantize_module(model: nn.Module, plan: QPassConfig) -> nn.Module:
             return quantized
         set_submodule(model, name, quantized)
     return model
+
+
+def dequantize_module(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every ``QuantizedLinear`` by the full-precision layer it stands for, one at a time: an
+    ``nn.Linear`` (a transformers ``Conv1D`` where the original was one) whose weight is the dequantized
+    weight, bit for bit ``QuantizedLinear.dequantize(dtype)``, on the quantized weight's device.
+
+    ``dtype`` defaults to the dtype of most of the model's other floating-point parameters (embeddings,
+    norms: the dtype the layers' inputs arrive in), else each layer's compute dtype. Dequantizing does
+    not make the weight trainable (``requires_grad=False``, as the quantized one was); a bias is kept,
+    cast to ``dtype`` if it differs. An accelerate hook on a layer moves to its replacement.
+
+    Returns ``model``, or the new layer when ``model`` is itself a ``QuantizedLinear``.
+    """
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+    if dtype is None:
+        dtype = _unquantized_parameter_dtype(model)
+    for name, layer in layers:
+        full = _full_precision_layer(layer, dtype or layer.layout.config.compute_dtype, name or type(layer).__name__)
+        if not name:
+            return full
+        set_submodule(model, name, full)
+    return model
+
+
+def _unquantized_parameter_dtype(model: nn.Module) -> torch.dtype | None:
+    """The floating dtype holding most elements of the parameters outside ``QuantizedLinear`` layers."""
+    elements: dict[torch.dtype, int] = {}
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            continue
+        for param in module.parameters(recurse=False):
+            if param.is_floating_point():
+                elements[param.dtype] = elements.get(param.dtype, 0) + param.numel()
+    return max(elements, key=elements.get) if elements else None
+
+
+def _full_precision_layer(layer: QuantizedLinear, dtype: torch.dtype, name: str) -> nn.Module:
+    if layer.weight.device.type == "meta":
+        raise ValueError(f"layer {name!r}: its quantized weight is on the meta device (not loaded, or offloaded); "
+                         "load the model onto a device before dequantizing")
+    weight = layer.dequantize(dtype)
+    has_bias = layer.bias is not None
+    with torch.device("meta"):  # the new layer's own weights are placeholders, replaced below
+        if layer.from_conv1d:  # transformers' Conv1D(nf=out, nx=in) holds the weight [in, out]
+            full = _conv1d_type()(layer.out_features, layer.in_features)
+            weight = weight.t().contiguous()
+        else:
+            full = nn.Linear(layer.in_features, layer.out_features, bias=has_bias)
+    full.weight = nn.Parameter(weight, requires_grad=False)
+    if has_bias:
+        bias = layer.bias
+        full.bias = bias if bias.dtype == dtype else nn.Parameter(bias.detach().to(dtype), requires_grad=bias.requires_grad)
+    hook = getattr(layer, "_hf_hook", None)
+    if hook is not None:
+        from accelerate.hooks import add_hook_to_module, remove_hook_from_module
+
+        remove_hook_from_module(layer)
+        add_hook_to_module(full, hook)
+    return full
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -10,6 +10,7 @@
     model.save_pretrained("adapter/")      # the adapter only, as PEFT writes it
     model = qpass_peft.load_adapter(qpass.quantize(base, "nf4"), "adapter/")
     merged = model.merge_and_unload()      # re-quantized: small adapters round away (see merge)
+    merged = qpass.dequantize(model).merge_and_unload()   # or full precision: the adapters kept whole
 
 PEFT knows bitsandbytes' layers but not qpass', so ``prepare_lora_config`` registers
 ``QuantizedLoraLinear`` for ``QuantizedLinear`` through PEFT's custom-module API and turns
@@ -24,7 +25,8 @@ adapters, ``adapter_names`` batches) with two changes. Merging dequantizes the w
 ``B @ A * scaling`` and quantizes the sum again with the layer's config
 (``QuantizedLinear.requantize_``), as PEFT does for bitsandbytes' 4-bit layers: one more rounding,
 which takes away any change smaller than the format's step (most of a short fine-tune: README), and
-unmerging does not restore the original bytes. And anything that would read the
+unmerging does not restore the original bytes; after ``qpass.dequantize(model)`` the base layers are
+full precision and merging adds the delta to their weights, as PEFT does. And anything that would read the
 packed bytes as a float weight is refused with the layer's name: LoRA variants (DoRA, aLoRA, ...) and
 initialisations from the weight (PiSSA, OLoRA, LoftQ, CorDA, ...).
 """
@@ -96,15 +98,17 @@ class QuantizedLoraLinear(LoraLinear):
         for adapter in check_adapters_to_merge(self, adapter_names):
             if adapter not in self.lora_A:
                 continue
-            warnings.warn(f"merging LoRA adapter {adapter!r} into {self.layer_name!r} re-quantizes its weight: "
-                          "changes smaller than the format's step are rounded away (examples/qlora.py measures how "
-                          "much); keep adapters unmerged to keep all they learned", stacklevel=2)
+            if isinstance(self.get_base_layer(), QuantizedLinear):
+                warnings.warn(f"merging LoRA adapter {adapter!r} into {self.layer_name!r} re-quantizes its weight: "
+                              "changes smaller than the format's step are rounded away (examples/qlora.py measures how "
+                              "much); keep adapters unmerged, or qpass.dequantize the model first, to keep all "
+                              "they learned", stacklevel=2)
             self._add_to_base(adapter, sign=1.0)
             self.merged_adapters.append(adapter)
 
     def unmerge(self) -> None:
-        """Subtract the merged adapters again: within a re-quantization of the weight before merging,
-        not its original bytes."""
+        """Subtract the merged adapters again: into a quantized base, within a re-quantization of the
+        weight before merging, not its original bytes."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
@@ -114,16 +118,23 @@ class QuantizedLoraLinear(LoraLinear):
                 self._add_to_base(adapter, sign=-1.0)
 
     def _add_to_base(self, adapter: str, sign: float) -> None:
-        """Checks first, then changes the layer: a refused merge leaves it as it was."""
-        base: QuantizedLinear = self.get_base_layer()
-        weight = base.dequantize(torch.float32) + sign * self.get_delta_weight(adapter).to(base.weight.device)
+        """Checks first, then changes the layer: a refused merge leaves it as it was. The base is quantized,
+        or full precision after ``qpass.dequantize``: then the delta is added to its weight as it is."""
+        base = self.get_base_layer()
+        quantized = isinstance(base, QuantizedLinear)
+        current = base.dequantize(torch.float32) if quantized else linear_weight(base)  # [out, in]
+        weight = current.float() + sign * self.get_delta_weight(adapter).to(current.device)
         if not torch.isfinite(weight).all():
             raise ValueError(f"LoRA layer {self.layer_name!r}: adapter {adapter!r} makes the weight NaN/Inf; the "
                              "adapter is broken (the layer is left as it was)")
         if self.lora_bias[adapter] and base.bias is None:
             raise ValueError(f"LoRA layer {self.layer_name!r}: adapter {adapter!r} has a lora_bias but the layer "
                              "has no bias to merge it into")
-        base.requantize_(weight, name=self.layer_name)
+        if quantized:
+            base.requantize_(weight, name=self.layer_name)
+        else:
+            with torch.no_grad():
+                current.copy_(weight)  # linear_weight is a view: a Conv1D's [in, out] weight is written through it
         if self.lora_bias[adapter]:
             lora_bias = self.lora_B[adapter].bias.detach() * self.scaling[adapter]  # scaled, as in forward
             base.bias.data += sign * lora_bias.to(base.bias.dtype)

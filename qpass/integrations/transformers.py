@@ -19,7 +19,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
 from ..formats import quantize_layer, quantize_weight
-from ..module_swap import embedding_weight_ids, linear_weight, set_submodule
+from ..module_swap import dequantize_module, embedding_weight_ids, linear_weight, set_submodule
 from ..modules import QuantizedLinear
 
 QUANT_METHOD = "qpass"
@@ -78,6 +78,10 @@ class QPassHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         return model
+
+    def _dequantize(self, model, dtype=None):
+        # model.dequantize(): transformers then removes the quantization config
+        return dequantize_module(model, dtype)
 
     def is_serializable(self):
         # model.save_pretrained would write qpass' in-memory names; qpass.save_pretrained writes the
