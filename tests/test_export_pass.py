@@ -149,3 +149,18 @@ def test_sequential_chain_of_linears():
     first, second = [n for n in ep_q.graph.nodes if n.target == torch.ops.qpass.linear_4bit.default][:2]
     assert second.args[0] is first
     torch.testing.assert_close(ep_q.module()(x), qpass.quantize(model, "nf4")(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="AOTInductor compiles the Triton kernels for a CUDA device"))])
+def test_aot_inductor_package_runs_the_quantized_program(tmp_path, device):
+    """AOTInductor compiles the quantized program ahead of time into a .pt2 package (C++, with the qpass
+    kernels inside on CUDA) that runs without the model's Python code."""
+    x = torch.randn(3, 32, device=device)
+    plan = qpass.QPassConfig(qpass.NF4Config(compute_dtype=torch.float32),
+                             overrides={"down": qpass.Int8Config(compute_dtype=torch.float32)}, skip_modules=[])
+    ep_q = qpass.quantize(torch.export.export(make_block().to(device), (x,)), plan)
+    assert set(_ops(ep_q)) >= QOPS
+    package = torch._inductor.aoti_compile_and_package(ep_q, package_path=str(tmp_path / "block.pt2"))
+    runner = torch._inductor.aoti_load_package(package)
+    assert relative_error(runner(x), ep_q.module()(x)) < 1e-5  # 0.0 measured on CPU
