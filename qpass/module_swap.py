@@ -70,10 +70,14 @@ def dequantize_module(model: nn.Module, dtype: torch.dtype | None = None) -> nn.
     Returns ``model``, or the new layer when ``model`` is itself a ``QuantizedLinear``.
     """
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+    for name, layer in layers:  # checked before any layer changes: a refused model is left as it was
+        if layer.weight.device.type == "meta":
+            raise ValueError(f"layer {name or type(layer).__name__!r}: its quantized weight is on the meta device "
+                             "(not loaded, or offloaded); load the model onto a device before dequantizing")
     if dtype is None:
         dtype = _unquantized_parameter_dtype(model)
     for name, layer in layers:
-        full = _full_precision_layer(layer, dtype or layer.layout.config.compute_dtype, name or type(layer).__name__)
+        full = _full_precision_layer(layer, dtype or layer.layout.config.compute_dtype)
         if not name:
             return full
         set_submodule(model, name, full)
@@ -92,10 +96,7 @@ def _unquantized_parameter_dtype(model: nn.Module) -> torch.dtype | None:
     return max(elements, key=elements.get) if elements else None
 
 
-def _full_precision_layer(layer: QuantizedLinear, dtype: torch.dtype, name: str) -> nn.Module:
-    if layer.weight.device.type == "meta":
-        raise ValueError(f"layer {name!r}: its quantized weight is on the meta device (not loaded, or offloaded); "
-                         "load the model onto a device before dequantizing")
+def _full_precision_layer(layer: QuantizedLinear, dtype: torch.dtype) -> nn.Module:
     weight = layer.dequantize(dtype)
     has_bias = layer.bias is not None
     with torch.device("meta"):  # the new layer's own weights are placeholders, replaced below
@@ -107,7 +108,9 @@ def _full_precision_layer(layer: QuantizedLinear, dtype: torch.dtype, name: str)
     full.weight = nn.Parameter(weight, requires_grad=False)
     if has_bias:
         bias = layer.bias
-        full.bias = bias if bias.dtype == dtype else nn.Parameter(bias.detach().to(dtype), requires_grad=bias.requires_grad)
+        if bias.dtype != dtype:
+            bias = nn.Parameter(bias.detach().to(dtype), requires_grad=bias.requires_grad)
+        full.bias = bias
     hook = getattr(layer, "_hf_hook", None)
     if hook is not None:
         from accelerate.hooks import add_hook_to_module, remove_hook_from_module

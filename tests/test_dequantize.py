@@ -148,5 +148,8 @@ def test_what_cannot_be_dequantized_says_so():
         qpass.dequantize(torch.export.export(layer, (torch.randn(2, 64),)))
     with pytest.raises(TypeError, match="nn.Module"):
         qpass.dequantize("model")
-    with pytest.raises(ValueError, match="layer '0'.*meta device"):  # as offloaded weights are
-        qpass.dequantize(layer.to("meta"))
+    model = qpass.quantize(tiny_llama(), "nf4")
+    model.model.layers[1].mlp.to("meta")  # as offloaded weights are
+    with pytest.raises(ValueError, match=r"layer 'model\.layers\.1\.mlp\.gate_proj'.*meta device"):
+        qpass.dequantize(model)
+    assert len(_quantized_layers(model)) == 14  # left as it was, not half dequantized
