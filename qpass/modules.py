@@ -43,13 +43,15 @@ class QuantizedLinear(nn.Module):
         """Replace the quantized tensors by those of ``weight`` (float, ``[out_features, in_features]``)
         quantized with this layer's config, on the device they are on: merging a LoRA adapter into the
         layer (``qpass.integrations.peft``). Lossy, as re-quantizing always is: one more rounding to the
-        format. ``name`` names the layer in errors."""
+        format. The layout stays the layer's: the weight's own dtype (float32 for a merge) is not
+        recorded as the original's (``Layout4bit.source_dtype``). ``name`` names the layer in errors."""
         name = name or type(self).__name__
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(f"layer {name!r}: expected a weight of shape {(self.out_features, self.in_features)}, "
                              f"got {tuple(weight.shape)}")
         layout, tensors = quantize_layer(weight.to(self.weight.device), self.layout.config, name)
-        assert layout == self.layout, (layout, self.layout)
+        assert (layout.out_features, layout.in_features, layout.config) == (
+            self.out_features, self.in_features, self.layout.config), (layout, self.layout)
         for tensor_name in self.layout.tensor_names:
             self._buffers[tensor_name] = tensors[tensor_name]
 

@@ -161,6 +161,21 @@ def test_a_second_adapter_and_per_row_adapter_choice():
     torch.testing.assert_close(mixed, torch.stack([first_logits[0], second_logits[1]]))
 
 
+def test_merge_into_a_bf16_model_keeps_the_layers_original_dtype():
+    """The merged weight is float32, the layer's original bfloat16: its layout (and a checkpoint's
+    quant_state dtype) keeps saying bfloat16."""
+    model = qpass.quantize(tiny_llama(dtype=torch.bfloat16), "nf4")
+    layout = model.model.layers[0].self_attn.q_proj.layout
+    peft_model = qpass_peft.get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]))
+    _randomize_lora_b(peft_model)
+    with pytest.warns(UserWarning, match="re-quantizes"):
+        merged = peft_model.merge_and_unload()
+    layer = merged.model.layers[0].self_attn.q_proj
+    assert layer.layout == layout and layer.layout.source_dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.isfinite(merged(torch.randint(0, 128, (1, 5))).logits).all()
+
+
 def test_unmerge_subtracts_the_delta_again():
     torch.manual_seed(0)
     peft_model = qpass_peft.get_peft_model(qpass.quantize(tiny_llama(), "int8"),
