@@ -5,7 +5,7 @@
 """
 
 from . import kernels  # noqa: F401  (registers torch.ops.qpass.*)
-from .api import dequantize, quantize
+from .api import dequantize, export_onnx, quantize
 from .checkpoints import CheckpointError, from_pretrained, save_pretrained
 from .config import FP4Config, Int8Config, NF4Config, QPassConfig, QuantConfig, Weight4bitConfig
 from .errors import QuantizationError
@@ -29,6 +29,7 @@ __all__ = [
     "Weight4bitConfig",
     "dequantize",
     "estimate",
+    "export_onnx",
     "footprint",
     "from_pretrained",
     "quantize",

@@ -1,4 +1,5 @@
-"""``qpass.quantize``: one entry point for modules and exported programs; ``qpass.dequantize``, its inverse."""
+"""``qpass.quantize``: one entry point for modules and exported programs; ``qpass.dequantize``, its inverse;
+``qpass.export_onnx`` for ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -64,6 +65,17 @@ def dequantize(model: M, dtype: torch.dtype | None = None) -> M:
     model = dequantize_module(model, dtype)
     _drop_quantization_config(model)
     return model
+
+
+def export_onnx(model, args: tuple = (), f=None, **options):
+    """Export a quantized ``nn.Module`` or ``ExportedProgram`` to ONNX, for ONNX Runtime: 4-bit layers as
+    its ``com.microsoft.MatMulBnb4`` operator (the bitsandbytes layout as is), int8 layers as standard
+    ONNX operators. Writes ``f`` if given and returns the ``torch.onnx.ONNXProgram``; ``options`` go to
+    ``torch.onnx.export``. Needs ``onnxscript`` (``pip install qpass[onnx]``); details in
+    ``qpass.integrations.onnx``."""
+    from .integrations.onnx import export_onnx as export
+
+    return export(model, args, f, **options)
 
 
 def _drop_quantization_config(model: nn.Module) -> None:

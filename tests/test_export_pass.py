@@ -7,7 +7,7 @@ from torch import nn
 import qpass
 from qpass.passes import find_linear_weights
 
-from models import COMPILE_VS_EAGER_BF16, relative_error, tiny_gpt2, tiny_llama
+from models import COMPILE_VS_EAGER_BF16, LogitsOnly, relative_error, tiny_gpt2, tiny_llama
 
 QOPS = {torch.ops.qpass.linear_4bit.default, torch.ops.qpass.linear_int8.default}
 
@@ -25,17 +25,6 @@ class Block(nn.Module):  # noqa: D101
 
     def forward(self, x):
         return self.down(torch.relu(self.up(x))) * self.scale
-
-
-class LogitsOnly(nn.Module):
-    """A causal LM returning plain logits (no KV-cache object in the outputs)."""
-
-    def __init__(self, lm):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, ids):
-        return self.lm(ids, use_cache=False).logits
 
 
 def make_block():
