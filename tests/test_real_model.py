@@ -90,3 +90,13 @@ def test_qlora_example_lowers_held_out_perplexity():
     assert result["after"] < 0.97 * result["before"], result
     # merged into the dequantized base, the adapters keep what they learned (float32 rounding apart)
     assert abs(result["merged_full"] - result["after"]) < 1e-3 * result["after"], result
+
+
+def test_onnx_runtime_example_scores_like_qpass():
+    """examples/onnx_runtime.py, one window: SmolLM2 in NF4 exported to ONNX (MatMulBnb4), run by ONNX Runtime."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import onnx_runtime
+
+    result = onnx_runtime.main(["--windows", "1"])
+    assert result["max_logit_difference"] < 1e-3, result  # float32 summation order over 30 layers
+    assert abs(result["onnx_perplexity"] - result["qpass_perplexity"]) < 1e-4 * result["qpass_perplexity"], result

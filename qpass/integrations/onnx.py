@@ -219,7 +219,9 @@ def export_onnx(model: nn.Module | ExportedProgram, args: tuple = (), f: str | o
 
     ``model``: a module quantized with ``qpass.quantize`` (or loaded with ``qpass.from_pretrained``), or a
     quantized ``ExportedProgram``. ``options`` go to ``torch.onnx.export`` (``dynamic_shapes``,
-    ``opset_version``, ``external_data``, ...; a ``custom_translation_table`` is merged with qpass').
+    ``opset_version``, ``external_data``, ...; a ``custom_translation_table`` is merged with qpass'),
+    except that ``optimize`` defaults to False (see below; ``optimize=True`` runs the exporter's
+    optimizer, which folds constants and tidies the graph, at a cost quadratic in its size).
     Returns the ``ONNXProgram``; with ``f``, also writes it there, atomically (the model file appears only
     once it and its external data file, if any, are complete). Refuses, naming the layer, a 4-bit code
     book ``MatMulBnb4`` does not have.
@@ -228,6 +230,10 @@ def export_onnx(model: nn.Module | ExportedProgram, args: tuple = (), f: str | o
         raise ValueError("qpass.export_onnx uses torch.onnx's dynamo exporter; the TorchScript one (dynamo=False) "
                          "cannot translate torch.library ops")
     external_data = options.pop("external_data", True)
+    # Off unless asked: onnxscript's optimizer takes time quadratic in the graph's size (minutes for
+    # SmolLM2-135M in int8), and ONNX Runtime folds the same constants when it loads the model, so the
+    # two files run about as fast (README, "ONNX Runtime").
+    options.setdefault("optimize", False)
     table = {**TRANSLATIONS, **options.pop("custom_translation_table", {})}
     swap = packed_as_uint8(model) if isinstance(model, nn.Module) else contextlib.nullcontext()
     with swap:

@@ -1,0 +1,130 @@
+"""SmolLM2-135M in NF4 (or int8) exported to ONNX and run by ONNX Runtime, against the same model in qpass.
+
+    python examples/onnx_runtime.py       # NF4; --format int8, --windows N, --out DIR, --optimize, --sensitivity
+
+The 4-bit layers become ONNX Runtime's ``com.microsoft.MatMulBnb4`` over the bitsandbytes bytes, int8
+layers standard ONNX operators (``qpass.integrations.onnx``). The layers compute in float32, the dtype
+ONNX Runtime's CPU provider runs ``MatMulBnb4`` in. Prints the file size, the largest logit difference,
+and perplexity and seconds over 512-token windows of CPython's pydoc text for both runtimes.
+Offline, like the demo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import onnxruntime
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import qpass
+from qpass.evaluation import perplexity, pydoc_text
+from qpass.integrations.smollm2 import smollm2_checkpoint
+
+WINDOW = 512
+
+
+class Logits(nn.Module):
+    """The causal LM as ``ids -> logits``: the one tensor the ONNX graph returns."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=ids, use_cache=False).logits
+
+
+class OnnxRuntimeLM(nn.Module):
+    """An ONNX Runtime session behind the ``model(ids).logits`` interface ``qpass.evaluation`` scores."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def forward(self, ids: torch.Tensor) -> SimpleNamespace:
+        (logits,) = self.session.run(None, {self.input_name: ids.numpy()})
+        return SimpleNamespace(logits=torch.from_numpy(logits))
+
+
+def timed_perplexity(model: nn.Module, tokens: torch.Tensor, windows: int) -> tuple[float, float]:
+    started = time.perf_counter()
+    return perplexity(model, tokens, window=WINDOW, max_windows=windows), time.perf_counter() - started
+
+
+@torch.no_grad()
+def perturbed(lm: nn.Module, ids: torch.Tensor, tokens: torch.Tensor, windows: int) -> tuple[float, float]:
+    """The model's own sensitivity, the yardstick for the ONNX differences: the largest logit change and
+    the perplexity after the input embeddings are scaled by 1 + 1e-7 * N(0, 1) (then restored)."""
+    embedding = lm.get_input_embeddings().weight
+    saved = embedding.clone()
+    before = lm(input_ids=ids).logits
+    embedding.mul_(1 + 1e-7 * torch.randn(embedding.shape, generator=torch.Generator().manual_seed(0)))
+    change = (lm(input_ids=ids).logits - before).abs().max().item()
+    result = change, perplexity(lm, tokens, window=WINDOW, max_windows=windows)
+    embedding.copy_(saved)
+    return result
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--format", choices=["nf4", "fp4", "int8"], default="nf4")
+    parser.add_argument("--windows", type=int, default=4, help=f"{WINDOW}-token windows of pydoc text to score")
+    parser.add_argument("--out", type=Path, help="folder for the .onnx files (default: a temporary one)")
+    parser.add_argument("--optimize", action="store_true", help="run torch.onnx's graph optimizer (slow on big graphs)")
+    parser.add_argument("--sensitivity", action="store_true",
+                        help="also score qpass with its embeddings perturbed by 1e-7 relative (see perturbed)")
+    args = parser.parse_args(argv)
+
+    checkpoint = smollm2_checkpoint()
+    tokens = AutoTokenizer.from_pretrained(checkpoint)(pydoc_text(), return_tensors="pt").input_ids[0]
+    config = {"nf4": qpass.NF4Config, "fp4": qpass.FP4Config, "int8": qpass.Int8Config}[args.format]
+    lm = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    model = Logits(qpass.quantize(lm, config(compute_dtype=torch.float32))).eval()
+
+    with tempfile.TemporaryDirectory() as scratch:
+        path = (args.out or Path(scratch)) / f"smollm2-{args.format}.onnx"
+        ids = tokens[: WINDOW].unsqueeze(0)
+        dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence", max=2048)}
+        started = time.perf_counter()
+        program = qpass.export_onnx(model, (ids,), path, dynamic_shapes=(dims,), optimize=args.optimize)
+        export_seconds = time.perf_counter() - started
+        graph_bytes = path.stat().st_size  # the graph, with the exporter's per-node metadata
+        data_bytes = sum(p.stat().st_size for p in path.parent.glob(path.name + ".data"))  # the tensors
+        runtime = OnnxRuntimeLM(path)
+        with torch.no_grad():
+            difference = (runtime(ids).logits - model(ids)).abs().max().item()
+        qpass_ppl, qpass_seconds = timed_perplexity(lm, tokens, args.windows)
+        onnx_ppl, onnx_seconds = timed_perplexity(runtime, tokens, args.windows)
+
+    ops = sorted({node.op_type for node in program.model.graph if node.domain == "com.microsoft"})
+    result = {
+        "format": args.format, "optimize": args.optimize, "export_seconds": export_seconds,
+        "onnx_graph_bytes": graph_bytes, "onnx_data_bytes": data_bytes,
+        "qpass_bytes": qpass.footprint(lm).total_bytes, "max_logit_difference": difference,
+        "qpass_perplexity": qpass_ppl, "onnx_perplexity": onnx_ppl,
+        "qpass_seconds": qpass_seconds, "onnx_seconds": onnx_seconds,
+    }
+    optimized = ", graph optimized" if args.optimize else ""
+    print(f"SmolLM2-135M-Instruct, {args.format}, float32 compute; exported{optimized} in {export_seconds:.0f} s "
+          f"(contrib operators: {', '.join(ops) or 'none'})")
+    print(f"  size: ONNX tensors {data_bytes / 2**20:.1f} MiB (+ {graph_bytes / 2**20:.1f} MiB graph file), "
+          f"qpass model {result['qpass_bytes'] / 2**20:.1f} MiB")
+    print(f"  largest logit difference over {WINDOW} tokens: {difference:.2e}")
+    print(f"  perplexity over {args.windows} x {WINDOW} tokens: qpass {qpass_ppl:.3f} ({qpass_seconds:.1f} s), "
+          f"ONNX Runtime {onnx_ppl:.3f} ({onnx_seconds:.1f} s)")
+    if args.sensitivity:
+        result["perturbed_logit_change"], result["perturbed_perplexity"] = perturbed(lm, ids, tokens, args.windows)
+        print(f"  qpass with its embeddings scaled by 1 + 1e-7 * N(0, 1): largest logit change "
+              f"{result['perturbed_logit_change']:.2e}, perplexity {result['perturbed_perplexity']:.3f}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
