@@ -111,6 +111,8 @@ def _full_precision_layer(layer: QuantizedLinear, dtype: torch.dtype) -> nn.Modu
         if bias.dtype != dtype:
             bias = nn.Parameter(bias.detach().to(dtype), requires_grad=bias.requires_grad)
         full.bias = bias
+    elif layer.from_conv1d:  # Conv1D always adds a bias; left as is, its meta placeholder would stay
+        full.bias = nn.Parameter(weight.new_zeros(layer.out_features), requires_grad=False)
     hook = getattr(layer, "_hf_hook", None)
     if hook is not None:
         from accelerate.hooks import add_hook_to_module, remove_hook_from_module

@@ -64,6 +64,19 @@ def test_conv1d_layers_come_back_as_conv1d():
     assert relative_error(_logits(model), quantized) < 1e-6
 
 
+def test_a_conv1d_quantized_without_its_bias_comes_back_with_a_zero_one():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    layer = qpass.quantize(Conv1D(24, 16), qpass.NF4Config(compute_dtype=torch.float32), skip_modules=[])
+    layer.bias = None  # a QuantizedLinear from a checkpoint without the bias
+    x = torch.randn(3, 16)
+    expected = layer(x)
+    full = qpass.dequantize(layer)
+    assert type(full) is Conv1D and full.bias.device == x.device  # not a meta placeholder
+    assert relative_error(full(x), expected) < 1e-6
+
+
 def test_dtype_follows_the_unquantized_parameters_unless_given():
     model = qpass.quantize(tiny_llama(dtype=torch.bfloat16), qpass.Int8Config(compute_dtype=torch.float32))
     qpass.dequantize(model)
