@@ -5,7 +5,7 @@
 """
 
 from . import kernels  # noqa: F401  (registers torch.ops.qpass.*)
-from .api import dequantize, export_onnx, quantize
+from .api import dequantize, export_onnx, quantize, set_compute_dtype
 from .checkpoints import CheckpointError, from_pretrained, save_pretrained
 from .config import FP4Config, Int8Config, NF4Config, QPassConfig, QuantConfig, Weight4bitConfig
 from .errors import QuantizationError
@@ -34,4 +34,5 @@ __all__ = [
     "from_pretrained",
     "quantize",
     "save_pretrained",
+    "set_compute_dtype",
 ]

@@ -1,5 +1,5 @@
 """``qpass.quantize``: one entry point for modules and exported programs; ``qpass.dequantize``, its inverse;
-``qpass.export_onnx`` for ONNX Runtime."""
+``qpass.set_compute_dtype``; ``qpass.export_onnx`` for ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -64,6 +64,25 @@ def dequantize(model: M, dtype: torch.dtype | None = None) -> M:
         return model
     model = dequantize_module(model, dtype)
     _drop_quantization_config(model)
+    return model
+
+
+def set_compute_dtype(model: M, dtype: torch.dtype) -> M:
+    """Make every ``QuantizedLinear`` of ``model`` compute in ``dtype`` (bf16, fp16 or fp32), in place;
+    returns ``model``. The stored bytes are unchanged, so this is lossless and ``save_pretrained`` records
+    the new dtype. What it is for: a checkpoint saved with ``bnb_4bit_compute_dtype=bfloat16`` run in
+    float32 (on CPUs without fast bf16, or for ONNX Runtime's CPU provider, ``qpass.export_onnx``), or
+    the reverse. Call it before ``torch.compile`` or export: traced graphs keep the dtype they saw.
+    Full-precision parameters are not cast: ``model.float()`` does that."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"qpass.set_compute_dtype takes an nn.Module, got {type(model).__name__}; an exported "
+                        "program has its compute dtype in its graph: change the module's and export it again")
+    for name, layer in model.named_modules():
+        if isinstance(layer, QuantizedLinear):
+            try:
+                layer.set_compute_dtype_(dtype)
+            except ValueError as err:
+                raise ValueError(f"layer {name or type(layer).__name__!r}: {err}") from err
     return model
 
 

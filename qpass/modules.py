@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -54,6 +56,12 @@ class QuantizedLinear(nn.Module):
             self.out_features, self.in_features, self.layout.config), (layout, self.layout)
         for tensor_name in self.layout.tensor_names:
             self._buffers[tensor_name] = tensors[tensor_name]
+
+    def set_compute_dtype_(self, dtype: torch.dtype) -> None:
+        """Compute in ``dtype`` from now on (bitsandbytes' ``Linear4bit.compute_dtype``); the quantized tensors
+        are unchanged. A graph already compiled or exported keeps the dtype it was traced with."""
+        config = dataclasses.replace(self.layout.config, compute_dtype=dtype)  # the config validates dtype
+        self.layout = dataclasses.replace(self.layout, config=config)
 
     def _apply(self, fn, recurse=True):
         # Quantized tensors follow device moves only: a dtype cast would corrupt packed codes and scales.

@@ -106,6 +106,35 @@ def test_dtype_casts_do_not_touch_quantized_tensors():
     assert out.dtype == torch.float16 and not out.isnan().any()
 
 
+@pytest.mark.parametrize("config_type", [qpass.NF4Config, qpass.FP4Config, qpass.Int8Config])
+def test_set_compute_dtype_is_quantizing_with_that_dtype(config_type, tmp_path):
+    ids = torch.randint(0, 128, (2, 9))
+    model = qpass.quantize(tiny_llama(), config_type(compute_dtype=torch.bfloat16))
+    want = qpass.quantize(tiny_llama(), config_type(compute_dtype=torch.float32))
+    before = model(ids).logits
+    assert qpass.set_compute_dtype(model, torch.float32) is model
+    layer = model.model.layers[1].mlp.down_proj
+    assert layer.layout == want.model.layers[1].mlp.down_proj.layout
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), want.state_dict().values()))
+    after = model(ids).logits
+    assert torch.equal(after, want(ids).logits) and not torch.equal(after, before)
+    qpass.save_pretrained(model, tmp_path)  # the checkpoint records the new dtype
+    loaded = qpass.from_pretrained(tmp_path).model.layers[1].mlp.down_proj
+    assert loaded.layout.config.compute_dtype == torch.float32
+
+
+def test_set_compute_dtype_refuses_what_a_config_refuses_and_exported_programs():
+    model = qpass.quantize(tiny_llama(), "nf4")
+    refusal = r"layer 'model.layers.0.self_attn.q_proj': NF4Config: compute_dtype=torch.int8 is not supported"
+    with pytest.raises(ValueError, match=refusal):
+        qpass.set_compute_dtype(model, torch.int8)
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert {layer.layout.config.compute_dtype for layer in layers} == {torch.bfloat16}
+    program = torch.export.export(qpass.quantize(nn.Linear(16, 8), "nf4"), (torch.randn(2, 16),))
+    with pytest.raises(TypeError, match="export it again"):
+        qpass.set_compute_dtype(program, torch.float32)
+
+
 def test_conv1d_layers_of_gpt2():
     fp = tiny_gpt2()
     ids = torch.randint(0, 128, (2, 10))
