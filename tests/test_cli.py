@@ -9,7 +9,7 @@ import torch
 import qpass
 from qpass import cli
 
-from models import tiny_gpt2, tiny_llama
+from models import relative_error, tiny_gpt2, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,9 @@ def test_eval_on_a_text_file(tmp_path, capsys):
         (["quantize", "{fp}", "-f", "nf5", "-o", "{tmp}/o"], r"unknown quantization format 'nf5'"),
         (["quantize", "{fp}", "-f", "nf4", "--override", "oops", "-o", "{tmp}/o"], r"--override 'oops': expected PATTERN=FORMAT"),
         (["eval", "{fp}", "--text", "/no/such.txt"], r"/no/such.txt: no such text file"),
+        (["export-onnx", "{fp}", "-o", "{tmp}/o"], r"not a quantized checkpoint .* give --format to quantize it"),
+        (["export-onnx", "{fp}", "--skip", "-o", "{tmp}/o"], r"--override and --skip .* give --format too"),
+        (["export-onnx", "{fp}", "-f", "nf4", "-o", "{fp}/config.json"], r"config.json: exists and is not a folder"),
     ],
 )
 def test_errors_are_one_clear_line(argv, message, fp_checkpoint, tmp_path, capsys):
@@ -65,6 +68,42 @@ def test_errors_are_one_clear_line(argv, message, fp_checkpoint, tmp_path, capsy
     err = capsys.readouterr().err
     assert err.startswith(f"qpass {argv[0]}: error: ") and len(err.strip().splitlines()) == 1
     assert re.search(message, err), err
+
+
+def _onnx_runtime_logits(path, ids):
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input_ids"]
+    assert [o.name for o in session.get_outputs()] == ["logits"]
+    return torch.from_numpy(session.run(None, {"input_ids": ids.numpy()})[0])
+
+
+def test_export_onnx_quantizing_while_loading(fp_checkpoint, tmp_path, capsys):
+    argv = ["export-onnx", str(fp_checkpoint), "-f", "nf4", "--override", "*.mlp.down_proj=int8", "-o", str(tmp_path)]
+    assert cli.main([*argv, "-q"]) == 0
+    assert "logits float32; 12 4-bit layers (com.microsoft.MatMulBnb4), 2 int8 layers" in capsys.readouterr().out
+    plan = qpass.QPassConfig(qpass.NF4Config(compute_dtype=torch.float32),
+                             overrides={"*.mlp.down_proj": qpass.Int8Config(compute_dtype=torch.float32)})
+    model = qpass.from_pretrained(fp_checkpoint, plan)
+    for shape in [(1, 5), (3, 17)]:  # any batch and sequence length
+        ids = torch.randint(0, 128, shape)
+        with torch.no_grad():
+            want = model(ids).logits
+        assert relative_error(_onnx_runtime_logits(tmp_path / "model.onnx", ids), want) < 1e-6
+
+
+def test_export_onnx_of_a_bf16_checkpoint_runs_in_float32(tmp_path, capsys):
+    """A bf16 checkpoint computing in bf16: ONNX Runtime's CPU provider has no bf16 MatMulBnb4, so the
+    default --dtype float32 casts the full-precision tensors and sets the layers' compute dtype."""
+    qpass.save_pretrained(qpass.quantize(tiny_llama(dtype=torch.bfloat16), "fp4"), tmp_path / "q")
+    assert cli.main(["export-onnx", str(tmp_path / "q"), "-o", str(tmp_path / "onnx"), "-q"]) == 0
+    model = qpass.set_compute_dtype(qpass.from_pretrained(tmp_path / "q", dtype=torch.float32), torch.float32)
+    ids = torch.randint(0, 128, (2, 6))
+    with torch.no_grad():
+        want = model(ids).logits
+    assert want.dtype == torch.float32
+    assert relative_error(_onnx_runtime_logits(tmp_path / "onnx" / "model.onnx", ids), want) < 1e-6
 
 
 def test_unsupported_architecture(tmp_path, capsys):
@@ -85,7 +124,7 @@ def test_full_disk(fp_checkpoint, tmp_path, monkeypatch, capsys):
 
 
 def test_help_for_every_command(capsys):
-    for command in ("quantize", "inspect", "eval", "estimate", "bench"):
+    for command in ("quantize", "inspect", "eval", "estimate", "export-onnx", "bench"):
         with pytest.raises(SystemExit) as exit_:
             cli.main([command, "--help"])
         assert exit_.value.code == 0
