@@ -118,8 +118,11 @@ def cmd_export_onnx(args) -> None:
 
     import qpass
     from qpass.config import dtype_from_name
-    from qpass.integrations.onnx_causal_lm import export_causal_lm
 
+    try:
+        from qpass.integrations.onnx_causal_lm import export_causal_lm
+    except ImportError as err:
+        raise CommandError(str(err)) from err
     src = _source(args.src)
     out = Path(args.out)
     if out.exists() and not out.is_dir():

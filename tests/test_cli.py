@@ -2,6 +2,7 @@
 
 import errno
 import re
+import sys
 
 import pytest
 import torch
@@ -104,6 +105,16 @@ def test_export_onnx_of_a_bf16_checkpoint_runs_in_float32(tmp_path, capsys):
         want = model(ids).logits
     assert want.dtype == torch.float32
     assert relative_error(_onnx_runtime_logits(tmp_path / "onnx" / "model.onnx", ids), want) < 1e-6
+
+
+def test_export_onnx_without_onnxscript_says_what_to_install(fp_checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # import onnxscript now raises ImportError
+    for name in ("qpass.integrations.onnx", "qpass.integrations.onnx_causal_lm"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    assert cli.main(["export-onnx", str(fp_checkpoint), "-f", "nf4", "-o", str(tmp_path), "-q"]) == 2
+    assert "qpass export-onnx: error: qpass' ONNX export needs onnxscript and onnx: pip install 'qpass[onnx]'" in (
+        capsys.readouterr().err)
+    assert not any(tmp_path.iterdir())
 
 
 def test_unsupported_architecture(tmp_path, capsys):

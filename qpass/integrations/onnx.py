@@ -49,12 +49,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TypeVar, Union
 
-import onnxscript
 import torch
-from onnxscript import opset18 as op
-from onnxscript.onnx_types import BFLOAT16, FLOAT, FLOAT16, INT8, INT64, UINT8
-from onnxscript.values import Opset
 from torch import nn
+
+try:
+    import onnxscript
+    from onnxscript import opset18 as op
+    from onnxscript.onnx_types import BFLOAT16, FLOAT, FLOAT16, INT8, INT64, UINT8
+    from onnxscript.values import Opset
+except ImportError as err:
+    raise ImportError(f"qpass' ONNX export needs onnxscript and onnx: pip install 'qpass[onnx]' ({err})") from err
 from torch.export import ExportedProgram
 
 from ..kernels.codebooks import DOUBLE_QUANT_BLOCKSIZE, code_4bit
