@@ -45,3 +45,10 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 # the intermediate rounding to bf16 (torch._inductor.config.emulate_precision_casts is off by default),
 # so compiled and eager differ by bf16 rounding: a few 1e-3 relative, far below quantization error.
 COMPILE_VS_EAGER_BF16 = 1e-2
+
+# A whole model with int8 layers run by ONNX Runtime against qpass: ONNX Runtime sums in another order
+# (1e-7 relative), which can flip the rounding of an int8 activation and move the logits by about 1e-4
+# (LLM.int8() does that to any 1e-7 change of its input). Measured on the tiny Llama with int8
+# down_proj over 200 random shapes: 10% of them above 1e-6, the largest 1.7e-4. The int8 lowering
+# itself is checked bit for bit, op by op, in tests/test_onnx_export.py.
+ONNX_INT8_MODEL = 1e-3

@@ -10,7 +10,7 @@ import torch
 import qpass
 from qpass import cli
 
-from models import relative_error, tiny_gpt2, tiny_llama
+from models import ONNX_INT8_MODEL, relative_error, tiny_gpt2, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -87,11 +87,12 @@ def test_export_onnx_quantizing_while_loading(fp_checkpoint, tmp_path, capsys):
     plan = qpass.QPassConfig(qpass.NF4Config(compute_dtype=torch.float32),
                              overrides={"*.mlp.down_proj": qpass.Int8Config(compute_dtype=torch.float32)})
     model = qpass.from_pretrained(fp_checkpoint, plan)
-    for shape in [(1, 5), (3, 17)]:  # any batch and sequence length
-        ids = torch.randint(0, 128, shape)
+    generator = torch.Generator().manual_seed(0)
+    for shape in [(1, 1), (3, 17), (2, 40)]:  # any batch and sequence length
+        ids = torch.randint(0, 128, shape, generator=generator)
         with torch.no_grad():
             want = model(ids).logits
-        assert relative_error(_onnx_runtime_logits(tmp_path / "model.onnx", ids), want) < 1e-6
+        assert relative_error(_onnx_runtime_logits(tmp_path / "model.onnx", ids), want) < ONNX_INT8_MODEL
 
 
 def test_export_onnx_of_a_bf16_checkpoint_runs_in_float32(tmp_path, capsys):

@@ -13,7 +13,7 @@ from torch import nn
 import qpass
 from qpass.integrations import onnx as qpass_onnx
 
-from models import LogitsOnly, relative_error, tiny_llama
+from models import ONNX_INT8_MODEL, LogitsOnly, relative_error, tiny_llama
 
 F32 = torch.float32
 # MatMulBnb4 dequantizes the same bytes to the same float32 weights as the reference; only the GEMM's
@@ -254,4 +254,13 @@ def test_llama_with_dynamic_batch_and_sequence(tmp_path):
         ids = torch.randint(0, model.lm.config.vocab_size, shape)
         with torch.no_grad():
             want = model(ids)
-        assert relative_error(_run(tmp_path / "llama.onnx", ids), want) < FLOAT32_SUM_ORDER
+        assert relative_error(_run(tmp_path / "llama.onnx", ids), want) < ONNX_INT8_MODEL
+
+
+@pytest.mark.parametrize("shape", [(1, 8), (2, 1), (8,)])
+def test_causal_lm_export_refuses_an_example_that_would_fix_a_dimension(shape):
+    from qpass.integrations.onnx_causal_lm import export_causal_lm
+
+    model = qpass.quantize(tiny_llama(), qpass.NF4Config(compute_dtype=F32))
+    with pytest.raises(ValueError, match=r"example_ids must be \[batch, sequence\] with both >= 2"):
+        export_causal_lm(model, example_ids=torch.zeros(shape, dtype=torch.long))
