@@ -25,17 +25,6 @@ def tiny_gpt2() -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config).eval()
 
 
-class LogitsOnly(torch.nn.Module):
-    """A causal LM returning plain logits (no KV-cache object in the outputs): what export traces."""
-
-    def __init__(self, lm):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, ids):
-        return self.lm(ids, use_cache=False).logits
-
-
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||actual - expected|| / ||expected|| in float64."""
     return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()

@@ -5,9 +5,10 @@ import torch
 from torch import nn
 
 import qpass
+from qpass.integrations.onnx_causal_lm import CausalLMLogits  # input_ids -> logits, what export traces
 from qpass.passes import find_linear_weights
 
-from models import COMPILE_VS_EAGER_BF16, LogitsOnly, relative_error, tiny_gpt2, tiny_llama
+from models import COMPILE_VS_EAGER_BF16, relative_error, tiny_gpt2, tiny_llama
 
 QOPS = {torch.ops.qpass.linear_4bit.default, torch.ops.qpass.linear_int8.default}
 
@@ -58,7 +59,7 @@ def test_exported_and_module_front_ends_agree_exactly(spec):
 
 
 def test_llama_export_quantize_save_load(tmp_path):
-    model = LogitsOnly(tiny_llama())
+    model = CausalLMLogits(tiny_llama())
     ids = torch.randint(0, 128, (1, 10))
     ep = torch.export.export(model, (ids,))
     plan = qpass.QPassConfig("nf4", overrides={"*.self_attn.*": "int8"})
@@ -68,7 +69,7 @@ def test_llama_export_quantize_save_load(tmp_path):
     assert ops.count(torch.ops.qpass.linear_4bit.default) == 6
     assert ops.count(torch.ops.aten.linear.default) == 1  # lm_head, skipped by default
 
-    module_q = qpass.quantize(LogitsOnly(tiny_llama()), plan)
+    module_q = qpass.quantize(CausalLMLogits(tiny_llama()), plan)
     with torch.no_grad():
         expected = module_q(ids)
     torch.testing.assert_close(ep_q.module()(ids), expected, rtol=0, atol=0)
@@ -94,16 +95,16 @@ def test_decomposed_graphs_are_matched_too():
 
 def test_conv1d_export_matches_module_front_end():
     ids = torch.randint(0, 128, (1, 8))
-    ep_q = qpass.quantize(torch.export.export(LogitsOnly(tiny_gpt2()), (ids,)), "fp4")
+    ep_q = qpass.quantize(torch.export.export(CausalLMLogits(tiny_gpt2()), (ids,)), "fp4")
     assert _ops(ep_q).count(torch.ops.qpass.linear_4bit.default) == 8
-    module_q = qpass.quantize(LogitsOnly(tiny_gpt2()), "fp4")
+    module_q = qpass.quantize(CausalLMLogits(tiny_gpt2()), "fp4")
     with torch.no_grad():
         expected = module_q(ids)
     torch.testing.assert_close(ep_q.module()(ids), expected, rtol=0, atol=0)
 
 
 def test_tied_and_non_linear_uses_are_left_alone():
-    model = LogitsOnly(tiny_llama(tie_word_embeddings=True))
+    model = CausalLMLogits(tiny_llama(tie_word_embeddings=True))
     ep = torch.export.export(model, (torch.randint(0, 128, (1, 6)),))
     ep_q = qpass.quantize(ep, "nf4", skip_modules=[])
     # lm_head shares its weight with the embedding lookup: not a pure linear weight

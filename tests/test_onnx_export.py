@@ -12,8 +12,9 @@ from torch import nn
 
 import qpass
 from qpass.integrations import onnx as qpass_onnx
+from qpass.integrations.onnx_causal_lm import CausalLMLogits
 
-from models import ONNX_INT8_MODEL, LogitsOnly, relative_error, tiny_llama
+from models import ONNX_INT8_MODEL, relative_error, tiny_llama
 
 F32 = torch.float32
 # MatMulBnb4 dequantizes the same bytes to the same float32 weights as the reference; only the GEMM's
@@ -243,7 +244,7 @@ def test_llama_with_dynamic_batch_and_sequence(tmp_path):
     sequence, run by ONNX Runtime at other shapes."""
     plan = qpass.QPassConfig(qpass.NF4Config(compute_dtype=F32),
                              overrides={"*.mlp.down_proj": qpass.Int8Config(compute_dtype=F32)})
-    model = LogitsOnly(qpass.quantize(tiny_llama(), plan)).eval()
+    model = CausalLMLogits(qpass.quantize(tiny_llama(), plan)).eval()
     ids = torch.randint(0, model.lm.config.vocab_size, (2, 12))
     dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence", max=64)}
     program = qpass.export_onnx(model, (ids,), tmp_path / "llama.onnx", dynamic_shapes=(dims,))
