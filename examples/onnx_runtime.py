@@ -1,12 +1,15 @@
 """SmolLM2-135M in NF4 (or int8) exported to ONNX and run by ONNX Runtime, against the same model in qpass.
 
     python examples/onnx_runtime.py       # NF4; --format int8, --windows N, --out DIR, --optimize, --sensitivity
+    python examples/onnx_runtime.py --with-past   # the graph with KV cache: also greedy generation in both
 
 The 4-bit layers become ONNX Runtime's ``com.microsoft.MatMulBnb4`` over the bitsandbytes bytes, int8
 layers standard ONNX operators (``qpass.integrations.onnx``). The layers compute in float32, the dtype
 ONNX Runtime's CPU provider runs ``MatMulBnb4`` in. Prints the file size, the largest logit difference,
-and perplexity and seconds over 512-token windows of CPython's pydoc text for both runtimes.
-Offline, like the demo.
+and perplexity and seconds over 512-token windows of CPython's pydoc text for both runtimes; with
+``--with-past``, the graph with KV cache (``export_causal_lm(..., with_past=True)``) scores the windows
+with an empty past and also generates greedily from a prompt, token by token (``generate_greedy``),
+beside transformers' ``generate`` of the qpass model. Offline, like the demo.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import onnxruntime
 import torch
 from torch import nn
@@ -24,22 +28,29 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import qpass
 from qpass.evaluation import perplexity, pydoc_text
-from qpass.integrations.onnx_causal_lm import CausalLMLogits, export_causal_lm
+from qpass.integrations.onnx_causal_lm import CausalLMLogits, export_causal_lm, generate_greedy, position_ids_for
 from qpass.integrations.smollm2 import smollm2_checkpoint
 
 WINDOW = 512
+PROMPT = "The capital of France is"
 
 
 class OnnxRuntimeLM(nn.Module):
-    """An ONNX Runtime session behind the ``model(ids).logits`` interface ``qpass.evaluation`` scores."""
+    """An ONNX Runtime session behind the ``model(ids).logits`` interface ``qpass.evaluation`` scores; the
+    graph with KV cache gets an unpadded mask and an empty past."""
 
     def __init__(self, path: Path):
         super().__init__()
         self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
+        self.past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
 
     def forward(self, ids: torch.Tensor) -> SimpleNamespace:
-        (logits,) = self.session.run(None, {self.input_name: ids.numpy()})
+        feed = {"input_ids": ids.numpy()}
+        if self.past:
+            mask = torch.ones_like(ids)
+            feed.update(attention_mask=mask.numpy(), position_ids=position_ids_for(mask, ids.shape[1]).numpy())
+            feed.update({i.name: np.zeros((ids.shape[0], i.shape[1], 0, i.shape[3]), np.float32) for i in self.past})
+        logits = self.session.run(None, feed)[0]
         return SimpleNamespace(logits=torch.from_numpy(logits))
 
 
@@ -62,18 +73,41 @@ def perturbed(lm: nn.Module, ids: torch.Tensor, tokens: torch.Tensor, windows: i
     return result
 
 
+@torch.no_grad()
+def timed_generation(lm: nn.Module, session, tokenizer, new_tokens: int) -> dict:
+    """Greedy generation of up to ``new_tokens`` from ``PROMPT``, stopping at the end-of-sequence token, by
+    transformers' ``generate`` of the qpass model and by ``generate_greedy`` on the ONNX Runtime session."""
+    prompt = tokenizer(PROMPT, return_tensors="pt").input_ids
+    eos = tokenizer.eos_token_id
+    started = time.perf_counter()
+    want = lm.generate(prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=eos)
+    qpass_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    got = generate_greedy(session, prompt.numpy(), max_new_tokens=new_tokens, eos_token_id=eos)
+    onnx_seconds = time.perf_counter() - started
+    made = got.shape[1] - prompt.shape[1]
+    return {"same_tokens": got.tolist() == want.tolist(), "new_tokens": made,
+            "onnx_text": tokenizer.decode(got[0, prompt.shape[1]:]),
+            "qpass_tokens_per_second": (want.shape[1] - prompt.shape[1]) / qpass_seconds,
+            "onnx_tokens_per_second": made / onnx_seconds}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--format", choices=["nf4", "fp4", "int8"], default="nf4")
     parser.add_argument("--windows", type=int, default=4, help=f"{WINDOW}-token windows of pydoc text to score")
     parser.add_argument("--out", type=Path, help="folder for the .onnx files (default: a temporary one)")
     parser.add_argument("--optimize", action="store_true", help="run torch.onnx's graph optimizer (slow on big graphs)")
+    parser.add_argument("--with-past", action="store_true",
+                        help="export the graph with KV cache and also generate greedily in both runtimes")
+    parser.add_argument("--new-tokens", type=int, default=32, help="most tokens generated with --with-past")
     parser.add_argument("--sensitivity", action="store_true",
                         help="also score qpass with its embeddings perturbed by 1e-7 relative (see perturbed)")
     args = parser.parse_args(argv)
 
     checkpoint = smollm2_checkpoint()
-    tokens = AutoTokenizer.from_pretrained(checkpoint)(pydoc_text(), return_tensors="pt").input_ids[0]
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    tokens = tokenizer(pydoc_text(), return_tensors="pt").input_ids[0]
     config = {"nf4": qpass.NF4Config, "fp4": qpass.FP4Config, "int8": qpass.Int8Config}[args.format]
     lm = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     model = CausalLMLogits(qpass.quantize(lm, config(compute_dtype=torch.float32))).eval()
@@ -81,7 +115,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         path = (args.out or Path(scratch)) / f"smollm2-{args.format}.onnx"
         started = time.perf_counter()
-        program = export_causal_lm(lm, path, optimize=args.optimize)  # input_ids [batch, sequence] -> logits
+        program = export_causal_lm(lm, path, with_past=args.with_past, optimize=args.optimize)
         export_seconds = time.perf_counter() - started
         graph_bytes = path.stat().st_size  # the graph, with the exporter's per-node metadata
         data_bytes = sum(p.stat().st_size for p in path.parent.glob(path.name + ".data"))  # the tensors
@@ -91,10 +125,12 @@ def main(argv=None) -> dict:
             difference = (runtime(ids).logits - model(ids)).abs().max().item()
         qpass_ppl, qpass_seconds = timed_perplexity(lm, tokens, args.windows)
         onnx_ppl, onnx_seconds = timed_perplexity(runtime, tokens, args.windows)
+        if args.with_past:
+            generated = timed_generation(lm, runtime.session, tokenizer, args.new_tokens)
 
     ops = sorted({node.op_type for node in program.model.graph if node.domain == "com.microsoft"})
     result = {
-        "format": args.format, "optimize": args.optimize, "export_seconds": export_seconds,
+        "format": args.format, "optimize": args.optimize, "with_past": args.with_past, "export_seconds": export_seconds,
         "onnx_graph_bytes": graph_bytes, "onnx_data_bytes": data_bytes,
         "qpass_bytes": qpass.footprint(lm).total_bytes, "max_logit_difference": difference,
         "qpass_perplexity": qpass_ppl, "onnx_perplexity": onnx_ppl,
@@ -108,6 +144,13 @@ def main(argv=None) -> dict:
     print(f"  largest logit difference over {WINDOW} tokens: {difference:.2e}")
     print(f"  perplexity over {args.windows} x {WINDOW} tokens: qpass {qpass_ppl:.3f} ({qpass_seconds:.1f} s), "
           f"ONNX Runtime {onnx_ppl:.3f} ({onnx_seconds:.1f} s)")
+    if args.with_past:
+        result.update(generated)
+        same = "the same tokens" if generated["same_tokens"] else "DIFFERENT tokens"
+        print(f"  greedy generation of {generated['new_tokens']} tokens after {PROMPT!r}: {same}; qpass "
+              f"{generated['qpass_tokens_per_second']:.1f} tokens/s, ONNX Runtime "
+              f"{generated['onnx_tokens_per_second']:.1f} tokens/s")
+        print(f"    {generated['onnx_text']!r}")
     if args.sensitivity:
         result["perturbed_logit_change"], result["perturbed_perplexity"] = perturbed(lm, ids, tokens, args.windows)
         print(f"  qpass with its embeddings scaled by 1 + 1e-7 * N(0, 1): largest logit change "

@@ -4,7 +4,7 @@
     qpass inspect DST                             # layers, formats, bits per weight, size vs fp16/fp32
     qpass eval DIR [--text FILE]                  # perplexity (CPython's pydoc text by default)
     qpass estimate SRC --format nf4               # exact size from the config alone
-    qpass export-onnx SRC --out DIR               # ONNX Runtime: DIR/model.onnx, input_ids -> logits
+    qpass export-onnx SRC --out DIR [--with-past] # ONNX Runtime: DIR/model.onnx, input_ids -> logits
     qpass bench [ARGS...]                         # benchmarks/quantized_linears.py (source checkout)
 """
 
@@ -140,11 +140,14 @@ def cmd_export_onnx(args) -> None:
     if not args.verbose:  # torch.onnx warns of every torchvision op it cannot register
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with torch.no_grad():
-        program = export_causal_lm(model, out / "model.onnx", optimize=args.optimize, verbose=args.verbose)
+        program = export_causal_lm(model, out / "model.onnx", with_past=args.with_past, optimize=args.optimize,
+                                   verbose=args.verbose)
     _copy_tokenizer(src, out)
     ops = Counter(node.op_type for node in program.model.graph)
     data = sum(p.stat().st_size for p in out.glob("model.onnx.data"))
-    print(f"wrote {out / 'model.onnx'}: input_ids [batch, sequence] int64 -> logits {args.dtype}; "
+    graph = ("input_ids, attention_mask, position_ids, past_key_values.* -> logits, present.*" if args.with_past
+             else "input_ids [batch, sequence] int64 -> logits")
+    print(f"wrote {out / 'model.onnx'}: {graph} {args.dtype}; "
           f"{ops['MatMulBnb4']} 4-bit layers (com.microsoft.MatMulBnb4), {ops['MatMulInteger']} int8 layers "
           f"(MatMulInteger); {data / 2**20:.1f} MiB of tensors in model.onnx.data")
 
@@ -204,7 +207,8 @@ def parser() -> argparse.ArgumentParser:
     plan_arguments(s)
     s.set_defaults(run=cmd_estimate)
 
-    x = sub.add_parser("export-onnx", help="an ONNX graph for ONNX Runtime (input_ids -> logits, no KV cache)")
+    x = sub.add_parser("export-onnx",
+                       help="an ONNX graph for ONNX Runtime (input_ids -> logits; --with-past: with KV cache)")
     x.add_argument("src", help="quantized checkpoint folder; with --format, a full-precision one (or "
                    + " / ".join(OFFLINE_MODELS) + ") quantized while loading")
     plan_arguments(x, format_required=False)
@@ -212,6 +216,8 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="dtype of the graph: full-precision tensors and the quantized layers' compute (default "
                         "float32, the one ONNX Runtime's CPU provider runs MatMulBnb4 in)")
+    x.add_argument("--with-past", action="store_true",
+                   help="with KV cache, for generation token by token (Optimum's input and output names)")
     x.add_argument("--optimize", action="store_true", help="run torch.onnx's graph optimizer (minutes on big graphs)")
     x.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     x.add_argument("--verbose", "-v", action="store_true", help="torch.onnx's progress messages")

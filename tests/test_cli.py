@@ -108,6 +108,25 @@ def test_export_onnx_of_a_bf16_checkpoint_runs_in_float32(tmp_path, capsys):
     assert relative_error(_onnx_runtime_logits(tmp_path / "onnx" / "model.onnx", ids), want) < 1e-6
 
 
+def test_export_onnx_with_past_generates_as_transformers_does(tmp_path, capsys):
+    """--with-past on a bf16 checkpoint (exported in float32): ONNX Runtime's greedy generation from
+    left-padded prompts gives transformers' generate tokens of the same model in float32."""
+    import onnxruntime
+
+    from qpass.integrations.onnx_causal_lm import generate_greedy
+
+    qpass.save_pretrained(qpass.quantize(tiny_llama(dtype=torch.bfloat16), "nf4"), tmp_path / "q")
+    assert cli.main(["export-onnx", str(tmp_path / "q"), "--with-past", "-o", str(tmp_path / "onnx"), "-q"]) == 0
+    assert "past_key_values.* -> logits, present.* float32; 14 4-bit layers" in capsys.readouterr().out
+    session = onnxruntime.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    model = qpass.set_compute_dtype(qpass.from_pretrained(tmp_path / "q", dtype=torch.float32), torch.float32)
+    prompts = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        want = model.generate(prompts, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert generate_greedy(session, prompts.numpy(), mask.numpy(), max_new_tokens=8).tolist() == want.tolist()
+
+
 def test_export_onnx_without_onnxscript_says_what_to_install(fp_checkpoint, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # import onnxscript now raises ImportError
     for name in ("qpass.integrations.onnx", "qpass.integrations.onnx_causal_lm"):

@@ -263,5 +263,5 @@ def test_causal_lm_export_refuses_an_example_that_would_fix_a_dimension(shape):
     from qpass.integrations.onnx_causal_lm import export_causal_lm
 
     model = qpass.quantize(tiny_llama(), qpass.NF4Config(compute_dtype=F32))
-    with pytest.raises(ValueError, match=r"example_ids must be \[batch, sequence\] with both >= 2"):
+    with pytest.raises(ValueError, match=r"example_ids must be \[batch, sequence\] with batch >= 2 and sequence >= 2"):
         export_causal_lm(model, example_ids=torch.zeros(shape, dtype=torch.long))
