@@ -141,7 +141,7 @@ def cmd_export_onnx(args) -> None:
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with torch.no_grad():
         program = export_causal_lm(model, out / "model.onnx", with_past=args.with_past, optimize=args.optimize,
-                                   verbose=args.verbose)
+                                   debug_metadata=args.debug_metadata, verbose=args.verbose)
     _copy_tokenizer(src, out)
     ops = Counter(node.op_type for node in program.model.graph)
     data = sum(p.stat().st_size for p in out.glob("model.onnx.data"))
@@ -219,6 +219,8 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--with-past", action="store_true",
                    help="with KV cache, for generation token by token (Optimum's input and output names)")
     x.add_argument("--optimize", action="store_true", help="run torch.onnx's graph optimizer (minutes on big graphs)")
+    x.add_argument("--debug-metadata", action="store_true",
+                   help="keep torch.onnx's per-node stack traces and module paths (this machine's file paths)")
     x.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     x.add_argument("--verbose", "-v", action="store_true", help="torch.onnx's progress messages")
     x.set_defaults(run=cmd_export_onnx)

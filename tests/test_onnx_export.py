@@ -199,6 +199,24 @@ def test_torchscript_exporter_is_refused():
         qpass.export_onnx(_two_layers("nf4"), (torch.randn(2, 64),), dynamo=False)
 
 
+@pytest.mark.parametrize("debug_metadata", [False, True])
+def test_torch_onnx_debugging_metadata_is_dropped_unless_asked(tmp_path, debug_metadata):
+    """torch.onnx's per-node stack traces name the files of the exporting machine (here qpass' own, where
+    QuantizedLinear calls its op): not in the file by default."""
+    import onnx
+
+    model = _two_layers(qpass.NF4Config(compute_dtype=F32))
+    x = _inputs(3, 64)
+    qpass.export_onnx(model, (x,), tmp_path / "m.onnx", debug_metadata=debug_metadata)
+    keys = {p.key for node in onnx.load(tmp_path / "m.onnx").graph.node for p in node.metadata_props}
+    assert (keys & set(qpass_onnx.DEBUG_METADATA) == set(qpass_onnx.DEBUG_METADATA)) is debug_metadata
+    assert (keys & set(qpass_onnx.DEBUG_METADATA) == set()) is not debug_metadata
+    qpass_folder = str(Path(qpass.__file__).resolve().parent).encode()
+    assert (qpass_folder in (tmp_path / "m.onnx").read_bytes()) is debug_metadata
+    with torch.no_grad():
+        assert relative_error(_run(tmp_path / "m.onnx", x), model(x)) < FLOAT32_SUM_ORDER
+
+
 def test_an_interrupted_save_leaves_no_model_file(tmp_path, monkeypatch):
     model = _two_layers(qpass.NF4Config(compute_dtype=F32))
     program = qpass.export_onnx(model, (torch.randn(2, 64),))

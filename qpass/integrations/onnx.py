@@ -36,7 +36,8 @@ the exporter, naming the op.
 
 ``export_onnx`` is the entry point: it adds the table to ``torch.onnx.export``'s, views packed 4-bit
 weights held in another ``quant_storage`` dtype as the uint8 bytes they are while it exports a module,
-checks that each 4-bit layer's code book is the one ``MatMulBnb4`` has built in, and only then writes
+checks that each 4-bit layer's code book is the one ``MatMulBnb4`` has built in, drops torch.onnx's
+per-node debugging metadata (``DEBUG_METADATA``, unless ``debug_metadata=True``), and only then writes
 the file. Needs ``onnxscript`` (``pip install qpass[onnx]``); ONNX Runtime runs the result.
 """
 
@@ -53,6 +54,7 @@ import torch
 from torch import nn
 
 try:
+    import onnx_ir  # onnxscript's own dependency: the model torch.onnx builds
     import onnxscript
     from onnxscript import opset18 as op
     from onnxscript.onnx_types import BFLOAT16, FLOAT, FLOAT16, INT8, INT64, UINT8
@@ -217,8 +219,24 @@ def check_code_books(program: ExportedProgram) -> None:
             )
 
 
+# What torch.onnx writes on every node for debugging: the Python stack trace of the traced call (with
+# this machine's absolute file paths), the module path and classes, the FX node. For SmolLM2-135M it is
+# 18.7 of the graph file's 19.9 MB (README, "ONNX Runtime"); ONNX Runtime ignores it.
+DEBUG_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node", "pkg.torch.onnx.class_hierarchy",
+                  "pkg.torch.onnx.name_scopes", "namespace")
+
+
+def drop_debug_metadata(program: torch.onnx.ONNXProgram) -> None:
+    """Removes the ``DEBUG_METADATA`` keys from every node of ``program``'s model, in its graph, subgraphs
+    and functions."""
+    for graph in (program.model.graph, *program.model.functions.values()):
+        for node in onnx_ir.traversal.RecursiveGraphIterator(graph):
+            for key in DEBUG_METADATA:
+                node.metadata_props.pop(key, None)
+
+
 def export_onnx(model: nn.Module | ExportedProgram, args: tuple = (), f: str | os.PathLike | None = None, *,
-                kwargs: dict | None = None, **options) -> torch.onnx.ONNXProgram:
+                kwargs: dict | None = None, debug_metadata: bool = False, **options) -> torch.onnx.ONNXProgram:
     """``torch.onnx.export(model, args, dynamo=True, ...)`` with qpass' ops translated (module docstring).
 
     ``model``: a module quantized with ``qpass.quantize`` (or loaded with ``qpass.from_pretrained``), or a
@@ -228,7 +246,9 @@ def export_onnx(model: nn.Module | ExportedProgram, args: tuple = (), f: str | o
     optimizer, which folds constants and tidies the graph, at a cost quadratic in its size).
     Returns the ``ONNXProgram``; with ``f``, also writes it there, atomically (the model file appears only
     once it and its external data file, if any, are complete). Refuses, naming the layer, a 4-bit code
-    book ``MatMulBnb4`` does not have.
+    book ``MatMulBnb4`` does not have. ``debug_metadata=True`` keeps torch.onnx's per-node stack traces
+    and module paths (``DEBUG_METADATA``) in the graph, to trace an ONNX node back to the Python source;
+    they are dropped by default, since they are most of the graph file and hold this machine's paths.
     """
     if options.pop("dynamo", True) is not True:
         raise ValueError("qpass.export_onnx uses torch.onnx's dynamo exporter; the TorchScript one (dynamo=False) "
@@ -243,6 +263,8 @@ def export_onnx(model: nn.Module | ExportedProgram, args: tuple = (), f: str | o
     with swap:
         program = torch.onnx.export(model, args, kwargs=kwargs, dynamo=True, custom_translation_table=table, **options)
     check_code_books(program.exported_program)
+    if not debug_metadata:
+        drop_debug_metadata(program)
     if f is not None:
         save_atomically(program, Path(f), external_data=external_data)
     return program
