@@ -117,6 +117,7 @@ def cmd_export_onnx(args) -> None:
     import torch
 
     import qpass
+    from qpass.checkpoints.save import write_configs
     from qpass.config import dtype_from_name
 
     try:
@@ -143,6 +144,7 @@ def cmd_export_onnx(args) -> None:
         program = export_causal_lm(model, out / "model.onnx", with_past=args.with_past, optimize=args.optimize,
                                    debug_metadata=args.debug_metadata, verbose=args.verbose)
     _copy_tokenizer(src, out)
+    write_configs(model, out)  # what Optimum's ORTModelForCausalLM.from_pretrained(out) reads besides the graph
     ops = Counter(node.op_type for node in program.model.graph)
     data = sum(p.stat().st_size for p in out.glob("model.onnx.data"))
     graph = ("input_ids, attention_mask, position_ids, past_key_values.* -> logits, present.*" if args.with_past

@@ -112,6 +112,7 @@ def test_export_onnx_with_past_generates_as_transformers_does(tmp_path, capsys):
     """--with-past on a bf16 checkpoint (exported in float32): ONNX Runtime's greedy generation from
     left-padded prompts gives transformers' generate tokens of the same model in float32."""
     import onnxruntime
+    from transformers import AutoConfig
 
     from qpass.integrations.onnx_causal_lm import generate_greedy
 
@@ -125,6 +126,10 @@ def test_export_onnx_with_past_generates_as_transformers_does(tmp_path, capsys):
     with torch.no_grad():
         want = model.generate(prompts, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert generate_greedy(session, prompts.numpy(), mask.numpy(), max_new_tokens=8).tolist() == want.tolist()
+    # the configs Optimum's ORTModelForCausalLM reads, saying what the graph computes in
+    config = AutoConfig.from_pretrained(tmp_path / "onnx")
+    assert config.model_type == "llama" and config.quantization_config["bnb_4bit_compute_dtype"] == "float32"
+    assert (tmp_path / "onnx" / "generation_config.json").is_file()
 
 
 def test_export_onnx_without_onnxscript_says_what_to_install(fp_checkpoint, tmp_path, monkeypatch, capsys):

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..config import QuantConfig
 from ..module_swap import linear_weight
 from ..modules import QuantizedLinear
 from .bnb_layout import layer_to_bnb, quantization_config
@@ -14,10 +15,21 @@ from .errors import CheckpointError
 from .safetensors_io import atomic_folder, write_tensors
 
 
-def checkpoint_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict, list[str]]:
-    """(tensors by checkpoint key, per-layer configs, names of linear layers left in full precision)."""
+def layer_configs(model: nn.Module) -> tuple[dict[str, QuantConfig], list[str]]:
+    """(config of each ``QuantizedLinear`` by name, names of the linear layers left in full precision)."""
+    configs, skipped = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedLinear):
+            configs[name] = module.layout.config
+        elif name and linear_weight(module) is not None:
+            skipped.append(name)
+    return configs, skipped
+
+
+def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors by key: the quantized layers' in bitsandbytes' layout, the rest as they are."""
     tensors: dict[str, torch.Tensor] = {}
-    configs, skipped, owned = {}, [], []
+    owned = []
     seen_storages: set[int] = set()
     for name, module in model.named_modules():
         if isinstance(module, QuantizedLinear):
@@ -28,10 +40,7 @@ def checkpoint_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict,
                 seen_storages.add(storage)
             if module.bias is not None:
                 tensors[f"{name}.bias"] = module.bias
-            configs[name] = module.layout.config
             owned.append(name + ".")
-        elif name and linear_weight(module) is not None:
-            skipped.append(name)
     for key, tensor in model.state_dict().items():
         if key.startswith(tuple(owned)):
             continue
@@ -40,7 +49,19 @@ def checkpoint_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict,
             continue
         seen_storages.add(storage)
         tensors[key] = tensor
-    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, configs, skipped
+    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+
+def write_configs(model: nn.Module, folder: Path) -> None:
+    """``config.json``, its ``quantization_config`` made from the model's layers as they are now (their
+    formats and compute dtype, ``qpass.set_compute_dtype`` included), and ``generation_config.json``.
+    ``model`` is a transformers model with at least one qpass-quantized layer."""
+    configs, skipped = layer_configs(model)
+    model.config.quantization_config = quantization_config(configs, skipped)
+    model.config.save_pretrained(folder)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        generation_config.save_pretrained(folder)
 
 
 def save_pretrained(model: nn.Module, save_directory: str | Path, max_shard_size: int | str = "5GB") -> Path:
@@ -50,16 +71,11 @@ def save_pretrained(model: nn.Module, save_directory: str | Path, max_shard_size
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "save_pretrained"):
         raise CheckpointError(f"save_pretrained needs a transformers model (with a .config); got {type(model).__name__}")
-    tensors, configs, skipped = checkpoint_tensors(model)
-    if not configs:
+    if not layer_configs(model)[0]:
         raise CheckpointError("the model has no qpass-quantized layer; quantize it first (qpass.quantize) or use "
                               "the model's own save_pretrained")
     target = Path(save_directory)
     with atomic_folder(target) as staging:
-        write_tensors(staging, tensors, max_shard_size)
-        config.quantization_config = quantization_config(configs, skipped)
-        config.save_pretrained(staging)
-        generation_config = getattr(model, "generation_config", None)
-        if generation_config is not None:
-            generation_config.save_pretrained(staging)
+        write_tensors(staging, checkpoint_tensors(model), max_shard_size)
+        write_configs(model, staging)
     return target
