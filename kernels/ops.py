@@ -17,6 +17,7 @@ Linear ops take ``x [..., in_features]`` of any float dtype, compute in ``comput
 from __future__ import annotations
 
 import importlib.util
+import logging
 from typing import Optional
 
 import torch
@@ -32,6 +33,24 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 # The Triton kernels hold inline PTX (mul.rn, warp shuffles): NVIDIA GPUs only. A ROCm build of torch
 # calls its GPUs "cuda" too, and runs the reference there.
 ON_ROCM = torch.version.hip is not None
+
+
+def _triton_op(name: str):
+    """``torch.library.triton_op(name, mutates_args=())``. Without Triton installed, torch logs "Triton not
+    available" once per op while registering it; the ops then run their reference everywhere, so that
+    warning is muted here (only while registering)."""
+
+    def register(fn):
+        logger = logging.getLogger("torch._library.triton")
+        level = logger.level
+        if not HAS_TRITON:
+            logger.setLevel(logging.ERROR)
+        try:
+            return torch.library.triton_op(name, mutates_args=())(fn)
+        finally:
+            logger.setLevel(level)
+
+    return register
 
 
 def use_triton(x: Tensor) -> bool:
@@ -104,7 +123,7 @@ def _dequantize_weight_4bit(packed, quant_map, absmax, nested_absmax, nested_cod
     return ref4.dequantize_4bit(packed, quant_map, scales, shape, blocksize, dtype)
 
 
-@torch.library.triton_op("qpass::dequantize_4bit", mutates_args=())
+@_triton_op("qpass::dequantize_4bit")
 def dequantize_4bit(
     packed: Tensor,
     quant_map: Tensor,
@@ -128,7 +147,7 @@ def dequantize_4bit(
     return _dequantize_weight_4bit(packed, quant_map, absmax, nested_absmax, nested_code, offset, shape, blocksize, dtype)
 
 
-@torch.library.triton_op("qpass::linear_4bit", mutates_args=())
+@_triton_op("qpass::linear_4bit")
 def linear_4bit(
     x: Tensor,
     packed: Tensor,
@@ -209,13 +228,13 @@ def _(x, threshold):
     )
 
 
-@torch.library.triton_op("qpass::dequantize_int8", mutates_args=())
+@_triton_op("qpass::dequantize_int8")
 def dequantize_int8(cb: Tensor, scb: Tensor, dtype: torch.dtype) -> Tensor:
     """``CB * SCB / 127`` as ``dtype``: the int8 weight ``[out, in]`` in full precision."""
     return ref8.dequantize_int8(cb, scb, dtype)
 
 
-@torch.library.triton_op("qpass::linear_int8", mutates_args=())
+@_triton_op("qpass::linear_int8")
 def linear_int8(
     x: Tensor, cb: Tensor, scb: Tensor, bias: Optional[Tensor], threshold: float, compute_dtype: torch.dtype
 ) -> Tensor:

@@ -1,5 +1,8 @@
 """The torch.ops.qpass ops: schema/fake/autograd registration, numerics, and awkward inputs."""
 
+import subprocess
+import sys
+
 import bitsandbytes as bnb
 import pytest
 import torch
@@ -111,6 +114,20 @@ def test_kernels_run_on_nvidia_gpus_only(monkeypatch):
     assert ops.use_triton(gpu_tensor) == ops.HAS_TRITON and not ops.use_triton(torch.empty(2))
     monkeypatch.setattr(ops, "ON_ROCM", True)
     assert not ops.use_triton(gpu_tensor)
+
+
+def test_without_triton_qpass_imports_quietly_and_runs_the_reference():
+    """Triton is optional (Linux x86-64 only in the test extra): without it, importing qpass prints nothing
+    (torch logs a warning per triton_op it registers) and the ops run on CPU."""
+    code = ("import sys; sys.modules['triton'] = None\n"  # import triton now fails, find_spec gives None
+            "import torch, qpass\n"
+            "from qpass.kernels import ops\n"
+            "assert not ops.HAS_TRITON\n"
+            "layer = qpass.quantize(torch.nn.Linear(64, 32), 'nf4')\n"
+            "print(tuple(layer(torch.randn(3, 64)).shape))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "(3, 32)\n" and out.stderr == ""
 
 
 @pytest.mark.parametrize("threshold", [6.0, 0.0])
