@@ -100,3 +100,22 @@ def test_onnx_runtime_example_scores_like_qpass():
     result = onnx_runtime.main(["--windows", "1"])
     assert result["max_logit_difference"] < 1e-3, result  # float32 summation order over 30 layers
     assert abs(result["onnx_perplexity"] - result["qpass_perplexity"]) < 1e-4 * result["qpass_perplexity"], result
+
+
+def test_each_transformers_major_version_converts_its_own_copy(monkeypatch, tmp_path):
+    """A folder written by transformers 5 is misread by 4.x (qpass/integrations/smollm2.py), so the cache
+    holds one per major version, and a major version finds its own folder, not another's."""
+    import transformers
+
+    from qpass.integrations import smollm2
+
+    monkeypatch.setenv("QPASS_CACHE", str(tmp_path))
+    names = {}
+    for version in ("4.57.6", "5.23.0", "5.0.0"):
+        monkeypatch.setattr(transformers, "__version__", version)
+        names[version] = smollm2.cache_name()
+    assert names["4.57.6"] != names["5.23.0"] == names["5.0.0"]
+    (tmp_path / names["5.23.0"]).mkdir()
+    for file in ("config.json", "model.safetensors"):
+        (tmp_path / names["5.23.0"] / file).write_text("{}")
+    assert smollm2.smollm2_checkpoint() == tmp_path / names["5.23.0"]  # found, not converted again

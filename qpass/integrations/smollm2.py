@@ -3,7 +3,10 @@
 The package ships a GGUF file (Q4_1 weights) and a module we must not import (it pulls in llama.cpp),
 so the file is located through the import system without executing the package. transformers reads
 GGUF (with ``gguf`` installed) and dequantizes to float32; the result is saved once as a safetensors
-folder under ``$QPASS_CACHE`` (default ``~/.cache/qpass``) and reused.
+folder under ``$QPASS_CACHE`` (default ``~/.cache/qpass``) and reused, one per major version of
+transformers: a folder written by transformers 5 is misread by 4.x (its config's ``rope_parameters``
+is unknown there, so 4.57 runs the model with the default RoPE theta of 10000 instead of 100000, and
+its tokenizer class does not exist there).
 """
 
 from __future__ import annotations
@@ -31,9 +34,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("QPASS_CACHE", Path.home() / ".cache" / "qpass"))
 
 
+def cache_name() -> str:
+    """The cached folder's name. v2: tied lm_head dropped, embedding kept (transformers' convention)."""
+    import transformers
+
+    return f"smollm2-135m-instruct-v2-transformers{transformers.__version__.split('.')[0]}"
+
+
 def smollm2_checkpoint() -> Path:
     """A safetensors checkpoint folder of SmolLM2-135M-Instruct (float32), converted once and cached."""
-    target = cache_dir() / "smollm2-135m-instruct-v2"  # v2: tied lm_head dropped, embedding kept (transformers' convention)
+    target = cache_dir() / cache_name()
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     import torch
