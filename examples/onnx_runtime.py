@@ -86,8 +86,10 @@ def timed_generation(lm: nn.Module, session, tokenizer, new_tokens: int) -> dict
     got = generate_greedy(session, prompt.numpy(), max_new_tokens=new_tokens, eos_token_id=eos)
     onnx_seconds = time.perf_counter() - started
     made = got.shape[1] - prompt.shape[1]
-    return {"same_tokens": got.tolist() == want.tolist(), "new_tokens": made,
-            "onnx_text": tokenizer.decode(got[0, prompt.shape[1]:]),
+    ours, theirs = want[0, prompt.shape[1]:].tolist(), got[0, prompt.shape[1]:].tolist()
+    agreeing = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+    return {"same_tokens": ours == theirs, "agreeing_tokens": agreeing, "new_tokens": made,
+            "onnx_text": tokenizer.decode(theirs), "qpass_text": tokenizer.decode(ours),
             "qpass_tokens_per_second": (want.shape[1] - prompt.shape[1]) / qpass_seconds,
             "onnx_tokens_per_second": made / onnx_seconds}
 
@@ -146,11 +148,14 @@ def main(argv=None) -> dict:
           f"ONNX Runtime {onnx_ppl:.3f} ({onnx_seconds:.1f} s)")
     if args.with_past:
         result.update(generated)
-        same = "the same tokens" if generated["same_tokens"] else "DIFFERENT tokens"
+        same = ("the same tokens" if generated["same_tokens"] else
+                f"DIFFERENT tokens after the first {generated['agreeing_tokens']}")
         print(f"  greedy generation of {generated['new_tokens']} tokens after {PROMPT!r}: {same}; qpass "
               f"{generated['qpass_tokens_per_second']:.1f} tokens/s, ONNX Runtime "
               f"{generated['onnx_tokens_per_second']:.1f} tokens/s")
-        print(f"    {generated['onnx_text']!r}")
+        print(f"    ONNX Runtime: {generated['onnx_text']!r}")
+        if not generated["same_tokens"]:
+            print(f"    qpass:        {generated['qpass_text']!r}")
     if args.sensitivity:
         result["perturbed_logit_change"], result["perturbed_perplexity"] = perturbed(lm, ids, tokens, args.windows)
         print(f"  qpass with its embeddings scaled by 1 + 1e-7 * N(0, 1): largest logit change "

@@ -92,14 +92,17 @@ def test_qlora_example_lowers_held_out_perplexity():
     assert abs(result["merged_full"] - result["after"]) < 1e-3 * result["after"], result
 
 
-def test_onnx_runtime_example_scores_like_qpass():
-    """examples/onnx_runtime.py, one window: SmolLM2 in NF4 exported to ONNX (MatMulBnb4), run by ONNX Runtime."""
+def test_onnx_runtime_example_scores_and_generates_like_qpass():
+    """examples/onnx_runtime.py --with-past, one window: SmolLM2 in NF4 exported to ONNX (MatMulBnb4) with
+    its KV cache, run by ONNX Runtime: the same scores, and the same greedy tokens as transformers'
+    generate of the qpass model."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
     import onnx_runtime
 
-    result = onnx_runtime.main(["--windows", "1"])
+    result = onnx_runtime.main(["--windows", "1", "--with-past", "--new-tokens", "16"])
     assert result["max_logit_difference"] < 1e-3, result  # float32 summation order over 30 layers
     assert abs(result["onnx_perplexity"] - result["qpass_perplexity"]) < 1e-4 * result["qpass_perplexity"], result
+    assert result["same_tokens"] and result["new_tokens"] == 16, result
 
 
 def test_each_transformers_major_version_converts_its_own_copy(monkeypatch, tmp_path):
