@@ -115,6 +115,33 @@ def test_graph_inputs_and_outputs_have_optimum_names_and_dynamic_dimensions(expo
     assert outputs == ["logits"] + [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
 
 
+def test_unmerged_qlora_adapters_export_and_generate_as_peft_does(tmp_path):
+    """A QLoRA model as trained (adapters beside the NF4 base, not merged) exported with its KV cache: the
+    base layers stay MatMulBnb4, the adapters become plain MatMuls, and ONNX Runtime generates PEFT's tokens."""
+    import onnx
+    from peft import LoraConfig
+
+    from qpass.integrations import peft as qpass_peft
+
+    base = qpass.quantize(tiny_llama(), qpass.NF4Config(compute_dtype=F32))
+    torch.manual_seed(0)
+    model = qpass_peft.get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    model.eval()
+    export_causal_lm(model, tmp_path / "model.onnx", with_past=True)
+    ops = [node.op_type for node in onnx.load(tmp_path / "model.onnx").graph.node]
+    assert ops.count("MatMulBnb4") == 7 * model.config.num_hidden_layers
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    prompts, mask = _left_padded_prompts(model.config.vocab_size)
+    with torch.no_grad():
+        want = model.generate(input_ids=prompts, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                              pad_token_id=0)
+        with model.disable_adapter():
+            without_adapters = model.generate(input_ids=prompts, attention_mask=mask, max_new_tokens=8,
+                                              do_sample=False, pad_token_id=0)
+    assert want.tolist() != without_adapters.tolist()  # the adapters change what is generated
+    assert generate_greedy(session, prompts.numpy(), mask.numpy(), max_new_tokens=8).tolist() == want.tolist()
+
+
 def test_generate_greedy_refuses_the_graph_without_past(tmp_path):
     model = qpass.quantize(tiny_llama(), qpass.NF4Config(compute_dtype=F32))
     export_causal_lm(model, tmp_path / "model.onnx")
