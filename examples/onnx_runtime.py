@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import onnxruntime
 import torch
 from torch import nn
@@ -28,7 +27,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import qpass
 from qpass.evaluation import perplexity, pydoc_text
-from qpass.integrations.onnx_causal_lm import CausalLMLogits, export_causal_lm, generate_greedy, position_ids_for
+from qpass.integrations.onnx_causal_lm import (CausalLMLogits, empty_past, export_causal_lm, generate_greedy,
+                                              position_ids_for)
 from qpass.integrations.smollm2 import smollm2_checkpoint
 
 WINDOW = 512
@@ -42,14 +42,14 @@ class OnnxRuntimeLM(nn.Module):
     def __init__(self, path: Path):
         super().__init__()
         self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        self.past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+        self.with_past = any(i.name.startswith("past_key_values.") for i in self.session.get_inputs())
 
     def forward(self, ids: torch.Tensor) -> SimpleNamespace:
         feed = {"input_ids": ids.numpy()}
-        if self.past:
+        if self.with_past:
             mask = torch.ones_like(ids)
             feed.update(attention_mask=mask.numpy(), position_ids=position_ids_for(mask, ids.shape[1]).numpy())
-            feed.update({i.name: np.zeros((ids.shape[0], i.shape[1], 0, i.shape[3]), np.float32) for i in self.past})
+            feed.update(empty_past(self.session, ids.shape[0]))
         logits = self.session.run(None, feed)[0]
         return SimpleNamespace(logits=torch.from_numpy(logits))
 

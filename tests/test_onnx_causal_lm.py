@@ -8,7 +8,8 @@ import torch
 from transformers import MistralConfig, MistralForCausalLM
 
 import qpass
-from qpass.integrations.onnx_causal_lm import export_causal_lm, generate_greedy, position_ids_for
+from qpass.integrations.onnx_causal_lm import (empty_past, export_causal_lm, generate_greedy, next_past,
+                                              position_ids_for)
 
 from models import ONNX_INT8_MODEL, relative_error, tiny_gpt2, tiny_llama
 
@@ -51,11 +52,6 @@ def _left_padded_prompts(vocab, seed=1):
     return prompts, mask
 
 
-def _empty_past(session, batch):
-    return {i.name: np.zeros((batch, i.shape[1], 0, i.shape[3]), np.float32)
-            for i in session.get_inputs() if i.name.startswith("past_")}
-
-
 def test_greedy_generation_equals_transformers_generate(exported):
     """Left-padded prompts of three lengths, 10 new tokens (past the Mistral's 4-token window)."""
     model, session, _ = exported
@@ -77,12 +73,11 @@ def test_logits_with_and_without_past_equal_one_forward(exported):
         want = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_for(mask, ids.shape[1])).logits
     real = mask.bool()  # the logits of padding positions are not compared
     feed = {"input_ids": ids[:, :7].numpy(), "attention_mask": mask[:, :7].numpy(),
-            "position_ids": position_ids_for(mask[:, :7], 7).numpy(), **_empty_past(session, 3)}
+            "position_ids": position_ids_for(mask[:, :7], 7).numpy(), **empty_past(session, 3)}
     first, *present = session.run(None, feed)
     assert relative_error(torch.from_numpy(first)[real[:, :7]], want[:, :7][real[:, :7]]) < tolerance
-    past_names = [o.name.replace("present", "past_key_values") for o in session.get_outputs()[1:]]
     feed = {"input_ids": ids[:, 7:].numpy(), "attention_mask": mask.numpy(),
-            "position_ids": position_ids_for(mask, 3).numpy(), **dict(zip(past_names, present))}
+            "position_ids": position_ids_for(mask, 3).numpy(), **next_past(session, present)}
     second, *grown = session.run(None, feed)
     assert relative_error(torch.from_numpy(second), want[:, 7:]) < tolerance
     assert all(g.shape[2] == 10 for g in grown)

@@ -17,7 +17,8 @@ Two graphs, both with every dimension dynamic (batch, and sequence up to the mod
   - outputs ``logits`` ``[batch, sequence, vocab]`` and per layer ``present.{i}.key`` and
     ``present.{i}.value``, ``[batch, kv_heads, past + sequence, head_dim]``: the next call's past.
 
-  ``generate_greedy`` runs it token by token, with the position ids transformers' ``generate`` gives.
+  ``generate_greedy`` runs it token by token, with the position ids transformers' ``generate`` gives
+  (``position_ids_for``), an empty past first (``empty_past``), then each call's presents (``next_past``).
 
 The quantized layers are translated as ``qpass.integrations.onnx`` says (4-bit as
 ``com.microsoft.MatMulBnb4``, int8 as standard operators).
@@ -148,6 +149,28 @@ def export_causal_lm(lm: nn.Module, f: str | os.PathLike | None = None, *, with_
                            input_names=input_names, output_names=output_names, **options)
 
 
+def empty_past(session, batch: int) -> dict[str, np.ndarray]:
+    """The ``past_key_values.*`` feed of a first call of the graph with KV cache in the ONNX Runtime
+    ``session``: zeros of shape ``[batch, kv_heads, 0, head_dim]`` in the graph's cache dtype."""
+    past = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+    feed = {}
+    for arg in past:
+        dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(arg.type)
+        if dtype is None:
+            raise ValueError(f"the KV cache is fed from NumPy, which has no {arg.type}; export with float32 or "
+                             "float16")
+        _, kv_heads, _, head_dim = arg.shape  # batch and past are named dimensions, the others fixed numbers
+        feed[arg.name] = np.zeros((batch, kv_heads, 0, head_dim), dtype)
+    return feed
+
+
+def next_past(session, present: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """A call's ``present.{i}.key/.value`` outputs (all outputs after ``logits``, in order) as the next
+    call's ``past_key_values.{i}.key/.value`` feed."""
+    names = (o.name.replace("present", "past_key_values", 1) for o in session.get_outputs()[1:])
+    return dict(zip(names, present))
+
+
 def generate_greedy(session, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, *,
                     max_new_tokens: int, eos_token_id: int | None = None, pad_token_id: int | None = None
                     ) -> np.ndarray:
@@ -157,20 +180,13 @@ def generate_greedy(session, input_ids: np.ndarray, attention_mask: np.ndarray |
     prompt then up to ``max_new_tokens`` tokens, as transformers' ``generate(..., do_sample=False)``:
     once a row has given ``eos_token_id`` it goes on with ``pad_token_id`` (default ``eos_token_id``), and
     the loop stops when every row has."""
-    inputs = {i.name: i for i in session.get_inputs()}
-    if "past_key_values.0.key" not in inputs:
+    if "past_key_values.0.key" not in {i.name for i in session.get_inputs()}:
         raise ValueError("generate_greedy needs the graph with KV cache: export it with "
                          "export_causal_lm(..., with_past=True) or qpass export-onnx --with-past")
     input_ids = np.asarray(input_ids, dtype=np.int64)
     batch = input_ids.shape[0]
     attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, np.int64)
-    key = inputs["past_key_values.0.key"]
-    _, kv_heads, _, head_dim = key.shape  # batch and past are named dimensions, the others fixed numbers
-    dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(key.type)
-    if dtype is None:
-        raise ValueError(f"generate_greedy feeds the KV cache from NumPy, which has no {key.type}; "
-                         "export with float32 or float16")
-    feed = {name: np.zeros((batch, kv_heads, 0, head_dim), dtype) for name in inputs if name.startswith("past_")}
+    feed = empty_past(session, batch)
     tokens, step, done = input_ids, input_ids, np.zeros(batch, bool)
     for _ in range(max_new_tokens):
         feed.update(input_ids=step, attention_mask=attention_mask,
@@ -185,6 +201,5 @@ def generate_greedy(session, input_ids: np.ndarray, attention_mask: np.ndarray |
             break
         step = next_token[:, None]
         attention_mask = np.concatenate([attention_mask, np.ones((batch, 1), np.int64)], axis=1)
-        feed.update({name.replace("present", "past_key_values"): value
-                     for name, value in zip((o.name for o in session.get_outputs()[1:]), present)})
+        feed.update(next_past(session, present))
     return tokens
