@@ -37,6 +37,26 @@ def test_from_pretrained_with_a_qpass_config(fp_checkpoint, tmp_path):
     assert torch.equal(qpass.from_pretrained(tmp_path / "q")(ids).logits, model(ids).logits)
 
 
+def test_generate_compiles_with_a_static_cache(fp_checkpoint):
+    """transformers' generate compiles the forward for a static cache only when the quantizer says the
+    model is compileable; otherwise it warns and runs eager. Compiled with fullgraph, so a graph break
+    fails; float32 compute, so compiled and eager round alike and the tokens must be equal."""
+    from transformers import CompileConfig
+
+    plan = qpass.QPassConfig(qpass.NF4Config(compute_dtype=torch.float32),
+                             overrides={"*.mlp.down_proj": qpass.Int8Config(compute_dtype=torch.float32)})
+    model = AutoModelForCausalLM.from_pretrained(fp_checkpoint, quantization_config=plan)
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(0))
+    eager = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    compile_config = CompileConfig(fullgraph=True, mode="default")
+    compile_config._compile_all_devices = True  # transformers compiles on accelerators only, unless told
+    torch._dynamo.reset()
+    compiled = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                              cache_implementation="static", compile_config=compile_config)
+    assert hasattr(model, "_compiled_call"), "generate did not compile the model"
+    assert torch.equal(compiled, eager)
+
+
 def test_conv1d_models_through_transformers(tmp_path):
     from models import tiny_gpt2
 

@@ -92,6 +92,12 @@ class QPassHfQuantizer(HfQuantizer):
     def is_trainable(self) -> bool:
         return True  # adapters train through the quantized layers (autograd to the input)
 
+    @property
+    def is_compileable(self) -> bool:
+        # generate() compiles the forward with a static cache only if the quantizer says so (the
+        # default is no). The qpass ops trace with no graph break (tests/test_compile.py).
+        return True
+
 
 def register() -> None:
     """Make transformers' quantizer lookup find qpass (idempotent)."""
