@@ -12,6 +12,8 @@ which quantizes it and returns the layer's tensors in its place: tensor by tenso
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from transformers.core_model_loading import ConversionOps
 from transformers.quantizers import HfQuantizer, register_quantizer
@@ -23,6 +25,7 @@ from ..module_swap import dequantize_module, embedding_weight_ids, linear_weight
 from ..modules import QuantizedLinear
 
 QUANT_METHOD = "qpass"
+logger = logging.getLogger(__name__)
 
 
 class QPassQuantize(ConversionOps):
@@ -85,7 +88,10 @@ class QPassHfQuantizer(HfQuantizer):
 
     def is_serializable(self):
         # model.save_pretrained would write qpass' in-memory names; qpass.save_pretrained writes the
-        # bitsandbytes layout.
+        # bitsandbytes layout. transformers raises after this and points the user to the log.
+        logger.warning("a model quantized by qpass is saved with qpass.save_pretrained(model, path), not "
+                       "model.save_pretrained: it writes the bitsandbytes layout, which qpass.from_pretrained and "
+                       "transformers with bitsandbytes load")
         return False
 
     @property
