@@ -60,6 +60,28 @@ def test_generate_compiles_with_a_static_cache(fp_checkpoint):
     assert torch.equal(compiled, eager)
 
 
+@pytest.mark.parametrize("device_map", [{"model": "cpu", "lm_head": "disk"}, "auto"])
+def test_offloading_is_refused_with_what_to_do(fp_checkpoint, tmp_path, device_map):
+    """accelerate offloads parameters, and a qpass layer holds its bytes in buffers: refused before
+    loading, for a map given as such and for one transformers infers from too little max_memory."""
+    with pytest.raises(ValueError, match=r"offloads .*model.* to the CPU or the disk.*qpass.estimate"):
+        AutoModelForCausalLM.from_pretrained(fp_checkpoint, quantization_config=qpass.QPassConfig("nf4"),
+                                             device_map=device_map, max_memory={"cpu": "40KB"},
+                                             offload_folder=tmp_path / "offload")
+
+
+def test_device_map_sizes_the_quantized_layers(fp_checkpoint):
+    """device_map="auto" places modules by transformers' sizes of their tensors, which for qpass are the
+    quantized buffers: the same bytes as the loaded model's footprint, not the full-precision weights'."""
+    from transformers.integrations.accelerate import compute_module_sizes
+
+    model = AutoModelForCausalLM.from_pretrained(fp_checkpoint, quantization_config=qpass.QPassConfig("nf4"),
+                                                 device_map="auto")
+    sizes, _ = compute_module_sizes(model, model.hf_quantizer)
+    assert sizes[""] == qpass.footprint(model).total_bytes
+    assert sizes["model.layers.0.mlp.up_proj"] < 128 * 64  # 4-bit: under a byte per weight
+
+
 def test_conv1d_models_through_transformers(tmp_path):
     from models import tiny_gpt2
 

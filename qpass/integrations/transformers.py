@@ -52,9 +52,21 @@ class QPassHfQuantizer(HfQuantizer):
 
     requires_calibration = False
 
-    def validate_environment(self, *args, **kwargs):
+    def validate_environment(self, *args, device_map=None, **kwargs):
         if self.pre_quantized:
             raise ValueError("this checkpoint was saved by qpass: load it with qpass.from_pretrained(path)")
+        if isinstance(device_map, dict):
+            places = {str(place) for place in device_map.values()}
+            offloaded = sorted(name or "the whole model" for name, place in device_map.items()
+                               if str(place) == "disk" or (str(place) == "cpu" and places != {"cpu"}))
+            if offloaded:
+                # accelerate offloads parameters; a QuantizedLinear holds its bytes in buffers, and the
+                # weight transformers would offload is the unquantized one.
+                named = ", ".join(offloaded[:3]) + (f" and {len(offloaded) - 3} more" if len(offloaded) > 3 else "")
+                raise ValueError(
+                    f"device_map offloads {named} to the CPU or the disk, which qpass layers do not "
+                    "support: give the devices the memory the quantized model needs (max_memory; "
+                    "qpass.estimate(path, config) tells how much), or load it all on the CPU (device_map='cpu')")
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         plan = self.quantization_config
