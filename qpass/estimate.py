@@ -53,8 +53,11 @@ def estimate(config_or_dir, spec: ConfigLike | QPassConfig, *, dtype: torch.dtyp
         code_books.update(layout.shared_nbytes())
         layers[name] = layer_config.format_name
         replaced.add(id(module.weight))
-    tensors = {id(t): t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
+    everything = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    tensors = {key: t for key, t in everything.items() if t.is_floating_point()}
     elements = sum(t.numel() for t in tensors.values())
     kept = sum(t.numel() for key, t in tensors.items() if key not in replaced)
-    total = quantized_bytes + sum(code_books.values()) + kept * dtype.itemsize
+    # integer and bool buffers (GPT-2's causal mask in transformers 4, position ids) keep their dtype
+    others = sum(t.numel() * t.element_size() for key, t in everything.items() if key not in tensors)
+    total = quantized_bytes + sum(code_books.values()) + kept * dtype.itemsize + others
     return Estimate(total, 2 * elements, 4 * elements, layers)

@@ -1,7 +1,7 @@
 """Tiny transformers models built from configs (no downloads)."""
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import BertConfig, BertLMHeadModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 
 def tiny_llama(tie_word_embeddings=False, dtype=torch.float32) -> LlamaForCausalLM:
@@ -23,6 +23,14 @@ def tiny_gpt2() -> GPT2LMHeadModel:
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=128, n_positions=32, n_embd=64, n_layer=2, n_head=4)
     return GPT2LMHeadModel(config).eval()
+
+
+def tiny_bert_decoder() -> BertLMHeadModel:
+    """A causal LM with integer buffers (``position_ids``, ``token_type_ids``), unlike Llama's."""
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=64, is_decoder=True)
+    return BertLMHeadModel(config).eval()
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

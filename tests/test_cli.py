@@ -10,7 +10,7 @@ import torch
 import qpass
 from qpass import cli
 
-from models import ONNX_INT8_MODEL, relative_error, tiny_gpt2, tiny_llama
+from models import ONNX_INT8_MODEL, relative_error, tiny_bert_decoder, tiny_gpt2, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +169,8 @@ def test_help_for_every_command(capsys):
 
 @pytest.mark.parametrize("spec", ["nf4", "fp4", "int8", qpass.NF4Config(double_quant=False, blocksize=128),
                                   qpass.QPassConfig("nf4", overrides={"*.self_attn.*": "int8"}, skip_modules=[])])
-@pytest.mark.parametrize("make", [tiny_llama, lambda: tiny_llama(tie_word_embeddings=True), tiny_gpt2])
+@pytest.mark.parametrize("make", [tiny_llama, lambda: tiny_llama(tie_word_embeddings=True), tiny_gpt2,
+                                  tiny_bert_decoder])
 def test_estimate_is_exact(spec, make):
     model = make().to(torch.float16)
     estimate = qpass.estimate(model.config, spec)
