@@ -22,7 +22,8 @@ def fp_checkpoint(tmp_path_factory):
 
 def test_from_pretrained_with_a_qpass_config(fp_checkpoint, tmp_path, caplog):
     plan = qpass.QPassConfig("nf4", overrides={"*.self_attn.*": "int8"})
-    model = AutoModelForCausalLM.from_pretrained(fp_checkpoint, quantization_config=plan)
+    model, info = AutoModelForCausalLM.from_pretrained(fp_checkpoint, quantization_config=plan, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]  # absmax, SCB, ... are made, not missing
     assert isinstance(model.model.layers[0].self_attn.q_proj, qpass.QuantizedLinear)
     assert model.model.layers[0].self_attn.q_proj.layout.config.format_name == "int8"
     assert isinstance(model.lm_head, torch.nn.Linear)
@@ -71,15 +72,15 @@ def test_offloading_is_refused_with_what_to_do(fp_checkpoint, tmp_path, device_m
 
 
 def test_device_map_sizes_the_quantized_layers(fp_checkpoint):
-    """device_map="auto" places modules by transformers' sizes of their tensors, which for qpass are the
-    quantized buffers: the same bytes as the loaded model's footprint, not the full-precision weights'."""
-    from transformers.integrations.accelerate import compute_module_sizes
-
-    model = AutoModelForCausalLM.from_pretrained(fp_checkpoint, quantization_config=qpass.QPassConfig("nf4"),
-                                                 device_map="auto")
-    sizes, _ = compute_module_sizes(model, model.hf_quantizer)
-    assert sizes[""] == qpass.footprint(model).total_bytes
-    assert sizes["model.layers.0.mlp.up_proj"] < 128 * 64  # 4-bit: under a byte per weight
+    """device_map="auto" places modules by the size transformers gives their tensors, which for qpass are
+    the quantized buffers: a budget that holds the NF4 model but not the float32 one loads it whole."""
+    plan = qpass.QPassConfig("nf4")
+    budget = {"cpu": int(1.3 * qpass.footprint(AutoModelForCausalLM.from_pretrained(
+        fp_checkpoint, quantization_config=plan)).total_bytes)}
+    assert budget["cpu"] < sum(p.numel() * p.element_size() for p in tiny_llama().parameters()) / 2
+    # sized as float32, modules would go to disk, which is refused
+    AutoModelForCausalLM.from_pretrained(fp_checkpoint, quantization_config=plan, device_map="auto",
+                                         max_memory=budget)
 
 
 def test_conv1d_models_through_transformers(tmp_path):

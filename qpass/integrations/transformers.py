@@ -7,7 +7,8 @@ Before the weights load, every selected linear layer becomes a ``QuantizedLinear
 meta placeholders (their shapes come from quantizing a meta weight: the same code path as the real
 thing). As transformers reads each linear weight from the checkpoint it hands it to ``QPassQuantize``,
 which quantizes it and returns the layer's tensors in its place: tensor by tensor, as
-``qpass.from_pretrained`` does. Save with ``qpass.save_pretrained`` (the bitsandbytes layout).
+``qpass.from_pretrained`` does (transformers 4.5x calls ``create_quantized_param`` instead, which
+puts the same tensors into the layer). Save with ``qpass.save_pretrained`` (the bitsandbytes layout).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import logging
 
 import torch
-from transformers.core_model_loading import ConversionOps
 from transformers.quantizers import HfQuantizer, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 from transformers.quantizers.quantizers_utils import get_module_from_name
@@ -28,29 +28,43 @@ QUANT_METHOD = "qpass"
 logger = logging.getLogger(__name__)
 
 
-class QPassQuantize(ConversionOps):
-    """Quantize one loaded linear weight into the tensors of its ``QuantizedLinear``."""
+def quantized_tensors(model, param_name: str, value: torch.Tensor) -> tuple[QuantizedLinear, dict[str, torch.Tensor]]:
+    """The ``QuantizedLinear`` that ``param_name`` (``<layer>.weight``) belongs to, and the tensors of
+    ``value``, the checkpoint's weight, quantized with that layer's config."""
+    layer, _ = get_module_from_name(model, param_name)
+    weight = value.t() if layer.from_conv1d else value
+    _, tensors = quantize_layer(weight, layer.layout.config, param_name.rpartition(".")[0])
+    return layer, {name: t for name, t in tensors.items() if t is not None}
 
-    def __init__(self, hf_quantizer):
-        self.hf_quantizer = hf_quantizer
 
-    def convert(self, input_dict, full_layer_name=None, model=None, **kwargs):
-        result = {}
-        for param_name, value in input_dict.items():
-            value = value[0] if isinstance(value, list) else value
-            layer, _ = get_module_from_name(model, param_name)
-            prefix = param_name.rpartition(".")[0]
-            weight = value.t() if layer.from_conv1d else value
-            _, tensors = quantize_layer(weight, layer.layout.config, prefix)
-            result.update({f"{prefix}.{name}": t for name, t in tensors.items() if t is not None})
-            layer._is_hf_initialized = True
-        return result
+try:  # transformers 5: loading runs conversion ops
+    from transformers.core_model_loading import ConversionOps
+except ImportError:  # transformers 4.5x: QPassHfQuantizer.create_quantized_param
+    ConversionOps = None
+
+if ConversionOps is not None:
+
+    class QPassQuantize(ConversionOps):
+        """Quantize one loaded linear weight into the tensors of its ``QuantizedLinear``."""
+
+        def __init__(self, hf_quantizer):
+            self.hf_quantizer = hf_quantizer
+
+        def convert(self, input_dict, full_layer_name=None, model=None, **kwargs):
+            result = {}
+            for param_name, value in input_dict.items():
+                layer, tensors = quantized_tensors(model, param_name, value[0] if isinstance(value, list) else value)
+                prefix = param_name.rpartition(".")[0]
+                result.update({f"{prefix}.{name}": t for name, t in tensors.items()})
+                layer._is_hf_initialized = True
+            return result
 
 
 class QPassHfQuantizer(HfQuantizer):
     """Quantizes each selected linear weight with qpass as transformers loads it."""
 
     requires_calibration = False
+    requires_parameters_quantization = True  # transformers 4.5x: call create_quantized_param
 
     def validate_environment(self, *args, device_map=None, **kwargs):
         if self.pre_quantized:
@@ -88,8 +102,20 @@ class QPassHfQuantizer(HfQuantizer):
         module, tensor_name = get_module_from_name(model, param_name)
         return isinstance(module, QuantizedLinear) and tensor_name == "weight"
 
-    def get_quantize_ops(self):
+    def get_quantize_ops(self):  # transformers 5
         return QPassQuantize(self)
+
+    def create_quantized_param(self, model, param_value, param_name, target_device, **kwargs):
+        # transformers 4.5x: quantize on the device the layer goes to, then fill its buffers
+        layer, tensors = quantized_tensors(model, param_name, param_value.to(target_device))
+        for name, tensor in tensors.items():
+            layer._buffers[name] = tensor
+
+    def update_missing_keys(self, model, missing_keys, prefix):
+        # transformers 4.5x: the checkpoint has a quantized layer's weight, not the tensors made from it
+        quantized = {f"{name}.{tensor}" for name, layer in model.named_modules() if isinstance(layer, QuantizedLinear)
+                     for tensor in layer.layout.tensor_names}
+        return [key for key in missing_keys if key not in quantized and key.removeprefix(f"{prefix}.") not in quantized]
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         return model
@@ -98,7 +124,7 @@ class QPassHfQuantizer(HfQuantizer):
         # model.dequantize(): transformers then removes the quantization config
         return dequantize_module(model, dtype)
 
-    def is_serializable(self):
+    def is_serializable(self, *args, **kwargs):  # transformers 4.5x passes safe_serialization
         # model.save_pretrained would write qpass' in-memory names; qpass.save_pretrained writes the
         # bitsandbytes layout. transformers raises after this and points the user to the log.
         logger.warning("a model quantized by qpass is saved with qpass.save_pretrained(model, path), not "
