@@ -113,7 +113,9 @@ def quantize_exported_program(ep: ExportedProgram, plan: QPassConfig) -> tuple[E
 
     kept = [s for s in input_specs[:first_other] if s.arg.name not in removed_params]
     input_specs = kept + new_specs + input_specs[first_other:]
-    graph.eliminate_dead_code()
+    # No eliminate_dead_code: it would also drop nodes whose effect is not their output, which FX
+    # cannot tell from pure ones (transformers 4.57's masks call vmap, whose nesting level calls have no
+    # users; without them the program fails at run time). What the rewrite leaves unused is erased above.
     graph.lint()
     gm.recompile()
     signature = ExportGraphSignature(input_specs=input_specs, output_specs=list(ep.graph_signature.output_specs))

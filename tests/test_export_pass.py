@@ -154,3 +154,23 @@ def test_aot_inductor_package_runs_the_quantized_program(tmp_path, device):
     package = torch._inductor.aoti_compile_and_package(ep_q, package_path=str(tmp_path / "block.pt2"))
     runner = torch._inductor.aoti_load_package(package)
     assert relative_error(runner(x), ep_q.module()(x)) < 1e-5  # 0.0 measured on CPU
+
+
+def test_nodes_kept_for_their_effect_survive_the_pass():
+    """torch.vmap exports as calls that enter and leave a vmap level; those have no users, and a dead-code
+    pass would drop them (transformers 4.57 builds its attention masks so). The quantized program must
+    still run, and equal the module front-end."""
+
+    class VmapThenLinear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.proj = torch.nn.Linear(64, 32)
+
+        def forward(self, x):
+            return self.proj(x) + torch.vmap(lambda row: row.sum() * row[:32])(x)
+
+    x = torch.randn(3, 64)
+    ep_q = qpass.quantize(torch.export.export(VmapThenLinear(), (x,)), "nf4", skip_modules=[])
+    assert torch.ops.qpass.linear_4bit.default in _ops(ep_q)
+    assert torch.equal(ep_q.module()(x), qpass.quantize(VmapThenLinear(), "nf4", skip_modules=[])(x))
