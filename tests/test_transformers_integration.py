@@ -22,7 +22,8 @@ def fp_checkpoint(tmp_path_factory):
 
 def test_from_pretrained_with_a_qpass_config(fp_checkpoint, tmp_path, caplog):
     plan = qpass.QPassConfig("nf4", overrides={"*.self_attn.*": "int8"})
-    model, info = AutoModelForCausalLM.from_pretrained(fp_checkpoint, quantization_config=plan, output_loading_info=True)
+    model, info = AutoModelForCausalLM.from_pretrained(fp_checkpoint, quantization_config=plan,
+                                                       output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]  # absmax, SCB, ... are made, not missing
     assert isinstance(model.model.layers[0].self_attn.q_proj, qpass.QuantizedLinear)
     assert model.model.layers[0].self_attn.q_proj.layout.config.format_name == "int8"

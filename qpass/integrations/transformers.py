@@ -94,7 +94,8 @@ class QPassHfQuantizer(HfQuantizer):
             if (config := plan.config_for(name)) is None:
                 continue
             layout, placeholders = quantize_weight(torch.empty(weight.shape, dtype=weight.dtype, device="meta"), config)
-            layer = QuantizedLinear(layout, placeholders, module.bias, from_conv1d=not isinstance(module, torch.nn.Linear))
+            from_conv1d = not isinstance(module, torch.nn.Linear)
+            layer = QuantizedLinear(layout, placeholders, module.bias, from_conv1d=from_conv1d)
             set_submodule(model, name, layer)
         return model
 
