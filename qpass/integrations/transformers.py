@@ -7,7 +7,7 @@ Before the weights load, every selected linear layer becomes a ``QuantizedLinear
 meta placeholders (their shapes come from quantizing a meta weight: the same code path as the real
 thing). As transformers reads each linear weight from the checkpoint it hands it to ``QPassQuantize``,
 which quantizes it and returns the layer's tensors in its place: tensor by tensor, as
-``qpass.from_pretrained`` does (transformers 4.5x calls ``create_quantized_param`` instead, which
+``qpass.from_pretrained`` does (transformers 4.57 calls ``create_quantized_param`` instead, which
 puts the same tensors into the layer). Save with ``qpass.save_pretrained`` (the bitsandbytes layout).
 """
 
@@ -39,7 +39,7 @@ def quantized_tensors(model, param_name: str, value: torch.Tensor) -> tuple[Quan
 
 try:  # transformers 5: loading runs conversion ops
     from transformers.core_model_loading import ConversionOps
-except ImportError:  # transformers 4.5x: QPassHfQuantizer.create_quantized_param
+except ImportError:  # transformers 4.57: QPassHfQuantizer.create_quantized_param
     ConversionOps = None
 
 if ConversionOps is not None:
@@ -64,7 +64,7 @@ class QPassHfQuantizer(HfQuantizer):
     """Quantizes each selected linear weight with qpass as transformers loads it."""
 
     requires_calibration = False
-    requires_parameters_quantization = True  # transformers 4.5x: call create_quantized_param
+    requires_parameters_quantization = True  # transformers 4.57: call create_quantized_param
 
     def validate_environment(self, *args, device_map=None, **kwargs):
         if self.pre_quantized:
@@ -107,13 +107,13 @@ class QPassHfQuantizer(HfQuantizer):
         return QPassQuantize(self)
 
     def create_quantized_param(self, model, param_value, param_name, target_device, **kwargs):
-        # transformers 4.5x: quantize on the device the layer goes to, then fill its buffers
+        # transformers 4.57: quantize on the device the layer goes to, then fill its buffers
         layer, tensors = quantized_tensors(model, param_name, param_value.to(target_device))
         for name, tensor in tensors.items():
             layer._buffers[name] = tensor
 
     def update_missing_keys(self, model, missing_keys, prefix):
-        # transformers 4.5x: the checkpoint has a quantized layer's weight, not the tensors made from it
+        # transformers 4.57: the checkpoint has a quantized layer's weight, not the tensors made from it
         quantized = {f"{name}.{tensor}" for name, layer in model.named_modules() if isinstance(layer, QuantizedLinear)
                      for tensor in layer.layout.tensor_names}
         return [key for key in missing_keys if key not in quantized and key.removeprefix(f"{prefix}.") not in quantized]
@@ -125,7 +125,7 @@ class QPassHfQuantizer(HfQuantizer):
         # model.dequantize(): transformers then removes the quantization config
         return dequantize_module(model, dtype)
 
-    def is_serializable(self, *args, **kwargs):  # transformers 4.5x passes safe_serialization
+    def is_serializable(self, *args, **kwargs):  # transformers 4.57 passes safe_serialization
         # model.save_pretrained would write qpass' in-memory names; qpass.save_pretrained writes the
         # bitsandbytes layout. transformers raises after this and points the user to the log.
         logger.warning("a model quantized by qpass is saved with qpass.save_pretrained(model, path), not "
