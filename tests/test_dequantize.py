@@ -95,7 +95,9 @@ def test_dtype_follows_the_unquantized_parameters_unless_given():
 
 def test_transformers_model_dequantize_gives_a_plain_savable_model(tmp_path):
     tiny_llama().save_pretrained(tmp_path / "fp")
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=qpass.QPassConfig("nf4"))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=qpass.QPassConfig("nf4"),
+                                                 device_map="cpu")
+    model.save_pretrained(tmp_path / "nf4")  # which leaves model.config.dtype a name, dequantize's default
     model.dequantize()
     assert not _quantized_layers(model)
     assert getattr(model.config, "quantization_config", None) is None

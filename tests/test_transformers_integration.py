@@ -1,16 +1,19 @@
 """AutoModelForCausalLM.from_pretrained(..., quantization_config=qpass.QPassConfig(...))."""
 
+import json
 import logging
 import subprocess
 import sys
 
 import pytest
 import torch
+import transformers
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import qpass
 
-from models import tiny_llama
+from models import relative_error, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +23,7 @@ def fp_checkpoint(tmp_path_factory):
     return path
 
 
-def test_from_pretrained_with_a_qpass_config(fp_checkpoint, tmp_path, caplog):
+def test_from_pretrained_with_a_qpass_config(fp_checkpoint, tmp_path):
     plan = qpass.QPassConfig("nf4", overrides={"*.self_attn.*": "int8"})
     model, info = AutoModelForCausalLM.from_pretrained(fp_checkpoint, quantization_config=plan,
                                                        output_loading_info=True)
@@ -33,13 +36,44 @@ def test_from_pretrained_with_a_qpass_config(fp_checkpoint, tmp_path, caplog):
     with torch.no_grad():
         assert torch.equal(model(ids).logits, expected(ids).logits)
     assert '"quant_method": "qpass"' in model.config.to_json_string()
-    # saving goes through qpass (the bitsandbytes layout); transformers' own save is refused, and the
-    # log it points to says what to call instead
-    with caplog.at_level(logging.WARNING), pytest.raises(ValueError, match="not serializable"):
-        model.save_pretrained(tmp_path / "hf")
-    assert "qpass.save_pretrained(model, path)" in caplog.text
+    # transformers' save writes what qpass.save_pretrained writes: the same tensors and config.json
+    model.save_pretrained(tmp_path / "hf")
     qpass.save_pretrained(model, tmp_path / "q")
-    assert torch.equal(qpass.from_pretrained(tmp_path / "q")(ids).logits, model(ids).logits)
+    for name in ("config.json", "generation_config.json"):
+        assert (tmp_path / "hf" / name).read_text() == (tmp_path / "q" / name).read_text(), name
+    theirs, ours = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "q" / "model.safetensors")
+    assert theirs.keys() == ours.keys()
+    assert all(torch.equal(theirs[key], ours[key]) for key in ours)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["quantization_config"]["layers"][
+        "model.layers.0.self_attn.q_proj"]["format"] == "int8"
+    assert torch.equal(qpass.from_pretrained(tmp_path / "hf")(ids).logits, model(ids).logits)
+
+
+def test_save_pretrained_round_trips_through_transformers_and_bitsandbytes(fp_checkpoint, tmp_path):
+    """The bitsandbytes user's loop, in transformers alone: load with a QPassConfig, model.save_pretrained
+    (sharded), and the folder loads in transformers + bitsandbytes, and back in qpass, bit for bit."""
+    model = AutoModelForCausalLM.from_pretrained(fp_checkpoint, quantization_config=qpass.QPassConfig("nf4"),
+                                                 device_map="cpu")
+    model.save_pretrained(tmp_path / "hf", max_shard_size="20KB")
+    assert len(list((tmp_path / "hf").glob("model-*.safetensors"))) > 1
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids).logits
+        # dtype: transformers 4 would load the layers bitsandbytes leaves alone in float16
+        bnb = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", device_map="cpu", dtype=torch.float32)
+        assert type(bnb.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+        assert torch.equal(bnb.model.layers[0].mlp.up_proj.weight.data.view(torch.uint8),
+                           model.model.layers[0].mlp.up_proj.weight.view(torch.uint8))
+        assert relative_error(bnb(ids).logits, expected) <= 1e-6  # as tests/test_checkpoints.py's BNB_AGREEMENT
+        assert torch.equal(qpass.from_pretrained(tmp_path / "hf")(ids).logits, expected)
+
+
+@pytest.mark.skipif(not transformers.__version__.startswith("4."), reason="transformers 5 writes safetensors only")
+def test_pickled_save_is_refused_with_what_to_do(fp_checkpoint, tmp_path, caplog):
+    model = AutoModelForCausalLM.from_pretrained(fp_checkpoint, quantization_config=qpass.QPassConfig("nf4"))
+    with caplog.at_level(logging.WARNING), pytest.raises(ValueError, match="not serializable"):
+        model.save_pretrained(tmp_path / "hf", safe_serialization=False)
+    assert "safe_serialization=True" in caplog.text
 
 
 def test_generate_compiles_with_a_static_cache(fp_checkpoint):

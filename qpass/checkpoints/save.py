@@ -52,12 +52,19 @@ def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
 
-def write_configs(model: nn.Module, folder: Path) -> None:
-    """``config.json``, its ``quantization_config`` made from the model's layers as they are now (their
-    formats and compute dtype, ``qpass.set_compute_dtype`` included), and ``generation_config.json``.
+def record_quantization_config(model: nn.Module) -> None:
+    """Set ``model.config.quantization_config`` to what the checkpoint's ``config.json`` says: made from
+    the model's layers as they are now (their formats and compute dtype, ``qpass.set_compute_dtype``
+    included), bitsandbytes' fields for one format (``bnb_layout.quantization_config``).
     ``model`` is a transformers model with at least one qpass-quantized layer."""
     configs, skipped = layer_configs(model)
     model.config.quantization_config = quantization_config(configs, skipped)
+
+
+def write_configs(model: nn.Module, folder: Path) -> None:
+    """``config.json`` with the checkpoint's ``quantization_config`` (``record_quantization_config``),
+    and ``generation_config.json``."""
+    record_quantization_config(model)
     model.config.save_pretrained(folder)
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:

@@ -8,7 +8,8 @@ meta placeholders (their shapes come from quantizing a meta weight: the same cod
 thing). As transformers reads each linear weight from the checkpoint it hands it to ``QPassQuantize``,
 which quantizes it and returns the layer's tensors in its place: tensor by tensor, as
 ``qpass.from_pretrained`` does (transformers 4.57 calls ``create_quantized_param`` instead, which
-puts the same tensors into the layer). Save with ``qpass.save_pretrained`` (the bitsandbytes layout).
+puts the same tensors into the layer). ``model.save_pretrained`` and ``push_to_hub`` write what
+``qpass.save_pretrained`` writes: the bitsandbytes layout.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from transformers.quantizers import HfQuantizer, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
+from ..checkpoints.save import checkpoint_tensors, record_quantization_config
+from ..config import dtype_from_name
 from ..formats import quantize_layer, quantize_weight
 from ..module_swap import dequantize_module, embedding_weight_ids, linear_weight, set_submodule
 from ..modules import QuantizedLinear
@@ -122,16 +125,22 @@ class QPassHfQuantizer(HfQuantizer):
         return model
 
     def _dequantize(self, model, dtype=None):
-        # model.dequantize(): transformers then removes the quantization config
-        return dequantize_module(model, dtype)
+        # model.dequantize(): transformers then removes the quantization config. Its default dtype is
+        # model.config.dtype, which its save_pretrained leaves as a name ("float32").
+        return dequantize_module(model, dtype_from_name(dtype) if isinstance(dtype, str) else dtype)
 
-    def is_serializable(self, *args, **kwargs):  # transformers 4.57 passes safe_serialization
-        # model.save_pretrained would write qpass' in-memory names; qpass.save_pretrained writes the
-        # bitsandbytes layout. transformers raises after this and points the user to the log.
-        logger.warning("a model quantized by qpass is saved with qpass.save_pretrained(model, path), not "
-                       "model.save_pretrained: it writes the bitsandbytes layout, which qpass.from_pretrained and "
-                       "transformers with bitsandbytes load")
-        return False
+    def is_serializable(self, safe_serialization: bool = True, **kwargs):
+        # transformers 4.57 passes safe_serialization; False there would pickle the state dict
+        if not safe_serialization:
+            logger.warning("qpass checkpoints are safetensors only: save with safe_serialization=True")
+        return safe_serialization
+
+    def get_state_dict_and_metadata(self, model, *args, **kwargs):
+        """What ``model.save_pretrained`` / ``push_to_hub`` write: the tensors and ``config.json`` that
+        ``qpass.save_pretrained`` writes (the bitsandbytes layout). transformers saves ``model.config``
+        after this call, so its ``quantization_config`` becomes the checkpoint's here."""
+        record_quantization_config(model)
+        return checkpoint_tensors(model), {}
 
     @property
     def is_trainable(self) -> bool:
