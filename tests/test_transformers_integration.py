@@ -25,7 +25,7 @@ def fp_checkpoint(tmp_path_factory):
 
 def test_from_pretrained_with_a_qpass_config(fp_checkpoint, tmp_path):
     plan = qpass.QPassConfig("nf4", overrides={"*.self_attn.*": "int8"})
-    model, info = AutoModelForCausalLM.from_pretrained(fp_checkpoint, quantization_config=plan,
+    model, info = AutoModelForCausalLM.from_pretrained(fp_checkpoint, quantization_config=plan, device_map="cpu",
                                                        output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]  # absmax, SCB, ... are made, not missing
     assert isinstance(model.model.layers[0].self_attn.q_proj, qpass.QuantizedLinear)
@@ -122,7 +122,8 @@ def test_conv1d_models_through_transformers(tmp_path):
     from models import tiny_gpt2
 
     tiny_gpt2().save_pretrained(tmp_path / "gpt2")
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2", quantization_config=qpass.QPassConfig("fp4"))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2", quantization_config=qpass.QPassConfig("fp4"),
+                                                 device_map="cpu")
     assert isinstance(model.transformer.h[0].attn.c_attn, qpass.QuantizedLinear)
     ids = torch.randint(0, 128, (1, 6))
     with torch.no_grad():
@@ -134,6 +135,17 @@ def test_tied_output_layer_is_left_alone(tmp_path):
     plan = qpass.QPassConfig("nf4", skip_modules=[])
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "tied", quantization_config=plan)
     assert isinstance(model.lm_head, torch.nn.Linear) and model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_no_device_map_loads_onto_the_gpu_when_there_is_one(fp_checkpoint):
+    """As with bitsandbytes: no device_map and a GPU, the model is quantized and runs on the GPU."""
+    plan = qpass.QPassConfig("nf4")
+    model = AutoModelForCausalLM.from_pretrained(fp_checkpoint, quantization_config=plan)
+    place = "cuda" if torch.cuda.is_available() else "cpu"
+    assert {t.device.type for t in model.state_dict().values()} == {place}
+    ids = torch.randint(0, 128, (1, 7), device=place)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, qpass.quantize(tiny_llama().to(place), plan)(ids).logits)
 
 
 def test_importing_qpass_does_not_import_transformers():

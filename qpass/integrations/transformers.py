@@ -85,6 +85,15 @@ class QPassHfQuantizer(HfQuantizer):
                     "support: give the devices the memory the quantized model needs (max_memory; "
                     "qpass.estimate(path, config) tells how much), or load it all on the CPU (device_map='cpu')")
 
+    def update_device_map(self, device_map):
+        # As bitsandbytes' quantizer: with no device_map, the model loads onto the current GPU (and is
+        # quantized there), not the CPU.
+        if device_map is None and torch.cuda.is_available():
+            device_map = {"": torch.cuda.current_device()}
+            logger.info("no device_map given: loading onto cuda:%d; pass device_map='cpu' to keep the model on "
+                        "the CPU", device_map[""])
+        return device_map
+
     def _process_model_before_weight_loading(self, model, **kwargs):
         plan = self.quantization_config
         tied = embedding_weight_ids(model)
