@@ -28,6 +28,8 @@ QPASS_SPECS = {"nf4": "nf4", "fp4": qpass.FP4Config(double_quant=False), "int8":
 # compute, as bitsandbytes runs it (3.5e-3 apart, summation order and rounding); a qpass int8 model
 # computes in bf16 by default, which bitsandbytes replaces by float16 when it loads the file (8e-3).
 BNB_AGREEMENT = {"nf4": 1e-6, "fp4": 1e-6, "int8": 1e-2}
+# transformers loads with bitsandbytes with dtype=torch.float32 given: transformers 4 would otherwise
+# put the layers bitsandbytes leaves alone in float16.
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +60,7 @@ def test_qpass_checkpoint_loads_in_transformers_bitsandbytes(fmt, tmp_path):
     qpass.save_pretrained(model, tmp_path / "q")
     config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "bitsandbytes"
-    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cpu")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cpu", dtype=torch.float32)
     layer = theirs.model.layers[0].mlp.up_proj
     assert type(layer).__name__ == ("Linear8bitLt" if fmt == "int8" else "Linear4bit")
     ours = model.model.layers[0].mlp.up_proj
@@ -68,7 +70,8 @@ def test_qpass_checkpoint_loads_in_transformers_bitsandbytes(fmt, tmp_path):
 
 @pytest.mark.parametrize("fmt", ["nf4", "fp4", "int8"])
 def test_transformers_bitsandbytes_checkpoint_loads_in_qpass(fmt, fp_checkpoint, tmp_path):
-    theirs = AutoModelForCausalLM.from_pretrained(fp_checkpoint, quantization_config=BNB_CONFIGS[fmt], device_map="cpu")
+    theirs = AutoModelForCausalLM.from_pretrained(fp_checkpoint, quantization_config=BNB_CONFIGS[fmt], device_map="cpu",
+                                                  dtype=torch.float32)
     theirs.save_pretrained(tmp_path / "bnb")
     ours = qpass.from_pretrained(tmp_path / "bnb")
     layer = ours.model.layers[1].self_attn.o_proj
@@ -214,7 +217,8 @@ MEASURE = textwrap.dedent("""
         model = qpass.from_pretrained(sys.argv[1], sys.argv[2])
     else:  # through transformers' quantizer registration
         from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained(sys.argv[1], quantization_config=qpass.QPassConfig(sys.argv[2]))
+        model = AutoModelForCausalLM.from_pretrained(sys.argv[1], quantization_config=qpass.QPassConfig(sys.argv[2]),
+                                                     device_map="cpu")
     done.append(True)
     thread.join()
     print(max(peak) - base)
