@@ -1,6 +1,6 @@
 """The ``qpass`` command: quantize, inspect, eval and bench checkpoints.
 
-    qpass quantize SRC --format nf4 --out DST     # SRC: a checkpoint folder, or "smollm2" (offline package)
+    qpass quantize SRC --format nf4 --out DST     # SRC: a folder, a Hub repository id, or "smollm2" (offline)
     qpass inspect DST                             # layers, formats, bits per weight, size vs fp16/fp32
     qpass eval DIR [--text FILE]                  # perplexity (CPython's pydoc text by default)
     qpass estimate SRC --format nf4               # exact size from the config alone
@@ -24,16 +24,20 @@ class CommandError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
 
 
-def _source(src: str) -> Path:
+def _source(src: str, config_only: bool = False) -> Path:
+    """The local folder of SRC: an offline model, a checkpoint folder or a Hugging Face Hub repository id
+    (fetched into the Hub cache; only config.json with ``config_only``)."""
     if src in OFFLINE_MODELS:
         from .integrations.smollm2 import smollm2_checkpoint
 
         return smollm2_checkpoint()
-    path = Path(src)
-    if not path.exists():
-        raise CommandError(f"{src}: no such checkpoint folder "
-                           f"(or one of the offline models: {', '.join(OFFLINE_MODELS)})")
-    return path
+    from .checkpoints.errors import CheckpointError
+    from .checkpoints.hub import CHECKPOINT_FILES, CONFIG_FILES, checkpoint_folder
+
+    try:
+        return checkpoint_folder(src, files=CONFIG_FILES if config_only else CHECKPOINT_FILES)
+    except CheckpointError as err:
+        raise CommandError(f"{err} (offline models: {', '.join(OFFLINE_MODELS)})") from err
 
 
 def _plan_options(args) -> dict:
@@ -109,7 +113,7 @@ def cmd_eval(args) -> None:
 def cmd_estimate(args) -> None:
     import qpass
 
-    source = args.src if args.src.endswith(".json") else _source(args.src)
+    source = args.src if args.src.endswith(".json") else _source(args.src, config_only=True)
     print(qpass.estimate(source, args.format, **_plan_options(args)))
 
 
@@ -186,7 +190,7 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--skip", nargs="*", metavar="NAME", help="modules never quantized (default: lm_head)")
 
     q = sub.add_parser("quantize", help="quantize a checkpoint into a bitsandbytes-layout checkpoint")
-    q.add_argument("src", help="checkpoint folder, or " + " / ".join(OFFLINE_MODELS))
+    q.add_argument("src", help="checkpoint folder, Hub repository id (org/name), or " + " / ".join(OFFLINE_MODELS))
     plan_arguments(q)
     q.add_argument("--out", "-o", required=True, help="output folder (written atomically)")
     q.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -205,7 +209,7 @@ def parser() -> argparse.ArgumentParser:
     e.set_defaults(run=cmd_eval)
 
     s = sub.add_parser("estimate", help="exact quantized size from the config alone")
-    s.add_argument("src", help="checkpoint folder, config.json, or " + " / ".join(OFFLINE_MODELS))
+    s.add_argument("src", help="checkpoint folder, config.json, Hub repository id, or " + " / ".join(OFFLINE_MODELS))
     plan_arguments(s)
     s.set_defaults(run=cmd_estimate)
 

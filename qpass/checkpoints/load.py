@@ -19,6 +19,7 @@ from ..module_swap import embedding_weight_ids, linear_weight, set_submodule
 from ..modules import QuantizedLinear
 from .bnb_layout import dtype_from_name, is_quantized_layer, layer_from_bnb
 from .errors import CheckpointError
+from .hub import checkpoint_folder
 from .safetensors_io import SafetensorsReader
 
 
@@ -29,9 +30,11 @@ def from_pretrained(
     model_class=None,
     dtype: torch.dtype | None = None,
     progress: bool = False,
+    revision: str | None = None,
     **plan_options,
 ) -> nn.Module:
-    """A transformers model from the checkpoint folder ``path``.
+    """A transformers model from the checkpoint folder ``path``, or from the Hugging Face Hub repository
+    of that id (``"org/name"``, at ``revision``; ``hub.checkpoint_folder`` fetches it, safetensors only).
 
     * A checkpoint with a bitsandbytes (or qpass) ``quantization_config``: its quantized layers load
       as they are stored (give no ``spec``).
@@ -44,7 +47,7 @@ def from_pretrained(
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = Path(path)
+    path = checkpoint_folder(path, revision)
     reader = SafetensorsReader(path)
     config = AutoConfig.from_pretrained(path)
     stored = getattr(config, "quantization_config", None)
