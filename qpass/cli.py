@@ -57,7 +57,7 @@ def cmd_quantize(args) -> None:
     import qpass
 
     src = _source(args.src)
-    model = qpass.from_pretrained(src, args.format, progress=not args.quiet, **_plan_options(args))
+    model = qpass.from_pretrained(src, args.format, progress=not args.quiet, device=args.device, **_plan_options(args))
     try:
         qpass.save_pretrained(model, args.out)
     except qpass.CheckpointError as err:
@@ -193,6 +193,7 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("src", help="checkpoint folder, Hub repository id (org/name), or " + " / ".join(OFFLINE_MODELS))
     plan_arguments(q)
     q.add_argument("--out", "-o", required=True, help="output folder (written atomically)")
+    q.add_argument("--device", default="cpu", help="read and quantize on this device, e.g. cuda (default: cpu)")
     q.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     q.add_argument("--verbose", "-v", action="store_true", help="print every layer")
     q.set_defaults(run=cmd_quantize)

@@ -92,6 +92,23 @@ def test_quantize_while_loading_equals_quantizing_after(fp_checkpoint):
     assert torch.equal(_logits(loaded), _logits(after))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="loading onto a GPU needs a CUDA device")
+def test_loading_onto_cuda_reads_and_quantizes_there(fp_checkpoint, tmp_path):
+    """device="cuda": stored layers and layers quantized while loading land on the GPU, and equal what
+    the same steps give on that device from a model in memory."""
+    plan = {"spec": "nf4", "overrides": {"*.self_attn.*": "int8"}}
+    ids = IDS.to("cuda")
+    loaded = qpass.from_pretrained(fp_checkpoint, plan["spec"], overrides=plan["overrides"], device="cuda")
+    assert {t.device for t in loaded.state_dict().values()} == {torch.device("cuda", torch.cuda.current_device())}
+    expected = qpass.quantize(tiny_llama().to("cuda"), plan["spec"], overrides=plan["overrides"])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, expected(ids).logits)
+        qpass.save_pretrained(expected, tmp_path / "q")
+        stored = qpass.from_pretrained(tmp_path / "q", device="cuda")
+        assert {t.device.type for t in stored.state_dict().values()} == {"cuda"}
+        assert torch.equal(stored(ids).logits, expected(ids).logits)
+
+
 def test_tied_output_layer_stays_tied_when_quantizing_while_loading(tmp_path):
     from safetensors.torch import save_file as write
 
@@ -213,14 +230,16 @@ MEASURE = textwrap.dedent("""
     base = anonymous_rss()
     thread = threading.Thread(target=sample)
     thread.start()
-    if sys.argv[3] == "qpass":
-        model = qpass.from_pretrained(sys.argv[1], sys.argv[2])
-    else:  # through transformers' quantizer registration
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained(sys.argv[1], quantization_config=qpass.QPassConfig(sys.argv[2]),
-                                                     device_map="cpu")
-    done.append(True)
-    thread.join()
+    try:
+        if sys.argv[3] == "qpass":
+            model = qpass.from_pretrained(sys.argv[1], sys.argv[2])
+        else:  # through transformers' quantizer registration
+            from transformers import AutoModelForCausalLM
+            plan = qpass.QPassConfig(sys.argv[2])
+            model = AutoModelForCausalLM.from_pretrained(sys.argv[1], quantization_config=plan, device_map="cpu")
+    finally:  # a failure ends the process (and fails the test) rather than leaving the sampler running
+        done.append(True)
+        thread.join()
     print(max(peak) - base)
 """)
 

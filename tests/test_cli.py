@@ -61,6 +61,10 @@ def test_eval_on_a_text_file(tmp_path, capsys):
         (["export-onnx", "{fp}", "-o", "{tmp}/o"], r"not a quantized checkpoint .* give --format to quantize it"),
         (["export-onnx", "{fp}", "--skip", "-o", "{tmp}/o"], r"--override and --skip .* give --format too"),
         (["export-onnx", "{fp}", "-f", "nf4", "-o", "{fp}/config.json"], r"config.json: exists and is not a folder"),
+        (["quantize", "{fp}", "-f", "nf4", "--device", "gpu9", "-o", "{tmp}/o"], r"device='gpu9' is not a device"),
+        pytest.param(["quantize", "{fp}", "-f", "nf4", "--device", "cuda", "-o", "{tmp}/o"],
+                     r"device='cuda', but torch sees no CUDA device here; load onto the CPU",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")),
     ],
 )
 def test_errors_are_one_clear_line(argv, message, fp_checkpoint, tmp_path, capsys):

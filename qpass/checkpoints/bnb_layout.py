@@ -88,7 +88,7 @@ def layer_from_bnb(name: str, read, suffixes: set[str], compute_dtype: torch.dty
     if nested:
         tensors["nested_absmax"] = read("weight.nested_absmax").float()
         tensors["nested_quant_map"] = read("weight.nested_quant_map").float()
-        tensors["offset"] = torch.tensor(state["nested_offset"], dtype=torch.float32)
+        tensors["offset"] = torch.tensor(state["nested_offset"], dtype=torch.float32, device=packed.device)
         expected["weight.nested_absmax"] = (-(-n_blocks // state.get("nested_blocksize", DOUBLE_QUANT_BLOCKSIZE)),)
         expected["weight.nested_quant_map"] = (256,)
     for suffix, shape in expected.items():
@@ -105,10 +105,11 @@ def _share_code_books(tensors: dict, quant_type: str) -> dict:
     def same_bytes(a, b):
         return a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
 
-    if same_bytes(tensors["quant_map"], code_4bit(quant_type)):
-        tensors["quant_map"] = code_4bit(quant_type)
-    if tensors["nested_quant_map"] is not None and same_bytes(tensors["nested_quant_map"], dynamic_code()):
-        tensors["nested_quant_map"] = dynamic_code()
+    device = tensors["quant_map"].device
+    if same_bytes(tensors["quant_map"], code_4bit(quant_type, device)):
+        tensors["quant_map"] = code_4bit(quant_type, device)
+    if tensors["nested_quant_map"] is not None and same_bytes(tensors["nested_quant_map"], dynamic_code(device)):
+        tensors["nested_quant_map"] = dynamic_code(device)
     return tensors
 
 

@@ -31,6 +31,7 @@ def from_pretrained(
     dtype: torch.dtype | None = None,
     progress: bool = False,
     revision: str | None = None,
+    device: torch.device | str = "cpu",
     **plan_options,
 ) -> nn.Module:
     """A transformers model from the checkpoint folder ``path``, or from the Hugging Face Hub repository
@@ -41,14 +42,18 @@ def from_pretrained(
     * A full-precision checkpoint: ``spec`` ("nf4", "fp4", "int8", a config or a ``QPassConfig``;
       ``plan_options`` as for ``qpass.quantize``) quantizes each selected linear layer as it is read.
 
-    ``dtype`` casts the tensors that stay in full precision (default: as stored). ``model_class``
-    defaults to ``AutoModelForCausalLM``. ``progress`` shows a progress bar over the stored tensors.
+    ``device`` ("cpu", "cuda", "cuda:1", ...) is where the model is built: each tensor is read straight
+    onto it, and quantized there when quantizing while loading, so no full-precision copy of the model
+    is held on the CPU. ``dtype`` casts the tensors that stay in full precision (default: as stored).
+    ``model_class`` defaults to ``AutoModelForCausalLM``. ``progress`` shows a progress bar over the
+    stored tensors.
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = checkpoint_folder(path, revision)
-    reader = SafetensorsReader(path)
+    device = _loading_device(device)
+    reader = SafetensorsReader(path, device)
     config = AutoConfig.from_pretrained(path)
     stored = getattr(config, "quantization_config", None)
     if stored is not None and not isinstance(stored, dict):
@@ -101,7 +106,22 @@ def from_pretrained(
     if missing:
         raise CheckpointError(f"{path}: tensor {missing[0]!r} is missing from the checkpoint"
                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    return model.eval()
+    return model.to(device).eval()  # moves the buffers the model made itself (rotary tables); the rest was read there
+
+
+def _loading_device(device: torch.device | str) -> torch.device:
+    """``device`` checked, with the current CUDA device's index filled in for a bare "cuda"."""
+    try:
+        device = torch.device(device)
+    except RuntimeError as err:
+        raise CheckpointError(f"device={device!r} is not a device torch knows ({err})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CheckpointError(f"device={str(device)!r}, but torch sees no CUDA device here; load onto the CPU "
+                                  "(device='cpu', the default)")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _layer_settings(name: str, stored: dict) -> tuple[torch.dtype, float]:

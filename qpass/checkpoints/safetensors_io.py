@@ -21,9 +21,10 @@ INDEX = "model.safetensors.index.json"
 
 
 class SafetensorsReader:
-    """Tensors of a checkpoint folder by key, read lazily one at a time."""
+    """Tensors of a checkpoint folder by key, read lazily one at a time onto ``device`` (safetensors
+    copies each straight from the file to a GPU)."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, device: torch.device | str = "cpu"):
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise CheckpointError(f"{self.folder}: no such checkpoint folder")
@@ -46,7 +47,7 @@ class SafetensorsReader:
             if not path.is_file():
                 raise CheckpointError(f"{path}: listed in {INDEX} but missing")
             try:
-                self._handles[name] = safe_open(str(path), framework="pt")
+                self._handles[name] = safe_open(str(path), framework="pt", device=str(device))
             except (SafetensorError, OSError) as err:
                 raise CheckpointError(f"{path}: cannot read it ({err}); the file is truncated or corrupted") from err
         self.key_to_file = weight_map or {key: SINGLE for key in self._handles[SINGLE].keys()}
