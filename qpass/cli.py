@@ -113,7 +113,8 @@ def cmd_eval(args) -> None:
 def cmd_estimate(args) -> None:
     import qpass
 
-    source = args.src if args.src.endswith(".json") else _source(args.src, config_only=True)
+    is_config_file = args.src.endswith(".json") and Path(args.src).is_file()
+    source = args.src if is_config_file else _source(args.src, config_only=True)
     print(qpass.estimate(source, args.format, **_plan_options(args)))
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoints.hub import CONFIG_FILES, checkpoint_folder
 from .config import ConfigLike, QPassConfig, as_plan
 from .formats import layout_for
 from .module_swap import embedding_weight_ids, linear_weight
@@ -27,7 +28,8 @@ class Estimate:
 def estimate(config_or_dir, spec: ConfigLike | QPassConfig, *, dtype: torch.dtype = torch.float16,
              **plan_options) -> Estimate:
     """Exact bytes of the model described by ``config_or_dir`` (a transformers config, or a checkpoint
-    folder or its config.json) quantized with ``spec``, tensors left in full precision in ``dtype``.
+    folder or its config.json, or a Hub repository id whose config.json alone is fetched) quantized with
+    ``spec``, tensors left in full precision in ``dtype``.
 
     Equal to ``qpass.footprint(qpass.quantize(model.to(dtype), spec)).total_bytes`` (tested), but no
     weight is ever made: the model is instantiated on the meta device."""
@@ -37,7 +39,9 @@ def estimate(config_or_dir, spec: ConfigLike | QPassConfig, *, dtype: torch.dtyp
     config = config_or_dir
     if isinstance(config_or_dir, (str, Path)):
         path = Path(config_or_dir)
-        config = AutoConfig.from_pretrained(path.parent if path.name == "config.json" else path)
+        if path.name == "config.json" and path.is_file():
+            path = path.parent
+        config = AutoConfig.from_pretrained(checkpoint_folder(path, files=CONFIG_FILES))
     plan = as_plan(spec, **plan_options)
     with init_empty_weights(include_buffers=True):
         model = AutoModelForCausalLM.from_config(config)

@@ -46,6 +46,9 @@ with torch.no_grad():
     assert torch.equal(model(torch.tensor({IDS})).logits, expected(torch.tensor({IDS})).logits)
 at_commit = qpass.from_pretrained({REPO!r}, "nf4", revision={COMMIT!r})
 assert isinstance(at_commit.model.layers[0].mlp.up_proj, qpass.QuantizedLinear)
+# qpass.estimate fetches config.json alone; its default dtype for what stays in full precision is float16
+in_fp16 = qpass.quantize(tiny_llama().half(), "nf4")
+assert qpass.estimate({REPO!r}, "nf4").total_bytes == qpass.footprint(in_fp16).total_bytes
 """
     out = _offline(["-c", code], hub_cache)
     assert out.returncode == 0, out.stderr
@@ -75,9 +78,11 @@ def test_a_repository_not_in_reach_is_a_clear_error(hub_cache):
 
 
 @pytest.mark.parametrize("name", ["no/such/local/folder", "not a repository"])
-def test_a_name_that_is_neither_folder_nor_repository_id(name):
+@pytest.mark.parametrize("read", [qpass.from_pretrained, lambda name: qpass.estimate(name, "nf4")],
+                         ids=["from_pretrained", "estimate"])
+def test_a_name_that_is_neither_folder_nor_repository_id(name, read):
     with pytest.raises(qpass.CheckpointError, match="no such checkpoint folder, and not a Hugging Face Hub repository"):
-        qpass.from_pretrained(name)
+        read(name)
 
 
 def test_revision_of_a_local_folder_is_refused(tmp_path):
