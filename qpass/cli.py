@@ -24,18 +24,18 @@ class CommandError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
 
 
-def _source(src: str, config_only: bool = False) -> Path:
+def _source(src: str) -> Path:
     """The local folder of SRC: an offline model, a checkpoint folder or a Hugging Face Hub repository id
-    (fetched into the Hub cache; only config.json with ``config_only``)."""
+    (fetched into the Hub cache)."""
     if src in OFFLINE_MODELS:
         from .integrations.smollm2 import smollm2_checkpoint
 
         return smollm2_checkpoint()
     from .checkpoints.errors import CheckpointError
-    from .checkpoints.hub import CHECKPOINT_FILES, CONFIG_FILES, checkpoint_folder
+    from .checkpoints.hub import checkpoint_folder
 
     try:
-        return checkpoint_folder(src, files=CONFIG_FILES if config_only else CHECKPOINT_FILES)
+        return checkpoint_folder(src)
     except CheckpointError as err:
         raise CommandError(f"{err} (offline models: {', '.join(OFFLINE_MODELS)})") from err
 
@@ -113,8 +113,8 @@ def cmd_eval(args) -> None:
 def cmd_estimate(args) -> None:
     import qpass
 
-    is_config_file = args.src.endswith(".json") and Path(args.src).is_file()
-    source = args.src if is_config_file else _source(args.src, config_only=True)
+    # qpass.estimate resolves folders, config.json files and Hub ids itself (fetching config.json alone)
+    source = _source(args.src) if args.src in OFFLINE_MODELS else args.src
     print(qpass.estimate(source, args.format, **_plan_options(args)))
 
 
