@@ -11,7 +11,10 @@ from .config import FP4Config, Int8Config, NF4Config, QPassConfig, QuantConfig, 
 from .errors import QuantizationError
 from .estimate import Estimate, estimate
 from .footprint import Footprint, footprint
+from .integrations import register_with_transformers_on_import
 from .modules import QuantizedLinear
+
+register_with_transformers_on_import()
 
 __version__ = "0.1.0"
 

@@ -115,13 +115,16 @@ class Int8Config(QuantConfig):
 
 FORMATS: dict[str, type[QuantConfig]] = {cls.format_name: cls for cls in (NF4Config, FP4Config, Int8Config)}
 
-ConfigLike = Union[str, QuantConfig, None]
+ConfigLike = Union[str, QuantConfig, Mapping, None]
 
 
 def as_quant_config(spec: ConfigLike) -> QuantConfig | None:
-    """A format config from a format name ("nf4", "fp4", "int8"), a config object, or None (= skip)."""
+    """A format config from a format name ("nf4", "fp4", "int8"), a config object, the dict
+    ``config_to_dict`` writes, or None (= skip)."""
     if spec is None or isinstance(spec, QuantConfig):
         return spec
+    if isinstance(spec, Mapping):
+        return config_from_dict(spec)
     if isinstance(spec, str):
         try:
             return FORMATS[spec.lower()]()
@@ -134,6 +137,7 @@ def as_quant_config(spec: ConfigLike) -> QuantConfig | None:
 
 
 DEFAULT_SKIP_MODULES = ("lm_head",)
+QPASS_QUANT_METHOD = "qpass"  # quantization_config.quant_method of plans and of mixed-format checkpoints
 
 
 @dataclasses.dataclass
@@ -171,8 +175,24 @@ class QPassConfig:
     def to_dict(self) -> dict:
         """JSON-ready form (transformers writes it into config.json)."""
 
-        return {"quant_method": "qpass", "default": config_to_dict(self.default),
+        return {"quant_method": QPASS_QUANT_METHOD, "default": config_to_dict(self.default),
                 "overrides": {k: config_to_dict(v) for k, v in self.overrides.items()}, "skip_modules": list(self.skip_modules)}
+
+    @classmethod
+    def from_dict(cls, config_dict: Mapping, return_unused_kwargs: bool = False, **kwargs):
+        """The plan ``to_dict`` wrote, or the ``quantization_config`` of a qpass checkpoint with several
+        formats (``{"quant_method": "qpass", "layers": {layer name: format dict}, ...}``, see
+        ``checkpoints.bnb_layout.quantization_config``), read as exact-name overrides with nothing else
+        quantized. transformers builds the config of a checkpoint's ``config.json`` this way."""
+        fields = dict(config_dict)
+        if fields.pop("quant_method", QPASS_QUANT_METHOD) != QPASS_QUANT_METHOD:
+            raise ValueError(f"not a qpass quantization config: {dict(config_dict)}")
+        if "layers" in fields:
+            plan = cls(default=None, overrides=fields["layers"], skip_modules=())
+        else:
+            plan = cls(default=fields.get("default"), overrides=fields.get("overrides", {}),
+                       skip_modules=fields.get("skip_modules", DEFAULT_SKIP_MODULES))
+        return (plan, kwargs) if return_unused_kwargs else plan
 
     def to_json_string(self, use_diff: bool = True) -> str:
         import json
@@ -197,6 +217,22 @@ def config_to_dict(config: QuantConfig | None) -> dict | None:
         return None
     fields = {k: (dtype_name(v) if isinstance(v, torch.dtype) else v) for k, v in vars(config).items()}
     return {"format": config.format_name, **fields}
+
+
+def config_from_dict(fields: Mapping) -> QuantConfig:
+    """The format config of ``{"format": name, field: value, ...}``, as ``config_to_dict`` writes it
+    (dtypes by name). Unknown formats and fields are errors, not ignored."""
+    fields = dict(fields)
+    name = fields.pop("format", None)
+    cls = FORMATS.get(name)
+    if cls is None:
+        raise ValueError(f"unknown quantization format {name!r} in {dict(fields, format=name)}; qpass knows "
+                         f"{sorted(FORMATS)}")
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - set(defaults))
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no field {', '.join(map(repr, unknown))} (fields: {sorted(defaults)})")
+    return cls(**{k: dtype_from_name(v) if isinstance(defaults[k], torch.dtype) else v for k, v in fields.items()})
 
 
 def _matches(module_name: str, pattern: str) -> bool:

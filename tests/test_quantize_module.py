@@ -1,6 +1,7 @@
 """The module front-end: which layers are replaced, transformers compatibility, errors, footprint."""
 
 import gc
+import json
 import weakref
 
 import pytest
@@ -195,6 +196,28 @@ def test_bad_config_values():
         qpass.FP4Config(compute_dtype=torch.int8)
     with pytest.raises(ValueError, match=r"Int8Config: threshold=-1 must be a finite number >= 0"):
         qpass.Int8Config(threshold=-1)
+
+
+def test_plans_read_back_what_to_dict_writes():
+    """transformers writes a QPassConfig into config.json with to_dict and reads it back with from_dict;
+    a mixed-format checkpoint's own form ("layers") reads as exact names with nothing else quantized."""
+    plan = qpass.QPassConfig(qpass.NF4Config(blocksize=128, compute_dtype=torch.float16),
+                             overrides={"*.self_attn.*": qpass.Int8Config(threshold=4.5), "*.mlp.down_proj": None,
+                                        "model.layers.0.mlp.up_proj": qpass.FP4Config(quant_storage=torch.bfloat16)},
+                             skip_modules=["lm_head", "*.gate_proj"])
+    assert qpass.QPassConfig.from_dict(json.loads(plan.to_json_string())) == plan
+    layer = {"format": "int8", "threshold": 6.0, "compute_dtype": "float32"}
+    stored = {"quant_method": "qpass", "llm_int8_skip_modules": ["lm_head"],
+              "layers": {"model.layers.0.mlp.up_proj": layer}}
+    read = qpass.QPassConfig.from_dict(stored)
+    assert read.config_for("model.layers.0.mlp.up_proj") == qpass.Int8Config(compute_dtype=torch.float32)
+    assert read.config_for("model.layers.1.mlp.up_proj") is None and read.config_for("lm_head") is None
+    with pytest.raises(ValueError, match=r"unknown quantization format 'nf5'.*qpass knows \['fp4', 'int8', 'nf4'\]"):
+        qpass.QPassConfig.from_dict({"quant_method": "qpass", "layers": {"a": {"format": "nf5"}}})
+    with pytest.raises(ValueError, match=r"NF4Config has no field 'group_size'"):
+        qpass.QPassConfig.from_dict({"default": {"format": "nf4", "group_size": 64}})
+    with pytest.raises(ValueError, match=r"not a qpass quantization config"):
+        qpass.QPassConfig.from_dict({"quant_method": "bitsandbytes", "load_in_4bit": True})
 
 
 def test_bad_weights_name_the_layer():

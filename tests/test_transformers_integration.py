@@ -2,6 +2,8 @@
 
 import json
 import logging
+import re
+import shutil
 import subprocess
 import sys
 
@@ -152,3 +154,91 @@ def test_importing_qpass_does_not_import_transformers():
     code = "import sys, qpass; qpass.QPassConfig('nf4'); assert 'transformers' not in sys.modules, 'imported'"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+MIXED = qpass.QPassConfig("nf4", overrides={"*.self_attn.*": "int8",
+                                           "*.mlp.down_proj": qpass.FP4Config(blocksize=128, double_quant=False)})
+needs_transformers_5 = pytest.mark.skipif(transformers.__version__.startswith("4."),
+                                          reason="transformers 4 refuses qpass checkpoints (tested below)")
+
+
+@pytest.fixture(scope="module")
+def mixed_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mixed") / "llama"
+    qpass.save_pretrained(qpass.quantize(tiny_llama(), MIXED), path)
+    assert json.loads((path / "config.json").read_text())["quantization_config"]["quant_method"] == "qpass"
+    return path
+
+
+@needs_transformers_5
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_a_mixed_format_checkpoint_loads_through_transformers(mixed_checkpoint, tmp_path, dtype):
+    """A checkpoint with several formats (quant_method "qpass") loads in transformers as it does in
+    qpass.from_pretrained: the same layers, layouts, tensors (dtypes included) and logits; saved again
+    through transformers it writes the same tensors and quantization_config."""
+    model, info = AutoModelForCausalLM.from_pretrained(mixed_checkpoint, device_map="cpu", dtype=dtype,
+                                                       output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    expected = qpass.from_pretrained(mixed_checkpoint, dtype=dtype)
+    ours, theirs = dict(model.named_modules()), dict(expected.named_modules())
+    quantized = [name for name, module in theirs.items() if isinstance(module, qpass.QuantizedLinear)]
+    assert len(quantized) == 14
+    assert all(isinstance(ours[name], qpass.QuantizedLinear) and ours[name].layout == theirs[name].layout
+               for name in quantized)
+    assert ours["model.layers.1.mlp.down_proj"].layout.config == qpass.FP4Config(blocksize=128, double_quant=False)
+    state, expected_state = model.state_dict(), expected.state_dict()
+    assert state.keys() == expected_state.keys()
+    assert all(state[k].dtype == expected_state[k].dtype and torch.equal(state[k], expected_state[k]) for k in state)
+    assert model.model.norm.weight.dtype == (dtype or torch.float32)
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, expected(ids).logits)
+    model.save_pretrained(tmp_path / "again")
+    stored = json.loads((mixed_checkpoint / "config.json").read_text())["quantization_config"]
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"] == stored
+    if dtype is None:
+        first = load_file(mixed_checkpoint / "model.safetensors")
+        again = load_file(tmp_path / "again" / "model.safetensors")
+        assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+
+
+@needs_transformers_5
+@pytest.mark.parametrize("first", ["import qpass", "import transformers.modeling_utils"])
+def test_import_qpass_is_all_transformers_needs_for_a_qpass_checkpoint(mixed_checkpoint, first):
+    """No QPassConfig in the call: transformers finds qpass by the checkpoint's quant_method once qpass is
+    imported, before or after transformers' model loading."""
+    second = "import transformers.modeling_utils" if first == "import qpass" else "import qpass"
+    code = (f"import sys\n{first}\n{second}\nfrom transformers import AutoModelForCausalLM\n"
+            "model = AutoModelForCausalLM.from_pretrained(sys.argv[1], device_map='cpu')\n"
+            "assert type(model.model.layers[0].self_attn.q_proj).__name__ == 'QuantizedLinear'\n")
+    out = subprocess.run([sys.executable, "-c", code, str(mixed_checkpoint)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+@needs_transformers_5
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda layers: layers.pop("model.layers.1.mlp.up_proj"),
+     "model.layers.1.mlp.up_proj: quantized in the checkpoint, but its quantization_config does not list it"),
+    (lambda layers: layers.update(lm_head={"format": "nf4"}),
+     "lm_head: quantization_config lists it as nf4, but the checkpoint holds it in full precision"),
+    (lambda layers: layers["model.layers.0.mlp.down_proj"].update(blocksize=64),
+     r"model.layers.0.mlp.down_proj: the checkpoint holds a 64x128 FP4Config\(blocksize=128.*its quantization_config "
+     r"and the model say a 64x128 FP4Config\(blocksize=64"),
+], ids=["unlisted layer", "listed layer in full precision", "contradicting blocksize"])
+def test_a_qpass_checkpoint_that_contradicts_its_config_is_refused(mixed_checkpoint, tmp_path, caplog, edit, message):
+    """transformers collects conversion errors into its load report, then raises."""
+    broken = tmp_path / "broken"
+    shutil.copytree(mixed_checkpoint, broken)
+    config = json.loads((broken / "config.json").read_text())
+    edit(config["quantization_config"]["layers"])
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RuntimeError, match="conversion"):
+        AutoModelForCausalLM.from_pretrained(broken, device_map="cpu")
+    assert re.search(message, caplog.text)
+
+
+@pytest.mark.skipif(not transformers.__version__.startswith("4."), reason="transformers 5 loads qpass checkpoints")
+def test_transformers_4_refuses_a_qpass_checkpoint_with_what_to_do(mixed_checkpoint):
+    with pytest.raises(ValueError, match=r"needs transformers >= 5; on transformers 4 load it with "
+                                         r"qpass.from_pretrained"):
+        AutoModelForCausalLM.from_pretrained(mixed_checkpoint)

@@ -19,13 +19,17 @@ import json
 
 import torch
 
-from ..config import FP4Config, Int8Config, NF4Config, QuantConfig, Weight4bitConfig, config_to_dict, dtype_name
+from ..config import QPASS_QUANT_METHOD, FP4Config, Int8Config, NF4Config, QuantConfig, Weight4bitConfig
+from ..config import config_to_dict, dtype_name
 from ..config import dtype_from_name as config_dtype_from_name
 from ..formats import Layout, Layout4bit, LayoutInt8
 from ..kernels.codebooks import DOUBLE_QUANT_BLOCKSIZE, code_4bit, dynamic_code
 from .errors import CheckpointError
 
 QUANT_STATE_PREFIX = "weight.quant_state.bitsandbytes__"
+# Every key suffix ``layer_to_bnb`` writes, for loaders that name them up front (transformers' converters).
+STORED_SUFFIXES = ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
+                   QUANT_STATE_PREFIX + "nf4", QUANT_STATE_PREFIX + "fp4", "SCB", "weight_format")
 
 
 def dtype_from_name(name: str) -> torch.dtype:
@@ -133,4 +137,5 @@ def quantization_config(configs: dict[str, QuantConfig], skipped: list[str]) -> 
             return {"quant_method": "bitsandbytes", "load_in_4bit": False, "load_in_8bit": True,
                     "llm_int8_threshold": config.threshold, "qpass_int8_compute_dtype": dtype_name(config.compute_dtype),
                     **common}
-    return {"quant_method": "qpass", "layers": {name: config_to_dict(c) for name, c in configs.items()}, **common}
+    layers = {name: config_to_dict(c) for name, c in configs.items()}
+    return {"quant_method": QPASS_QUANT_METHOD, "layers": layers, **common}

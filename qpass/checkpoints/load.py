@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import ConfigLike, QPassConfig, as_plan
+from ..config import QPASS_QUANT_METHOD, ConfigLike, QPassConfig, as_plan
 from ..formats import quantize_layer
 from ..module_swap import embedding_weight_ids, linear_weight, set_submodule
 from ..modules import QuantizedLinear
@@ -60,7 +60,7 @@ def from_pretrained(
         stored = stored.to_dict()
     if stored and spec is not None:
         raise CheckpointError(f"{path} is already quantized ({stored.get('quant_method')}); load it without a format")
-    if stored and stored.get("quant_method") not in ("bitsandbytes", "qpass"):
+    if stored and stored.get("quant_method") not in ("bitsandbytes", QPASS_QUANT_METHOD):
         raise CheckpointError(f"{path}: quant_method {stored.get('quant_method')!r} is not one qpass reads "
                               "(bitsandbytes or qpass)")
     if stored:
@@ -126,7 +126,7 @@ def _loading_device(device: torch.device | str) -> torch.device:
 
 def _layer_settings(name: str, stored: dict) -> tuple[torch.dtype, float]:
     """(compute dtype, int8 threshold) of layer ``name`` from the stored quantization config."""
-    if stored.get("quant_method") == "qpass":
+    if stored.get("quant_method") == QPASS_QUANT_METHOD:
         layer = stored.get("layers", {}).get(name)
         if layer is None:
             raise CheckpointError(f"{name}: quantized in the checkpoint but missing from quantization_config.layers")

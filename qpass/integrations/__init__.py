@@ -1,1 +1,21 @@
 """Integrations with other libraries and offline model packages."""
+
+
+def register_with_transformers_on_import() -> None:
+    """Register qpass' quantizer and config with transformers (``integrations.transformers.register``) as
+    soon as transformers' model loading (``transformers.modeling_utils``) has been imported, or now if it
+    has: ``AutoModelForCausalLM.from_pretrained`` then reads qpass checkpoints after a plain ``import
+    qpass``, in either import order, and ``import qpass`` does not import transformers itself.
+    wrapt's post-import hooks do the watching; without wrapt (qpass installed without its ``hf`` extra)
+    nothing is registered until a ``QPassConfig`` is handed to transformers."""
+    try:
+        import wrapt
+    except ImportError:
+        return
+
+    def register(_module) -> None:
+        from .transformers import register
+
+        register()
+
+    wrapt.register_post_import_hook(register, "transformers.modeling_utils")

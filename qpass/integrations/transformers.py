@@ -1,15 +1,22 @@
-"""``AutoModelForCausalLM.from_pretrained(path, quantization_config=qpass.QPassConfig("nf4"))``.
+"""qpass in transformers: ``AutoModelForCausalLM.from_pretrained(path, quantization_config=qpass.QPassConfig("nf4"))``
+quantizes while loading, and ``from_pretrained(path)`` of a qpass checkpoint with several formats
+(``quant_method: "qpass"``) loads its qpass layers.
 
-transformers finds a quantizer by the config's ``quant_method``; ``QPassConfig.quant_method`` registers
-``QPassHfQuantizer`` under "qpass" on first access (so ``import qpass`` never imports transformers).
+transformers finds a quantizer and its config class by ``quant_method``; ``register`` adds qpass' under
+"qpass". ``import qpass`` arranges for that to run when transformers' model loading is imported
+(``qpass.integrations.register_with_transformers_on_import``), so ``import qpass`` itself never imports
+transformers.
 
 Before the weights load, every selected linear layer becomes a ``QuantizedLinear`` whose tensors are
 meta placeholders (their shapes come from quantizing a meta weight: the same code path as the real
-thing). As transformers reads each linear weight from the checkpoint it hands it to ``QPassQuantize``,
-which quantizes it and returns the layer's tensors in its place: tensor by tensor, as
-``qpass.from_pretrained`` does (transformers 4.57 calls ``create_quantized_param`` instead, which
-puts the same tensors into the layer). ``model.save_pretrained`` and ``push_to_hub`` write what
-``qpass.save_pretrained`` writes: the bitsandbytes layout.
+thing). Quantizing while loading: as transformers reads each linear weight from the checkpoint it hands
+it to ``QPassQuantize``, which quantizes it and returns the layer's tensors in its place: tensor by
+tensor, as ``qpass.from_pretrained`` does (transformers 4.57 calls ``create_quantized_param`` instead,
+which puts the same tensors into the layer). A qpass checkpoint (transformers 5 only): ``QPassDeserialize``
+gathers each quantized layer's stored tensors (the bitsandbytes layout) and builds the layer's tensors
+with ``checkpoints.bnb_layout.layer_from_bnb``, the reader ``qpass.from_pretrained`` uses.
+``model.save_pretrained`` and ``push_to_hub`` write what ``qpass.save_pretrained`` writes: the
+bitsandbytes layout.
 """
 
 from __future__ import annotations
@@ -17,17 +24,19 @@ from __future__ import annotations
 import logging
 
 import torch
-from transformers.quantizers import HfQuantizer, register_quantizer
-from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING, register_quantizer
+from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
+from ..checkpoints.bnb_layout import STORED_SUFFIXES, is_quantized_layer, layer_from_bnb
+from ..checkpoints.errors import CheckpointError
 from ..checkpoints.save import checkpoint_tensors, record_quantization_config
-from ..config import dtype_from_name
+from ..config import QPASS_QUANT_METHOD, QPassConfig, dtype_from_name
 from ..formats import quantize_layer, quantize_weight
 from ..module_swap import dequantize_module, embedding_weight_ids, linear_weight, set_submodule
 from ..modules import QuantizedLinear
 
-QUANT_METHOD = "qpass"
+QUANT_METHOD = QPASS_QUANT_METHOD
 logger = logging.getLogger(__name__)
 
 
@@ -41,9 +50,9 @@ def quantized_tensors(model, param_name: str, value: torch.Tensor) -> tuple[Quan
 
 
 try:  # transformers 5: loading runs conversion ops
-    from transformers.core_model_loading import ConversionOps
+    from transformers.core_model_loading import ConversionOps, WeightConverter
 except ImportError:  # transformers 4.57: QPassHfQuantizer.create_quantized_param
-    ConversionOps = None
+    ConversionOps = WeightConverter = None
 
 if ConversionOps is not None:
 
@@ -62,6 +71,40 @@ if ConversionOps is not None:
                 layer._is_hf_initialized = True
             return result
 
+    class QPassDeserialize(ConversionOps):
+        """One linear layer's stored tensors, gathered by their key suffixes (``STORED_SUFFIXES``, the
+        bitsandbytes layout), into the tensors of its ``QuantizedLinear``. The converter matches every
+        ``*.weight`` of the checkpoint: one stored alone is a full-precision weight, returned as it is
+        (cast to the model's dtype for it)."""
+
+        def __init__(self, hf_quantizer):
+            self.hf_quantizer = hf_quantizer  # also tells transformers not to cast what it gathers
+
+        def convert(self, input_dict, full_layer_name=None, model=None, **kwargs):
+            stored = {suffix: value[0] if isinstance(value, list) else value for suffix, value in input_dict.items()}
+            layer, _ = get_module_from_name(model, full_layer_name)
+            name = full_layer_name.rpartition(".")[0]
+            if not isinstance(layer, QuantizedLinear):
+                if set(stored) != {"weight"}:
+                    raise CheckpointError(f"{name}: quantized in the checkpoint, but its quantization_config does not "
+                                          "list it under layers")
+                weight, target = stored["weight"], model.get_parameter_or_buffer(full_layer_name)
+                return {"weight": weight.to(target.dtype) if weight.is_floating_point() else weight}
+            listed = layer.layout.config
+            if not is_quantized_layer(set(stored)):
+                raise CheckpointError(f"{name}: quantization_config lists it as {listed.format_name}, but the "
+                                      "checkpoint holds it in full precision")
+            layout, tensors = layer_from_bnb(name, stored.__getitem__, set(stored), listed.compute_dtype,
+                                             getattr(listed, "threshold", 6.0))
+            stored_shape = (layout.out_features, layout.in_features)
+            if (*stored_shape, layout.config) != (layer.out_features, layer.in_features, listed):
+                raise CheckpointError(f"{name}: the checkpoint holds a {layout.out_features}x{layout.in_features} "
+                                      f"{layout.config}, its quantization_config and the model say a "
+                                      f"{layer.out_features}x{layer.in_features} {listed}")
+            layer.layout = layout  # the stored one: it records the original weight's dtype
+            layer._is_hf_initialized = True
+            return {f"{name}.{tensor_name}": t for tensor_name, t in tensors.items() if t is not None}
+
 
 class QPassHfQuantizer(HfQuantizer):
     """Quantizes each selected linear weight with qpass as transformers loads it."""
@@ -70,8 +113,11 @@ class QPassHfQuantizer(HfQuantizer):
     requires_parameters_quantization = True  # transformers 4.57: call create_quantized_param
 
     def validate_environment(self, *args, device_map=None, **kwargs):
-        if self.pre_quantized:
-            raise ValueError("this checkpoint was saved by qpass: load it with qpass.from_pretrained(path)")
+        if self.pre_quantized and ConversionOps is None:
+            # transformers 4 reads a pre-quantized checkpoint key by key into the model's own tensors,
+            # casting floats to the model's dtype, which would corrupt the stored scales
+            raise ValueError("loading a qpass checkpoint through transformers needs transformers >= 5; on "
+                             "transformers 4 load it with qpass.from_pretrained(path)")
         if isinstance(device_map, dict):
             places = {str(place) for place in device_map.values()}
             offloaded = sorted(name or "the whole model" for name, place in device_map.items()
@@ -113,10 +159,15 @@ class QPassHfQuantizer(HfQuantizer):
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         module, tensor_name = get_module_from_name(model, param_name)
-        return isinstance(module, QuantizedLinear) and tensor_name == "weight"
+        return not self.pre_quantized and isinstance(module, QuantizedLinear) and tensor_name == "weight"
 
     def get_quantize_ops(self):  # transformers 5
         return QPassQuantize(self)
+
+    def get_weight_conversions(self):  # transformers 5: a qpass checkpoint's layers, gathered
+        if not self.pre_quantized:
+            return []
+        return [WeightConverter(list(STORED_SUFFIXES), "weight", [QPassDeserialize(self)])]
 
     def create_quantized_param(self, model, param_value, param_name, target_device, **kwargs):
         # transformers 4.57: quantize on the device the layer goes to, then fill its buffers
@@ -131,6 +182,12 @@ class QPassHfQuantizer(HfQuantizer):
         return [key for key in missing_keys if key not in quantized and key.removeprefix(f"{prefix}.") not in quantized]
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        # transformers 5's save_pretrained reverts the converters that loading used, and a deserializer
+        # has no reverse; none is needed, since get_state_dict_and_metadata writes the stored layout
+        conversions = getattr(model, "_weight_conversions", None)
+        if self.pre_quantized and conversions:
+            model._weight_conversions = [conversion for conversion in conversions if not any(
+                isinstance(op, QPassDeserialize) for op in getattr(conversion, "operations", ()))]
         return model
 
     def _dequantize(self, model, dtype=None):
@@ -163,6 +220,10 @@ class QPassHfQuantizer(HfQuantizer):
 
 
 def register() -> None:
-    """Make transformers' quantizer lookup find qpass (idempotent)."""
+    """Make transformers' lookups by ``quant_method`` find qpass' quantizer, and ``QPassConfig`` for a
+    checkpoint's ``quantization_config`` (idempotent)."""
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(QPassHfQuantizer)
+    # register_quantization_config would demand a QuantizationConfigMixin subclass, which QPassConfig is
+    # not (qpass.config does not import transformers); transformers asks the class for from_dict only.
+    AUTO_QUANTIZATION_CONFIG_MAPPING.setdefault(QUANT_METHOD, QPassConfig)
