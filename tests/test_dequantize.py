@@ -51,10 +51,16 @@ def test_a_4bit_model_computes_the_same_after_dequantizing():
     assert relative_error(_logits(qpass.dequantize(model)), quantized) < 1e-6
 
 
-def test_conv1d_layers_come_back_as_conv1d():
+@pytest.mark.parametrize("source", ["quantized", "saved and loaded"])
+def test_conv1d_layers_come_back_as_conv1d(source, tmp_path):
+    """Also after a checkpoint round trip, which stores the weight [out, in] as bitsandbytes does: a
+    Linear in its place would save transposed weights under GPT-2's names (silently wrong for square ones)."""
     from transformers.pytorch_utils import Conv1D
 
     model = qpass.quantize(tiny_gpt2(), qpass.FP4Config(compute_dtype=torch.float32))
+    if source == "saved and loaded":
+        qpass.save_pretrained(model, tmp_path)
+        model = qpass.from_pretrained(tmp_path)
     decoded = {name: layer.dequantize(torch.float32) for name, layer in _quantized_layers(model).items()}
     quantized = _logits(model)
     qpass.dequantize(model)
@@ -62,6 +68,8 @@ def test_conv1d_layers_come_back_as_conv1d():
         full = model.get_submodule(name)
         assert type(full) is Conv1D and torch.equal(full.weight, weight.t()), name  # Conv1D holds [in, out]
     assert relative_error(_logits(model), quantized) < 1e-6
+    shapes = {k: v.shape for k, v in tiny_gpt2().state_dict().items()}
+    assert {k: v.shape for k, v in model.state_dict().items()} == shapes
 
 
 def test_a_conv1d_quantized_without_its_bias_comes_back_with_a_zero_one():

@@ -145,7 +145,9 @@ def _stored_layer(name, reader, suffixes, stored, module, dtype) -> QuantizedLin
     if (layout.out_features, layout.in_features) != expected:
         raise CheckpointError(f"{name}: the checkpoint holds a {layout.out_features}x{layout.in_features} weight, "
                               f"the model's layer is {expected[0]}x{expected[1]}")
-    return QuantizedLinear(layout, tensors, _bias(name, reader, module, dtype))
+    # a Conv1D's weight is stored [out, in] like a Linear's (as bitsandbytes stores it); dequantize restores the Conv1D
+    conv1d = not isinstance(module, nn.Linear)
+    return QuantizedLinear(layout, tensors, _bias(name, reader, module, dtype), from_conv1d=conv1d)
 
 
 def _quantize_while_loading(name, reader, module, config, dtype) -> QuantizedLinear:
