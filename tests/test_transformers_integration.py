@@ -165,7 +165,8 @@ needs_transformers_5 = pytest.mark.skipif(transformers.__version__.startswith("4
 @pytest.fixture(scope="module")
 def mixed_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("mixed") / "llama"
-    qpass.save_pretrained(qpass.quantize(tiny_llama(), MIXED), path)
+    qpass.save_pretrained(qpass.quantize(tiny_llama(), MIXED), path, max_shard_size="20KB")
+    assert len(list(path.glob("model-*.safetensors"))) > 1  # a layer's tensors may span shards
     assert json.loads((path / "config.json").read_text())["quantization_config"]["quant_method"] == "qpass"
     return path
 
@@ -197,9 +198,29 @@ def test_a_mixed_format_checkpoint_loads_through_transformers(mixed_checkpoint, 
     stored = json.loads((mixed_checkpoint / "config.json").read_text())["quantization_config"]
     assert json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"] == stored
     if dtype is None:
-        first = load_file(mixed_checkpoint / "model.safetensors")
-        again = load_file(tmp_path / "again" / "model.safetensors")
+        first, again = _stored_tensors(mixed_checkpoint), _stored_tensors(tmp_path / "again")
         assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+
+
+def _stored_tensors(folder):
+    return {key: t for file in sorted(folder.glob("*.safetensors")) for key, t in load_file(file).items()}
+
+
+@needs_transformers_5
+def test_a_mixed_format_conv1d_checkpoint_loads_through_transformers(tmp_path):
+    """GPT-2's Conv1D layers, stored [out, in] with their biases, load as qpass.from_pretrained loads
+    them, and dequantize back to Conv1D."""
+    from models import tiny_gpt2
+
+    qpass.save_pretrained(qpass.quantize(tiny_gpt2(), qpass.QPassConfig("fp4", overrides={"*.attn.*": "int8"})),
+                          tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cpu")
+    expected = qpass.from_pretrained(tmp_path)
+    ids = torch.randint(0, 128, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, expected(ids).logits)
+    assert model.transformer.h[0].attn.c_attn.layout.config.format_name == "int8"
+    assert type(qpass.dequantize(model).transformer.h[0].mlp.c_fc).__name__ == "Conv1D"
 
 
 @needs_transformers_5
