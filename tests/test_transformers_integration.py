@@ -263,3 +263,16 @@ def test_transformers_4_refuses_a_qpass_checkpoint_with_what_to_do(mixed_checkpo
     with pytest.raises(ValueError, match=r"needs transformers >= 5; on transformers 4 load it with "
                                          r"qpass.from_pretrained"):
         AutoModelForCausalLM.from_pretrained(mixed_checkpoint)
+
+
+def test_a_transformers_qpass_cannot_register_with_still_imports():
+    """The registration runs inside the user's import of transformers: if it fails (here: the
+    integration module cannot be imported), transformers imports anyway, with a warning that says so."""
+    code = ("import sys, warnings\nimport qpass\nsys.modules['qpass.integrations.transformers'] = None\n"
+            "with warnings.catch_warnings(record=True) as caught:\n    warnings.simplefilter('always')\n"
+            "    import transformers.modeling_utils\n"
+            "print([str(w.message) for w in caught if 'qpass could not register' in str(w.message)])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "qpass could not register with transformers" in out.stdout, out.stdout
+    assert "ModuleNotFoundError" in out.stdout, out.stdout

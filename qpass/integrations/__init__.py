@@ -1,5 +1,7 @@
 """Integrations with other libraries and offline model packages."""
 
+import sys
+
 
 def register_with_transformers_on_import() -> None:
     """Register qpass' quantizer and config with transformers (``integrations.transformers.register``) as
@@ -13,9 +15,19 @@ def register_with_transformers_on_import() -> None:
     except ImportError:
         return
 
-    def register(_module) -> None:
-        from .transformers import register
+    def register(module) -> None:
+        # Runs inside the user's import of transformers: a transformers qpass cannot work with must
+        # still import, without qpass in it.
+        try:
+            from .transformers import register
 
-        register()
+            register()
+        except Exception as err:  # noqa: BLE001
+            import warnings
+
+            version = getattr(sys.modules.get("transformers"), "__version__", "?")
+            warnings.warn(f"qpass could not register with transformers {version} ({type(err).__name__}: {err}); "
+                          "transformers works without qpass, and qpass.from_pretrained still loads qpass checkpoints",
+                          stacklevel=2)
 
     wrapt.register_post_import_hook(register, "transformers.modeling_utils")
