@@ -236,26 +236,49 @@ def test_import_qpass_is_all_transformers_needs_for_a_qpass_checkpoint(mixed_che
     assert out.returncode == 0, out.stderr
 
 
-@needs_transformers_5
+@pytest.mark.parametrize("loader", ["transformers", "qpass"])
 @pytest.mark.parametrize(("edit", "message"), [
     (lambda layers: layers.pop("model.layers.1.mlp.up_proj"),
      "model.layers.1.mlp.up_proj: quantized in the checkpoint, but its quantization_config does not list it"),
     (lambda layers: layers.update(lm_head={"format": "nf4"}),
      "lm_head: quantization_config lists it as nf4, but the checkpoint holds it in full precision"),
     (lambda layers: layers["model.layers.0.mlp.down_proj"].update(blocksize=64),
-     r"model.layers.0.mlp.down_proj: the checkpoint holds a 64x128 FP4Config\(blocksize=128.*its quantization_config "
-     r"and the model say a 64x128 FP4Config\(blocksize=64"),
+     r"model.layers.0.mlp.down_proj: the checkpoint holds a FP4Config\(blocksize=128.*its quantization_config "
+     r"says FP4Config\(blocksize=64"),
 ], ids=["unlisted layer", "listed layer in full precision", "contradicting blocksize"])
-def test_a_qpass_checkpoint_that_contradicts_its_config_is_refused(mixed_checkpoint, tmp_path, caplog, edit, message):
-    """transformers collects conversion errors into its load report, then raises."""
-    broken = tmp_path / "broken"
-    shutil.copytree(mixed_checkpoint, broken)
-    config = json.loads((broken / "config.json").read_text())
-    edit(config["quantization_config"]["layers"])
-    (broken / "config.json").write_text(json.dumps(config))
+def test_a_qpass_checkpoint_that_contradicts_its_config_is_refused(mixed_checkpoint, tmp_path, caplog, edit, message,
+                                                                    loader):
+    """Both loaders read a layer through bnb_layout.listed_layer_from_bnb. transformers collects its
+    conversion errors into its load report, then raises."""
+    broken = _with_layers_edited(mixed_checkpoint, tmp_path / "broken", edit)
+    if loader == "qpass":
+        with pytest.raises(qpass.CheckpointError, match=message):
+            qpass.from_pretrained(broken)
+        return
+    if transformers.__version__.startswith("4."):
+        pytest.skip("transformers 4 refuses qpass checkpoints")
     with pytest.raises(RuntimeError, match="conversion"):
         AutoModelForCausalLM.from_pretrained(broken, device_map="cpu")
     assert re.search(message, caplog.text)
+
+
+def test_an_unreadable_qpass_quantization_config_is_refused(mixed_checkpoint, tmp_path):
+    broken = _with_layers_edited(mixed_checkpoint, tmp_path / "broken",
+                                 lambda layers: layers["model.layers.0.mlp.up_proj"].update(format="nf5"))
+    with pytest.raises(qpass.CheckpointError, match=r"broken: config.json's quantization_config is not one qpass reads "
+                                                    r"\(unknown quantization format 'nf5'"):
+        qpass.from_pretrained(broken)
+    with pytest.raises(ValueError, match=r"unknown quantization format 'nf5'"):
+        AutoModelForCausalLM.from_pretrained(broken)
+
+
+def _with_layers_edited(checkpoint, copy, edit):
+    """A copy of ``checkpoint`` with ``edit`` applied to its quantization_config's layers."""
+    shutil.copytree(checkpoint, copy)
+    config = json.loads((copy / "config.json").read_text())
+    edit(config["quantization_config"]["layers"])
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy
 
 
 @pytest.mark.skipif(not transformers.__version__.startswith("4."), reason="transformers 5 loads qpass checkpoints")

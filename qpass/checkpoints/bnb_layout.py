@@ -104,6 +104,22 @@ def layer_from_bnb(name: str, read, suffixes: set[str], compute_dtype: torch.dty
     return layout, _share_code_books(tensors, quant_type)
 
 
+def listed_layer_from_bnb(name: str, read, suffixes: set[str], listed: QuantConfig | None):
+    """``layer_from_bnb`` for layer ``name`` of a qpass checkpoint, whose ``quantization_config`` lists the
+    format of every quantized layer (``listed``; None where it does not list this one). The compute dtype
+    and int8 threshold come from there; stored tensors that contradict it are an error naming the layer."""
+    if listed is None:
+        raise CheckpointError(f"{name}: quantized in the checkpoint, but its quantization_config does not list it "
+                              "under layers")
+    if not is_quantized_layer(suffixes):
+        raise CheckpointError(f"{name}: quantization_config lists it as {listed.format_name}, but the checkpoint "
+                              "holds it in full precision")
+    layout, tensors = layer_from_bnb(name, read, suffixes, listed.compute_dtype, getattr(listed, "threshold", 6.0))
+    if layout.config != listed:
+        raise CheckpointError(f"{name}: the checkpoint holds a {layout.config}, its quantization_config says {listed}")
+    return layout, tensors
+
+
 def _share_code_books(tensors: dict, quant_type: str) -> dict:
     """Stored code books equal to the standard ones become the one shared tensor, as after quantize()."""
     def same_bytes(a, b):

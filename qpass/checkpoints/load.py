@@ -17,7 +17,7 @@ from ..config import QPASS_QUANT_METHOD, ConfigLike, QPassConfig, as_plan
 from ..formats import quantize_layer
 from ..module_swap import embedding_weight_ids, linear_weight, set_submodule
 from ..modules import QuantizedLinear
-from .bnb_layout import dtype_from_name, is_quantized_layer, layer_from_bnb
+from .bnb_layout import dtype_from_name, is_quantized_layer, layer_from_bnb, listed_layer_from_bnb
 from .errors import CheckpointError
 from .hub import checkpoint_folder
 from .safetensors_io import SafetensorsReader
@@ -63,6 +63,7 @@ def from_pretrained(
     if stored and stored.get("quant_method") not in ("bitsandbytes", QPASS_QUANT_METHOD):
         raise CheckpointError(f"{path}: quant_method {stored.get('quant_method')!r} is not one qpass reads "
                               "(bitsandbytes or qpass)")
+    listed = _listed_formats(stored, path) if stored and stored.get("quant_method") == QPASS_QUANT_METHOD else None
     if stored:
         del config.quantization_config
     plan = as_plan(spec, **plan_options) if spec is not None else None
@@ -84,8 +85,8 @@ def from_pretrained(
         if not name or linear_weight(module) is None or id(module.weight) in tied or module is tied_output:
             continue
         suffixes = {k[len(name) + 1 :] for k in reader.keys() if k.startswith(name + ".")}
-        if stored and is_quantized_layer(suffixes):
-            layer = _stored_layer(name, reader, suffixes, stored, module, dtype)
+        if stored and (is_quantized_layer(suffixes) or (listed is not None and listed.config_for(name) is not None)):
+            layer = _stored_layer(name, reader, suffixes, stored, listed, module, dtype)
         elif plan is not None and f"{name}.weight" in reader and (layer_config := plan.config_for(name)) is not None:
             layer = _quantize_while_loading(name, reader, module, layer_config, dtype)
         else:
@@ -124,13 +125,16 @@ def _loading_device(device: torch.device | str) -> torch.device:
     return device
 
 
-def _layer_settings(name: str, stored: dict) -> tuple[torch.dtype, float]:
-    """(compute dtype, int8 threshold) of layer ``name`` from the stored quantization config."""
-    if stored.get("quant_method") == QPASS_QUANT_METHOD:
-        layer = stored.get("layers", {}).get(name)
-        if layer is None:
-            raise CheckpointError(f"{name}: quantized in the checkpoint but missing from quantization_config.layers")
-        return dtype_from_name(layer["compute_dtype"]), float(layer.get("threshold", 6.0))
+def _listed_formats(stored: dict, path: Path) -> QPassConfig:
+    """The format of each quantized layer, as a qpass checkpoint's quantization_config lists them."""
+    try:
+        return QPassConfig.from_dict(stored)
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{path}: config.json's quantization_config is not one qpass reads ({err})") from err
+
+
+def _bnb_settings(stored: dict) -> tuple[torch.dtype, float]:
+    """(compute dtype, int8 threshold) of every layer of a bitsandbytes checkpoint (one format)."""
     if stored.get("load_in_8bit"):
         # qpass records its compute dtype; bitsandbytes' own checkpoints compute as bitsandbytes does,
         # activations quantized from float16
@@ -138,9 +142,14 @@ def _layer_settings(name: str, stored: dict) -> tuple[torch.dtype, float]:
     return dtype_from_name(stored.get("bnb_4bit_compute_dtype") or "float32"), float(stored.get("llm_int8_threshold", 6.0))
 
 
-def _stored_layer(name, reader, suffixes, stored, module, dtype) -> QuantizedLinear:
-    compute_dtype, threshold = _layer_settings(name, stored)
-    layout, tensors = layer_from_bnb(name, lambda s: reader.get(f"{name}.{s}"), suffixes, compute_dtype, threshold)
+def _stored_layer(name, reader, suffixes, stored, listed, module, dtype) -> QuantizedLinear:
+    def read(suffix):
+        return reader.get(f"{name}.{suffix}")
+
+    if listed is not None:
+        layout, tensors = listed_layer_from_bnb(name, read, suffixes, listed.config_for(name))
+    else:
+        layout, tensors = layer_from_bnb(name, read, suffixes, *_bnb_settings(stored))
     expected = tuple(linear_weight(module).shape)
     if (layout.out_features, layout.in_features) != expected:
         raise CheckpointError(f"{name}: the checkpoint holds a {layout.out_features}x{layout.in_features} weight, "

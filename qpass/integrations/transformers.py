@@ -14,7 +14,7 @@ it to ``QPassQuantize``, which quantizes it and returns the layer's tensors in i
 tensor, as ``qpass.from_pretrained`` does (transformers 4.57 calls ``create_quantized_param`` instead,
 which puts the same tensors into the layer). A qpass checkpoint (transformers 5 only): ``QPassDeserialize``
 gathers each quantized layer's stored tensors (the bitsandbytes layout) and builds the layer's tensors
-with ``checkpoints.bnb_layout.layer_from_bnb``, the reader ``qpass.from_pretrained`` uses.
+with ``checkpoints.bnb_layout.listed_layer_from_bnb``, the reader ``qpass.from_pretrained`` uses.
 ``model.save_pretrained`` and ``push_to_hub`` write what ``qpass.save_pretrained`` writes: the
 bitsandbytes layout.
 """
@@ -28,7 +28,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
-from ..checkpoints.bnb_layout import STORED_SUFFIXES, is_quantized_layer, layer_from_bnb
+from ..checkpoints.bnb_layout import STORED_SUFFIXES, listed_layer_from_bnb
 from ..checkpoints.errors import CheckpointError
 from ..checkpoints.save import checkpoint_tensors, record_quantization_config
 from ..config import QPASS_QUANT_METHOD, QPassConfig, dtype_from_name
@@ -84,23 +84,14 @@ if ConversionOps is not None:
             stored = {suffix: value[0] if isinstance(value, list) else value for suffix, value in input_dict.items()}
             layer, _ = get_module_from_name(model, full_layer_name)
             name = full_layer_name.rpartition(".")[0]
-            if not isinstance(layer, QuantizedLinear):
-                if set(stored) != {"weight"}:
-                    raise CheckpointError(f"{name}: quantized in the checkpoint, but its quantization_config does not "
-                                          "list it under layers")
+            listed = layer.layout.config if isinstance(layer, QuantizedLinear) else None
+            if listed is None and set(stored) == {"weight"}:
                 weight, target = stored["weight"], model.get_parameter_or_buffer(full_layer_name)
                 return {"weight": weight.to(target.dtype) if weight.is_floating_point() else weight}
-            listed = layer.layout.config
-            if not is_quantized_layer(set(stored)):
-                raise CheckpointError(f"{name}: quantization_config lists it as {listed.format_name}, but the "
-                                      "checkpoint holds it in full precision")
-            layout, tensors = layer_from_bnb(name, stored.__getitem__, set(stored), listed.compute_dtype,
-                                             getattr(listed, "threshold", 6.0))
-            stored_shape = (layout.out_features, layout.in_features)
-            if (*stored_shape, layout.config) != (layer.out_features, layer.in_features, listed):
+            layout, tensors = listed_layer_from_bnb(name, stored.__getitem__, set(stored), listed)
+            if (layout.out_features, layout.in_features) != (layer.out_features, layer.in_features):
                 raise CheckpointError(f"{name}: the checkpoint holds a {layout.out_features}x{layout.in_features} "
-                                      f"{layout.config}, its quantization_config and the model say a "
-                                      f"{layer.out_features}x{layer.in_features} {listed}")
+                                      f"weight, the model's layer is {layer.out_features}x{layer.in_features}")
             layer.layout = layout  # the stored one: it records the original weight's dtype
             layer._is_hf_initialized = True
             return {f"{name}.{tensor_name}": t for tensor_name, t in tensors.items() if t is not None}
