@@ -28,8 +28,9 @@ from .errors import CheckpointError
 
 QUANT_STATE_PREFIX = "weight.quant_state.bitsandbytes__"
 # Every key suffix ``layer_to_bnb`` writes, for loaders that name them up front (transformers' converters).
-STORED_SUFFIXES = ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
-                   QUANT_STATE_PREFIX + "nf4", QUANT_STATE_PREFIX + "fp4", "SCB", "weight_format")
+# "weight" comes last: transformers before 5.23 tries them in order, and "weight" also begins the others.
+STORED_SUFFIXES = ("weight.nested_absmax", "weight.nested_quant_map", "weight.quant_map", "weight.absmax",
+                   QUANT_STATE_PREFIX + "nf4", QUANT_STATE_PREFIX + "fp4", "SCB", "weight_format", "weight")
 
 
 def dtype_from_name(name: str) -> torch.dtype:

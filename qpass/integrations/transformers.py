@@ -88,10 +88,16 @@ if ConversionOps is not None:
             if listed is None and set(stored) == {"weight"}:
                 weight, target = stored["weight"], model.get_parameter_or_buffer(full_layer_name)
                 return {"weight": weight.to(target.dtype) if weight.is_floating_point() else weight}
-            layout, tensors = listed_layer_from_bnb(name, stored.__getitem__, set(stored), listed)
-            if (layout.out_features, layout.in_features) != (layer.out_features, layer.in_features):
-                raise CheckpointError(f"{name}: the checkpoint holds a {layout.out_features}x{layout.in_features} "
-                                      f"weight, the model's layer is {layer.out_features}x{layer.in_features}")
+            try:
+                layout, tensors = listed_layer_from_bnb(name, stored.__getitem__, set(stored), listed)
+                if (layout.out_features, layout.in_features) != (layer.out_features, layer.in_features):
+                    raise CheckpointError(f"{name}: the checkpoint holds a {layout.out_features}x"
+                                          f"{layout.in_features} weight, the model's layer is "
+                                          f"{layer.out_features}x{layer.in_features}")
+            except CheckpointError as err:
+                # transformers raises after loading; the load report of 5.0 names the layer, not the error
+                logger.error("%s", err)
+                raise
             layer.layout = layout  # the stored one: it records the original weight's dtype
             layer._is_hf_initialized = True
             return {f"{name}.{tensor_name}": t for tensor_name, t in tensors.items() if t is not None}
@@ -102,6 +108,10 @@ class QPassHfQuantizer(HfQuantizer):
 
     requires_calibration = False
     requires_parameters_quantization = True  # transformers 4.57: call create_quantized_param
+
+    def __init__(self, quantization_config, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        self.packed_weight_bytes: dict[str, int] = {}  # "<layer>.weight" -> bytes once quantized
 
     def validate_environment(self, *args, device_map=None, **kwargs):
         if self.pre_quantized and ConversionOps is None:
@@ -143,10 +153,23 @@ class QPassHfQuantizer(HfQuantizer):
             if (config := plan.config_for(name)) is None:
                 continue
             layout, placeholders = quantize_weight(torch.empty(weight.shape, dtype=weight.dtype, device="meta"), config)
+            if ConversionOps is not None and not self.pre_quantized:
+                # transformers 5 before 5.23 casts each checkpoint tensor to its placeholder's dtype before
+                # QPassQuantize sees it: the weight's placeholder is the weight as the model has it, and
+                # param_element_size sizes it as the packed bytes it becomes
+                packed = placeholders["weight"]
+                self.packed_weight_bytes[f"{name}.weight"] = packed.numel() * packed.element_size()
+                placeholders = {**placeholders, "weight": torch.empty_like(module.weight, device="meta")}
             from_conv1d = not isinstance(module, torch.nn.Linear)
             layer = QuantizedLinear(layout, placeholders, module.bias, from_conv1d=from_conv1d)
             set_submodule(model, name, layer)
         return model
+
+    def param_element_size(self, model, param_name: str, param: torch.Tensor) -> float:
+        # transformers 5 sizes modules for device_map="auto" with this: a weight waiting to be quantized
+        # counts as the bytes it becomes
+        packed = self.packed_weight_bytes.get(param_name)
+        return packed / param.numel() if packed is not None else param.element_size()
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         module, tensor_name = get_module_from_name(model, param_name)
@@ -158,7 +181,8 @@ class QPassHfQuantizer(HfQuantizer):
     def get_weight_conversions(self):  # transformers 5: a qpass checkpoint's layers, gathered
         if not self.pre_quantized:
             return []
-        return [WeightConverter(list(STORED_SUFFIXES), "weight", [QPassDeserialize(self)])]
+        return [WeightConverter(source_patterns=list(STORED_SUFFIXES), target_patterns="weight",
+                                operations=[QPassDeserialize(self)])]  # by name: a dataclass before 5.1
 
     def create_quantized_param(self, model, param_value, param_name, target_device, **kwargs):
         # transformers 4.57: quantize on the device the layer goes to, then fill its buffers
