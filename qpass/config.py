@@ -167,10 +167,10 @@ class QPassConfig:
     def quant_method(self) -> str:
         """"qpass": how transformers' ``from_pretrained(..., quantization_config=...)`` finds qpass'
         quantizer, which is registered here, when transformers first asks."""
-        from .integrations.transformers import QUANT_METHOD, register
+        from .integrations.transformers import register
 
         register()
-        return QUANT_METHOD
+        return QPASS_QUANT_METHOD
 
     def to_dict(self) -> dict:
         """JSON-ready form (transformers writes it into config.json)."""

@@ -105,6 +105,13 @@ def layer_from_bnb(name: str, read, suffixes: set[str], compute_dtype: torch.dty
     return layout, _share_code_books(tensors, quant_type)
 
 
+def check_layer_shape(name: str, layout: Layout, out_features: int, in_features: int) -> None:
+    """Refuse a stored layer whose weight is not the ``out_features x in_features`` of the model's layer."""
+    if (layout.out_features, layout.in_features) != (out_features, in_features):
+        raise CheckpointError(f"{name}: the checkpoint holds a {layout.out_features}x{layout.in_features} weight, "
+                              f"the model's layer is {out_features}x{in_features}")
+
+
 def listed_layer_from_bnb(name: str, read, suffixes: set[str], listed: QuantConfig | None):
     """``layer_from_bnb`` for layer ``name`` of a qpass checkpoint, whose ``quantization_config`` lists the
     format of every quantized layer (``listed``; None where it does not list this one). The compute dtype

@@ -17,7 +17,7 @@ from ..config import QPASS_QUANT_METHOD, ConfigLike, QPassConfig, as_plan
 from ..formats import quantize_layer
 from ..module_swap import embedding_weight_ids, linear_weight, set_submodule
 from ..modules import QuantizedLinear
-from .bnb_layout import dtype_from_name, is_quantized_layer, layer_from_bnb, listed_layer_from_bnb
+from .bnb_layout import check_layer_shape, dtype_from_name, is_quantized_layer, layer_from_bnb, listed_layer_from_bnb
 from .errors import CheckpointError
 from .hub import checkpoint_folder
 from .safetensors_io import SafetensorsReader
@@ -150,10 +150,7 @@ def _stored_layer(name, reader, suffixes, stored, listed, module, dtype) -> Quan
         layout, tensors = listed_layer_from_bnb(name, read, suffixes, listed.config_for(name))
     else:
         layout, tensors = layer_from_bnb(name, read, suffixes, *_bnb_settings(stored))
-    expected = tuple(linear_weight(module).shape)
-    if (layout.out_features, layout.in_features) != expected:
-        raise CheckpointError(f"{name}: the checkpoint holds a {layout.out_features}x{layout.in_features} weight, "
-                              f"the model's layer is {expected[0]}x{expected[1]}")
+    check_layer_shape(name, layout, *linear_weight(module).shape)
     # a Conv1D's weight is stored [out, in] like a Linear's (as bitsandbytes stores it); dequantize restores the Conv1D
     conv1d = not isinstance(module, nn.Linear)
     return QuantizedLinear(layout, tensors, _bias(name, reader, module, dtype), from_conv1d=conv1d)

@@ -15,7 +15,7 @@ def register_with_transformers_on_import() -> None:
     except ImportError:
         return
 
-    def register(module) -> None:
+    def on_transformers_import(module) -> None:
         # Runs inside the user's import of transformers: a transformers qpass cannot work with must
         # still import, without qpass in it.
         try:
@@ -30,4 +30,4 @@ def register_with_transformers_on_import() -> None:
                           "transformers works without qpass, and qpass.from_pretrained still loads qpass checkpoints",
                           stacklevel=2)
 
-    wrapt.register_post_import_hook(register, "transformers.modeling_utils")
+    wrapt.register_post_import_hook(on_transformers_import, "transformers.modeling_utils")

@@ -28,7 +28,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
-from ..checkpoints.bnb_layout import STORED_SUFFIXES, listed_layer_from_bnb
+from ..checkpoints.bnb_layout import STORED_SUFFIXES, check_layer_shape, listed_layer_from_bnb
 from ..checkpoints.errors import CheckpointError
 from ..checkpoints.save import checkpoint_tensors, record_quantization_config
 from ..config import QPASS_QUANT_METHOD, QPassConfig, dtype_from_name
@@ -36,7 +36,6 @@ from ..formats import quantize_layer, quantize_weight
 from ..module_swap import dequantize_module, embedding_weight_ids, linear_weight, set_submodule
 from ..modules import QuantizedLinear
 
-QUANT_METHOD = QPASS_QUANT_METHOD
 logger = logging.getLogger(__name__)
 
 
@@ -90,10 +89,7 @@ if ConversionOps is not None:
                 return {"weight": weight.to(target.dtype) if weight.is_floating_point() else weight}
             try:
                 layout, tensors = listed_layer_from_bnb(name, stored.__getitem__, set(stored), listed)
-                if (layout.out_features, layout.in_features) != (layer.out_features, layer.in_features):
-                    raise CheckpointError(f"{name}: the checkpoint holds a {layout.out_features}x"
-                                          f"{layout.in_features} weight, the model's layer is "
-                                          f"{layer.out_features}x{layer.in_features}")
+                check_layer_shape(name, layout, layer.out_features, layer.in_features)
             except CheckpointError as err:
                 # transformers raises after loading; the load report of 5.0 names the layer, not the error
                 logger.error("%s", err)
@@ -237,8 +233,8 @@ class QPassHfQuantizer(HfQuantizer):
 def register() -> None:
     """Make transformers' lookups by ``quant_method`` find qpass' quantizer, and ``QPassConfig`` for a
     checkpoint's ``quantization_config`` (idempotent)."""
-    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
-        register_quantizer(QUANT_METHOD)(QPassHfQuantizer)
+    if QPASS_QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QPASS_QUANT_METHOD)(QPassHfQuantizer)
     # register_quantization_config would demand a QuantizationConfigMixin subclass, which QPassConfig is
     # not (qpass.config does not import transformers); transformers asks the class for from_dict only.
-    AUTO_QUANTIZATION_CONFIG_MAPPING.setdefault(QUANT_METHOD, QPassConfig)
+    AUTO_QUANTIZATION_CONFIG_MAPPING.setdefault(QPASS_QUANT_METHOD, QPassConfig)
