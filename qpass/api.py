@@ -28,7 +28,8 @@ def quantize(model, spec, **plan_options):
     ``model``: an ``nn.Module`` (its ``nn.Linear`` / transformers ``Conv1D`` layers are replaced in place
     and the module is returned) or a ``torch.export.ExportedProgram`` (a new program is returned whose
     graph calls ``torch.ops.qpass`` ops). ``spec``: "nf4", "fp4", "int8", a config object
-    (``NF4Config(blocksize=128)``) or a ``QPassConfig``. ``plan_options`` are ``QPassConfig`` fields:
+    (``NF4Config(blocksize=128)``), a ``QPassConfig``, or a transformers ``BitsAndBytesConfig``
+    (``QPassConfig.from_bitsandbytes``: the layers and bytes bitsandbytes would give). ``plan_options`` are ``QPassConfig`` fields:
     ``overrides={"*.self_attn.*": "int8"}``, ``skip_modules=["lm_head"]``.
 
     Layers already quantized are left as they are, so quantizing twice changes nothing.

@@ -116,6 +116,7 @@ class Int8Config(QuantConfig):
 FORMATS: dict[str, type[QuantConfig]] = {cls.format_name: cls for cls in (NF4Config, FP4Config, Int8Config)}
 
 ConfigLike = Union[str, QuantConfig, Mapping, None]
+BNB_QUANT_METHOD = "bitsandbytes"  # quantization_config.quant_method of transformers' BitsAndBytesConfig
 
 
 def as_quant_config(spec: ConfigLike) -> QuantConfig | None:
@@ -179,6 +180,30 @@ class QPassConfig:
                 "overrides": {k: config_to_dict(v) for k, v in self.overrides.items()}, "skip_modules": list(self.skip_modules)}
 
     @classmethod
+    def from_bitsandbytes(cls, config) -> QPassConfig:
+        """The plan that quantizes as transformers' ``BitsAndBytesConfig`` ``config`` (or its ``to_dict()``)
+        does, to the same bytes: ``load_in_4bit`` gives ``NF4Config``/``FP4Config`` by
+        ``bnb_4bit_quant_type`` with its double quantization, compute and storage dtypes (blocksize 64,
+        as bitsandbytes); ``load_in_8bit`` gives ``Int8Config(threshold=llm_int8_threshold,
+        compute_dtype=float16)``, bitsandbytes' int8 arithmetic. ``llm_int8_skip_modules`` becomes
+        ``skip_modules`` (default ``["lm_head"]``). Its defaults are bitsandbytes' own, not qpass': FP4,
+        no double quantization, float32 compute.
+
+        ``llm_int8_has_fp16_weight`` (int8 weights trained in fp16) and
+        ``llm_int8_enable_fp32_cpu_offload`` (layers offloaded to the CPU) are refused: qpass' weights are
+        frozen and stay on the model's device."""
+        fields = _bitsandbytes_fields(config)
+        for flag, why in (("llm_int8_has_fp16_weight", "keeps int8 weights in fp16 to train them, and qpass' "
+                           "quantized weights are frozen (train adapters: qpass.integrations.peft)"),
+                          ("llm_int8_enable_fp32_cpu_offload", "offloads layers to the CPU, and qpass keeps every "
+                           "layer on the model's device (give a device_map without offloading)")):
+            if fields.get(flag):
+                raise ValueError(f"BitsAndBytesConfig({flag}=True) {why}; set it to False")
+        skip_modules = fields.get("llm_int8_skip_modules")
+        return cls(default=format_from_bitsandbytes(fields),
+                   skip_modules=DEFAULT_SKIP_MODULES if skip_modules is None else skip_modules)
+
+    @classmethod
     def from_dict(cls, config_dict: Mapping, return_unused_kwargs: bool = False, **kwargs):
         """The plan ``to_dict`` wrote, or the ``quantization_config`` of a qpass checkpoint with several
         formats (``{"quant_method": "qpass", "layers": {layer name: format dict}, ...}``, see
@@ -235,6 +260,48 @@ def config_from_dict(fields: Mapping) -> QuantConfig:
     return cls(**{k: dtype_from_name(v) if isinstance(defaults[k], torch.dtype) else v for k, v in fields.items()})
 
 
+def is_bitsandbytes_config(spec) -> bool:
+    """Whether ``spec`` is a transformers ``BitsAndBytesConfig`` or the ``quantization_config`` dict of one."""
+    if spec is None or isinstance(spec, (str, QuantConfig, QPassConfig)):
+        return False  # QPassConfig.quant_method registers qpass with transformers: not asked here
+    method = spec.get("quant_method") if isinstance(spec, Mapping) else getattr(spec, "quant_method", None)
+    return method == BNB_QUANT_METHOD  # transformers' QuantizationMethod is a str enum
+
+
+def format_from_bitsandbytes(config) -> QuantConfig:
+    """The format config of a ``BitsAndBytesConfig``, its ``to_dict()`` or a bitsandbytes checkpoint's
+    ``quantization_config`` (``QPassConfig.from_bitsandbytes`` has the mapping). A checkpoint qpass wrote
+    in int8 also records its compute dtype (``qpass_int8_compute_dtype``)."""
+    fields = _bitsandbytes_fields(config)
+    load_4bit, load_8bit = bool(fields.get("load_in_4bit")), bool(fields.get("load_in_8bit"))
+    if load_4bit == load_8bit:
+        raise ValueError(f"a bitsandbytes config sets exactly one of load_in_4bit and load_in_8bit; this one sets "
+                         f"load_in_4bit={load_4bit}, load_in_8bit={load_8bit}")
+    if load_8bit:
+        return Int8Config(threshold=float(fields.get("llm_int8_threshold", 6.0)),
+                          compute_dtype=dtype_from_name(fields.get("qpass_int8_compute_dtype") or "float16"))
+    quant_type = fields.get("bnb_4bit_quant_type") or "fp4"
+    if quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"bnb_4bit_quant_type={quant_type!r} is not one bitsandbytes knows; use 'nf4' or 'fp4'")
+    return FORMATS[quant_type](double_quant=bool(fields.get("bnb_4bit_use_double_quant", False)),
+                               compute_dtype=_dtype_field(fields.get("bnb_4bit_compute_dtype"), torch.float32),
+                               quant_storage=_dtype_field(fields.get("bnb_4bit_quant_storage"), torch.uint8))
+
+
+def _bitsandbytes_fields(config) -> dict:
+    fields = dict(config) if isinstance(config, Mapping) else config.to_dict() if hasattr(config, "to_dict") else None
+    if fields is None or not is_bitsandbytes_config(fields):
+        raise ValueError(f"expected a transformers BitsAndBytesConfig or its dict, got {config!r}")
+    return fields
+
+
+def _dtype_field(value, default: torch.dtype) -> torch.dtype:
+    """A dtype field of a bitsandbytes config: a torch.dtype, its name ("bfloat16", "torch.bfloat16"), or None."""
+    if value is None:
+        return default
+    return value if isinstance(value, torch.dtype) else dtype_from_name(value)
+
+
 def _matches(module_name: str, pattern: str) -> bool:
     """Exact name, glob on the full name, or (for a bare name like "lm_head") the last component."""
     if module_name == pattern or fnmatch.fnmatchcase(module_name, pattern):
@@ -244,6 +311,8 @@ def _matches(module_name: str, pattern: str) -> bool:
 
 def as_plan(spec: ConfigLike | QPassConfig, **plan_options) -> QPassConfig:
     """A ``QPassConfig`` from whatever ``qpass.quantize`` was given."""
+    if is_bitsandbytes_config(spec):
+        spec = QPassConfig.from_bitsandbytes(spec)
     if isinstance(spec, QPassConfig):
         if plan_options:
             return dataclasses.replace(spec, **plan_options)

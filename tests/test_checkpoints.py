@@ -86,6 +86,49 @@ def test_transformers_bitsandbytes_checkpoint_loads_in_qpass(fmt, fp_checkpoint,
         assert torch.equal(before[key].reshape(-1).view(torch.uint8), after[key].reshape(-1).view(torch.uint8)), key
 
 
+BNB_ONLY_CONFIGS = {  # bitsandbytes' defaults (FP4, no double quant, float32 compute), and skip modules
+    "defaults": BitsAndBytesConfig(load_in_4bit=True),
+    "skipping": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_quant_storage=torch.bfloat16,
+                                   llm_int8_skip_modules=["lm_head", "down_proj"]),
+    "int8-threshold": BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.5),
+}
+
+
+@pytest.mark.parametrize("name", [*BNB_CONFIGS, *BNB_ONLY_CONFIGS])
+def test_a_bitsandbytes_config_quantizes_as_bitsandbytes_does(name, fp_checkpoint, tmp_path):
+    """transformers' BitsAndBytesConfig given to qpass: the same layers quantized, to the same bytes, as
+    transformers + bitsandbytes gives with it, and the same arithmetic (int8: float16 compute)."""
+    bnb_config = {**BNB_CONFIGS, **BNB_ONLY_CONFIGS}[name]
+    theirs = AutoModelForCausalLM.from_pretrained(fp_checkpoint, quantization_config=bnb_config, device_map="cpu",
+                                                  dtype=torch.float32)
+    theirs.save_pretrained(tmp_path / "bnb")
+    ours = qpass.from_pretrained(fp_checkpoint, bnb_config)
+    qpass.save_pretrained(ours, tmp_path / "qpass")
+    expected, actual = load_file(tmp_path / "bnb" / "model.safetensors"), load_file(tmp_path / "qpass" / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert torch.equal(expected[key].reshape(-1).view(torch.uint8), actual[key].reshape(-1).view(torch.uint8)), key
+    assert relative_error(_logits(ours), _logits(theirs)) <= BNB_AGREEMENT["int8" if bnb_config.load_in_8bit else "nf4"]
+    in_memory = qpass.quantize(tiny_llama(), bnb_config)  # the same plan for a model in memory
+    assert torch.equal(_logits(in_memory), _logits(ours))
+    if bnb_config.load_in_8bit:
+        assert ours.model.layers[0].mlp.up_proj.layout.config.compute_dtype == torch.float16
+
+
+def test_bitsandbytes_options_qpass_cannot_honour_are_refused():
+    with pytest.raises(ValueError, match=r"llm_int8_has_fp16_weight=True\) keeps int8 weights in fp16 to train them"):
+        qpass.QPassConfig.from_bitsandbytes(BitsAndBytesConfig(load_in_8bit=True, llm_int8_has_fp16_weight=True))
+    with pytest.raises(ValueError, match=r"llm_int8_enable_fp32_cpu_offload=True\) offloads layers to the CPU"):
+        qpass.quantize(tiny_llama(), BitsAndBytesConfig(load_in_4bit=True, llm_int8_enable_fp32_cpu_offload=True))
+    with pytest.raises(ValueError, match=r"sets exactly one of load_in_4bit and load_in_8bit"):
+        qpass.QPassConfig.from_bitsandbytes({"quant_method": "bitsandbytes"})
+    with pytest.raises(ValueError, match=r"bnb_4bit_quant_type='int4' is not one bitsandbytes knows"):
+        qpass.QPassConfig.from_bitsandbytes({"quant_method": "bitsandbytes", "load_in_4bit": True,
+                                             "bnb_4bit_quant_type": "int4"})
+    with pytest.raises(ValueError, match=r"expected a transformers BitsAndBytesConfig"):
+        qpass.QPassConfig.from_bitsandbytes(qpass.QPassConfig("nf4"))
+
+
 def test_quantize_while_loading_equals_quantizing_after(fp_checkpoint):
     loaded = qpass.from_pretrained(fp_checkpoint, "nf4", overrides={"*.self_attn.*": "int8"})
     after = qpass.quantize(tiny_llama(), "nf4", overrides={"*.self_attn.*": "int8"})

@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import QPASS_QUANT_METHOD, ConfigLike, QPassConfig, as_plan
+from ..config import QPASS_QUANT_METHOD, ConfigLike, QPassConfig, as_plan, format_from_bitsandbytes
 from ..formats import quantize_layer
 from ..module_swap import embedding_weight_ids, linear_weight, set_submodule
 from ..modules import QuantizedLinear
-from .bnb_layout import check_layer_shape, dtype_from_name, is_quantized_layer, layer_from_bnb, listed_layer_from_bnb
+from .bnb_layout import check_layer_shape, is_quantized_layer, layer_from_bnb, listed_layer_from_bnb
 from .errors import CheckpointError
 from .hub import checkpoint_folder
 from .safetensors_io import SafetensorsReader
@@ -39,7 +39,8 @@ def from_pretrained(
 
     * A checkpoint with a bitsandbytes (or qpass) ``quantization_config``: its quantized layers load
       as they are stored (give no ``spec``).
-    * A full-precision checkpoint: ``spec`` ("nf4", "fp4", "int8", a config or a ``QPassConfig``;
+    * A full-precision checkpoint: ``spec`` ("nf4", "fp4", "int8", a config, a ``QPassConfig`` or a
+      transformers ``BitsAndBytesConfig``;
       ``plan_options`` as for ``qpass.quantize``) quantizes each selected linear layer as it is read.
 
     ``device`` ("cpu", "cuda", "cuda:1", ...) is where the model is built: each tensor is read straight
@@ -64,6 +65,7 @@ def from_pretrained(
         raise CheckpointError(f"{path}: quant_method {stored.get('quant_method')!r} is not one qpass reads "
                               "(bitsandbytes or qpass)")
     listed = _listed_formats(stored, path) if stored and stored.get("quant_method") == QPASS_QUANT_METHOD else None
+    bnb_settings = _bnb_settings(stored, path) if stored and listed is None else None
     if stored:
         del config.quantization_config
     plan = as_plan(spec, **plan_options) if spec is not None else None
@@ -86,7 +88,7 @@ def from_pretrained(
             continue
         suffixes = {k[len(name) + 1 :] for k in reader.keys() if k.startswith(name + ".")}
         if stored and (is_quantized_layer(suffixes) or (listed is not None and listed.config_for(name) is not None)):
-            layer = _stored_layer(name, reader, suffixes, stored, listed, module, dtype)
+            layer = _stored_layer(name, reader, suffixes, bnb_settings, listed, module, dtype)
         elif plan is not None and f"{name}.weight" in reader and (layer_config := plan.config_for(name)) is not None:
             layer = _quantize_while_loading(name, reader, module, layer_config, dtype)
         else:
@@ -133,23 +135,25 @@ def _listed_formats(stored: dict, path: Path) -> QPassConfig:
         raise CheckpointError(f"{path}: config.json's quantization_config is not one qpass reads ({err})") from err
 
 
-def _bnb_settings(stored: dict) -> tuple[torch.dtype, float]:
-    """(compute dtype, int8 threshold) of every layer of a bitsandbytes checkpoint (one format)."""
-    if stored.get("load_in_8bit"):
-        # qpass records its compute dtype; bitsandbytes' own checkpoints compute as bitsandbytes does,
-        # activations quantized from float16
-        return dtype_from_name(stored.get("qpass_int8_compute_dtype", "float16")), float(stored.get("llm_int8_threshold", 6.0))
-    return dtype_from_name(stored.get("bnb_4bit_compute_dtype") or "float32"), float(stored.get("llm_int8_threshold", 6.0))
+def _bnb_settings(stored: dict, path: Path) -> tuple[torch.dtype, float]:
+    """(compute dtype, int8 threshold) of every layer of a bitsandbytes checkpoint (one format). The
+    layout of each layer comes from its stored tensors; int8 computes as bitsandbytes does (activations
+    quantized from float16) unless qpass recorded another compute dtype."""
+    try:
+        config = format_from_bitsandbytes(stored)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: config.json's quantization_config is not one qpass reads ({err})") from err
+    return config.compute_dtype, getattr(config, "threshold", 6.0)
 
 
-def _stored_layer(name, reader, suffixes, stored, listed, module, dtype) -> QuantizedLinear:
+def _stored_layer(name, reader, suffixes, bnb_settings, listed, module, dtype) -> QuantizedLinear:
     def read(suffix):
         return reader.get(f"{name}.{suffix}")
 
     if listed is not None:
         layout, tensors = listed_layer_from_bnb(name, read, suffixes, listed.config_for(name))
     else:
-        layout, tensors = layer_from_bnb(name, read, suffixes, *_bnb_settings(stored))
+        layout, tensors = layer_from_bnb(name, read, suffixes, *bnb_settings)
     check_layer_shape(name, layout, *linear_weight(module).shape)
     # a Conv1D's weight is stored [out, in] like a Linear's (as bitsandbytes stores it); dequantize restores the Conv1D
     conv1d = not isinstance(module, nn.Linear)
