@@ -141,6 +141,25 @@ def test_merge_requantizes_dequantized_weight_plus_delta(build, targets):
     assert relative_error(merged_logits, unmerged) < relative_error(quantized_only, unmerged)
 
 
+def test_trainable_parameters_count_the_quantized_weights(tmp_path, capsys):
+    """print_trainable_parameters, which trainers log, gives the unquantized model's numbers: PEFT alone
+    would miss the packed weights (buffers) and report 33% trainable instead of 8.3%."""
+    import copy
+
+    from peft import get_peft_model as peft_get_peft_model
+
+    config = LoraConfig(r=4, target_modules="all-linear")
+    expected = peft_get_peft_model(tiny_llama(), copy.deepcopy(config)).get_nb_trainable_parameters()
+    model = qpass_peft.get_peft_model(qpass.quantize(tiny_llama(), "nf4"), config)
+    assert model.get_nb_trainable_parameters() == expected
+    model.print_trainable_parameters()
+    assert f"trainable params: {expected[0]:,d} || all params: {expected[1]:,d}" in capsys.readouterr().out
+    assert copy.deepcopy(model).get_nb_trainable_parameters() == expected
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = qpass_peft.load_adapter(qpass.quantize(tiny_llama(), "nf4"), tmp_path / "adapter", is_trainable=True)
+    assert loaded.get_nb_trainable_parameters() == expected
+
+
 def test_a_second_adapter_and_per_row_adapter_choice():
     torch.manual_seed(0)
     peft_model = qpass_peft.get_peft_model(qpass.quantize(tiny_llama(), "nf4"),

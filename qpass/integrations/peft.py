@@ -18,7 +18,9 @@ PEFT knows bitsandbytes' layers but not qpass', so ``prepare_lora_config`` regis
 embedding excluded (PEFT's own expansion only sees ``nn.Linear``). Pass its result wherever PEFT takes a
 ``LoraConfig`` (``peft.get_peft_model``, trl's ``SFTTrainer(peft_config=...)``); ``get_peft_model`` and
 ``load_adapter`` here are that, around PEFT's functions of the same job. ``prepare_model_for_kbit_training``
-is PEFT's, plus the gradient checkpointing PEFT turns on only for quantizers it knows.
+is PEFT's, plus the gradient checkpointing PEFT turns on only for quantizers it knows. The models these
+two return count each quantized weight in ``print_trainable_parameters`` (``count_parameters``), as PEFT
+does bitsandbytes' packed weights.
 
 The layer is PEFT's ``lora.Linear`` (same forward, dropout, scaling, rsLoRA, ``lora_bias``, several
 adapters, ``adapter_names`` batches) with two changes. Merging dequantizes the weight to float32, adds
@@ -34,6 +36,7 @@ initialisations from the weight (PiSSA, OLoRA, LoftQ, CorDA, ...).
 from __future__ import annotations
 
 import copy
+import types
 import warnings
 
 import torch
@@ -197,15 +200,33 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
     return model
 
 
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameters of a PEFT model as ``PeftModel.get_nb_trainable_parameters`` counts them,
+    plus ``out_features * in_features`` frozen weights for each ``QuantizedLinear``, whose packed weight
+    is a buffer that PEFT does not see (it counts bitsandbytes' packed 4-bit parameters as their
+    unpacked number the same way). The total is then the unquantized model's."""
+    trainable, total = PeftModel.get_nb_trainable_parameters(model)
+    quantized = sum(m.out_features * m.in_features for m in model.modules() if isinstance(m, QuantizedLinear))
+    return trainable, total + quantized
+
+
+def _counting_quantized_weights(model: PeftModel) -> PeftModel:
+    """``model`` whose ``get_nb_trainable_parameters`` (and so ``print_trainable_parameters``, which trainers
+    log) is ``count_parameters``."""
+    model.get_nb_trainable_parameters = types.MethodType(count_parameters, model)
+    return model
+
+
 def get_peft_model(model: nn.Module, config: LoraConfig, **kwargs) -> PeftModel:
-    """``peft.get_peft_model`` with ``prepare_lora_config(config, model)``."""
-    return _peft_get_peft_model(model, prepare_lora_config(config, model), **kwargs)
+    """``peft.get_peft_model`` with ``prepare_lora_config(config, model)``; ``print_trainable_parameters``
+    counts the quantized weights (``count_parameters``)."""
+    return _counting_quantized_weights(_peft_get_peft_model(model, prepare_lora_config(config, model), **kwargs))
 
 
 def load_adapter(model: nn.Module, path: str, adapter_name: str = "default", is_trainable: bool = False,
                  **kwargs) -> PeftModel:
     """``PeftModel.from_pretrained(model, path)`` for a qpass model: the saved ``LoraConfig`` with
-    ``prepare_lora_config`` applied."""
+    ``prepare_lora_config`` applied, counting parameters as ``get_peft_model``'s."""
     config = prepare_lora_config(LoraConfig.from_pretrained(path), model)
-    return PeftModel.from_pretrained(model, path, adapter_name=adapter_name, is_trainable=is_trainable,
-                                     config=config, **kwargs)
+    return _counting_quantized_weights(PeftModel.from_pretrained(
+        model, path, adapter_name=adapter_name, is_trainable=is_trainable, config=config, **kwargs))
