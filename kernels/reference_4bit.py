@@ -58,11 +58,18 @@ def quantize_4bit(weight: torch.Tensor, blocksize: int, quant_type: str) -> tupl
     return packed.unsqueeze(1), absmax
 
 
-def unpack_4bit(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    """uint8 codes ``[numel]`` (int64) from packed bytes of any storage dtype (high nibble first)."""
-    flat = packed.reshape(-1).view(torch.uint8) if packed.dtype != torch.uint8 else packed.reshape(-1)
-    codes = torch.stack([flat >> 4, flat & 0xF], dim=-1).reshape(-1)
-    return codes[:numel].long()
+def packed_bytes(packed: torch.Tensor) -> torch.Tensor:
+    """The packed codes as a flat uint8 tensor, whatever dtype they are stored as (``quant_storage``)."""
+    return packed.reshape(-1).view(torch.uint8) if packed.dtype != torch.uint8 else packed.reshape(-1)
+
+
+def byte_pair_code(code: torch.Tensor) -> torch.Tensor:
+    """int64 ``[256]``: entry ``b`` holds the float32 values of packed byte ``b``'s two codes, high nibble
+    first (``code[b >> 4], code[b & 15]``), as the 8 bytes of one word. Gathering these words by byte
+    and viewing the result as float32 decodes two weights per lookup, bits untouched."""
+    code = code.float()
+    pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=-1)  # [256, 2] float32
+    return pairs.view(torch.int64).reshape(256)
 
 
 _LUT_STEPS = 65535  # the 8-bit quantizer reads codes from a table over 65536 evenly spaced points of [-1, 1]
@@ -103,9 +110,17 @@ def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int)
 
 def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
     """float32 ``code[codes[i]] * absmax[i // blocksize]``."""
-    values = code[codes.reshape(-1).long()]
-    block = torch.arange(values.numel(), device=values.device) // blocksize
-    return values * absmax[block]
+    values = torch.index_select(code.float(), 0, codes.reshape(-1).int())
+    return _scale_blocks_(values, absmax.float(), blocksize)
+
+
+def _scale_blocks_(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """``values[i] *= scales[i // blocksize]`` in place, the last block possibly short; returns ``values``."""
+    n_full = values.numel() - values.numel() % blocksize
+    values[:n_full].view(-1, blocksize).mul_(scales[: n_full // blocksize].unsqueeze(-1))
+    if n_full < values.numel():
+        values[n_full:].mul_(scales[-1])
+    return values
 
 
 def block_absmax(
@@ -137,11 +152,8 @@ def dequantize_4bit(
     numel = 1
     for s in shape:
         numel *= s
-    values = code.float()[unpack_4bit(packed, numel)]
-    n_full = numel - numel % blocksize
-    scales = absmax.float()
-    out = torch.empty(numel, dtype=torch.float32, device=packed.device)
-    out[:n_full] = (values[:n_full].reshape(-1, blocksize) * scales[: n_full // blocksize].unsqueeze(-1)).reshape(-1)
-    if n_full < numel:
-        out[n_full:] = values[n_full:] * scales[-1]
-    return out.reshape(shape).to(dtype)
+    # one 8-byte gather per packed byte (index_select, int32 indices): on CPU several times faster than
+    # indexing the code book with unpacked int64 nibbles, for the same float32 values
+    pairs = torch.index_select(byte_pair_code(code), 0, packed_bytes(packed).int())
+    values = _scale_blocks_(pairs.view(torch.float32)[:numel], absmax.float(), blocksize)
+    return values.view(shape).to(dtype)
