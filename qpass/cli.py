@@ -1,6 +1,7 @@
 """The ``qpass`` command: quantize, inspect, eval and bench checkpoints.
 
     qpass quantize SRC --format nf4 --out DST     # SRC: a folder, a Hub repository id, or "smollm2" (offline)
+    qpass quantize SRC -f nf4:blocksize=128,double_quant=false,compute_dtype=float16 -o DST   # config fields
     qpass inspect DST                             # layers, formats, bits per weight, size vs fp16/fp32
     qpass eval DIR [--text FILE]                  # perplexity (CPython's pydoc text by default)
     qpass estimate SRC --format nf4               # exact size from the config alone
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import logging
 import sys
@@ -40,13 +42,65 @@ def _source(src: str) -> Path:
         raise CommandError(f"{err} (offline models: {', '.join(OFFLINE_MODELS)})") from err
 
 
+FORMAT_HELP = ("nf4, fp4 or int8, optionally with config fields after a colon: "
+               "nf4:blocksize=128,double_quant=false,compute_dtype=float16 or int8:threshold=4.0")
+
+
+def format_config(text: str, option: str = "--format"):
+    """The format config of a command-line FORMAT: a name ("nf4"), or a name with ``NF4Config`` /
+    ``FP4Config`` / ``Int8Config`` fields (``"nf4:blocksize=128,double_quant=false,compute_dtype=float16"``);
+    "none" or "skip" is None (full precision)."""
+    from .config import FORMATS, config_from_dict
+
+    name, _, fields_text = text.partition(":")
+    name = name.strip().lower()
+    if name in ("none", "skip"):
+        if fields_text:
+            raise CommandError(f"{option} {text!r}: {name} takes no fields")
+        return None
+    fields = {"format": name}
+    defaults = {f.name: f.default for f in dataclasses.fields(FORMATS[name])} if name in FORMATS else {}
+    for item in filter(None, (part.strip() for part in fields_text.split(","))):
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep:
+            raise CommandError(f"{option} {text!r}: expected FIELD=VALUE after the colon, got {item!r}")
+        fields[key] = _field_value(value, defaults.get(key), f"{option} {text!r}: {key}")
+    try:
+        return config_from_dict(fields)
+    except (ValueError, TypeError) as err:
+        raise CommandError(f"{option} {text!r}: {err}") from err
+
+
+def _field_value(value: str, default, where: str):
+    """``value`` read as the type of the field's default (dtypes stay names: ``config_from_dict`` reads them)."""
+    if isinstance(default, bool):
+        if value.lower() not in ("true", "false"):
+            raise CommandError(f"{where}={value!r}: expected true or false")
+        return value.lower() == "true"
+    for kind in (int, float):
+        if isinstance(default, kind):
+            try:
+                return kind(value)
+            except ValueError:
+                raise CommandError(f"{where}={value!r}: expected a number") from None
+    return value
+
+
+def _format(args):
+    """The default format config of ``--format``."""
+    config = format_config(args.format)
+    if config is None:
+        raise CommandError(f"--format {args.format!r} quantizes nothing; name a format (nf4, fp4, int8)")
+    return config
+
+
 def _plan_options(args) -> dict:
     overrides = {}
     for item in args.override or []:
         pattern, sep, fmt = item.partition("=")
         if not sep:
             raise CommandError(f"--override {item!r}: expected PATTERN=FORMAT, e.g. '*.self_attn.*=int8'")
-        overrides[pattern] = None if fmt.lower() in ("none", "skip") else fmt
+        overrides[pattern] = format_config(fmt, "--override")
     options = {"overrides": overrides}
     if args.skip is not None:
         options["skip_modules"] = args.skip
@@ -57,7 +111,8 @@ def cmd_quantize(args) -> None:
     import qpass
 
     src = _source(args.src)
-    model = qpass.from_pretrained(src, args.format, progress=not args.quiet, device=args.device, **_plan_options(args))
+    model = qpass.from_pretrained(src, _format(args), progress=not args.quiet, device=args.device,
+                                   **_plan_options(args))
     try:
         qpass.save_pretrained(model, args.out)
     except qpass.CheckpointError as err:
@@ -115,7 +170,7 @@ def cmd_estimate(args) -> None:
 
     # qpass.estimate resolves folders, config.json files and Hub ids itself (fetching config.json alone)
     source = _source(args.src) if args.src in OFFLINE_MODELS else args.src
-    print(qpass.estimate(source, args.format, **_plan_options(args)))
+    print(qpass.estimate(source, _format(args), **_plan_options(args)))
 
 
 def cmd_export_onnx(args) -> None:
@@ -140,8 +195,8 @@ def cmd_export_onnx(args) -> None:
     if not args.format and not _is_quantized_checkpoint(src):
         raise CommandError(f"{src}: not a quantized checkpoint (its config.json has no quantization_config); "
                            "give --format to quantize it while loading")
-    plan = _plan_options(args) if args.format else {}
-    model = qpass.from_pretrained(src, args.format, dtype=dtype, progress=not args.quiet, **plan)
+    spec, plan = (_format(args), _plan_options(args)) if args.format else (None, {})
+    model = qpass.from_pretrained(src, spec, dtype=dtype, progress=not args.quiet, **plan)
     qpass.set_compute_dtype(model, dtype)
     if not args.verbose:  # torch.onnx warns of every torchvision op it cannot register
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -185,9 +240,10 @@ def parser() -> argparse.ArgumentParser:
     sub = root.add_subparsers(dest="command", required=True)
 
     def plan_arguments(p, format_required=True):
-        p.add_argument("--format", "-f", required=format_required, help="nf4, fp4 or int8")
+        p.add_argument("--format", "-f", required=format_required, help=FORMAT_HELP)
         p.add_argument("--override", action="append", metavar="PATTERN=FORMAT",
-                       help="per-module format by name or glob; FORMAT 'none' keeps it in full precision (repeatable)")
+                       help="per-module FORMAT (as --format) by name or glob; FORMAT 'none' keeps it in full precision "
+                            "(repeatable)")
         p.add_argument("--skip", nargs="*", metavar="NAME", help="modules never quantized (default: lm_head)")
 
     q = sub.add_parser("quantize", help="quantize a checkpoint into a bitsandbytes-layout checkpoint")

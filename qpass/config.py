@@ -68,6 +68,8 @@ class Weight4bitConfig(QuantConfig):
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
+        if not isinstance(self.double_quant, bool):
+            raise ValueError(f"{owner}: double_quant={self.double_quant!r} must be True or False")
         if self.blocksize not in VALID_BLOCKSIZES:
             raise ValueError(
                 f"{owner}: blocksize={self.blocksize!r} is not supported; use a power of two from 32 to 4096 "

@@ -33,6 +33,25 @@ def test_quantize_inspect_estimate(fp_checkpoint, tmp_path, capsys):
     assert "MiB quantized (14 layers)" in capsys.readouterr().out
 
 
+def test_format_fields(fp_checkpoint, tmp_path, capsys):
+    """FORMAT takes config fields after a colon, in --format and in --override, with bitsandbytes' meaning."""
+    out = tmp_path / "q"
+    fmt = "NF4:blocksize=128, double_quant=false,compute_dtype=float16"
+    assert cli.main(["quantize", str(fp_checkpoint), "-f", fmt,
+                     "--override", "*.self_attn.*=int8:threshold=4.5", "--override", "*.down_proj=none",
+                     "-o", str(out), "-q"]) == 0
+    layers = qpass.from_pretrained(out).model.layers[1]
+    assert layers.mlp.up_proj.layout.config == qpass.NF4Config(blocksize=128, double_quant=False,
+                                                                compute_dtype=torch.float16)
+    assert layers.self_attn.k_proj.layout.config == qpass.Int8Config(threshold=4.5)
+    assert isinstance(layers.mlp.down_proj, torch.nn.Linear)
+    capsys.readouterr()
+    assert cli.main(["estimate", str(fp_checkpoint), "-f", "fp4:blocksize=4096,double_quant=false"]) == 0
+    expected = qpass.estimate(fp_checkpoint, qpass.FP4Config(blocksize=4096, double_quant=False))
+    assert capsys.readouterr().out == f"{expected}\n"
+    assert expected.total_bytes != qpass.estimate(fp_checkpoint, "fp4").total_bytes
+
+
 def test_eval_on_a_text_file(tmp_path, capsys):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -57,6 +76,18 @@ def test_eval_on_a_text_file(tmp_path, capsys):
         (["inspect", "/no/such/dir"], r"/no/such/dir: no such checkpoint folder"),
         (["quantize", "{fp}", "-f", "nf5", "-o", "{tmp}/o"], r"unknown quantization format 'nf5'"),
         (["quantize", "{fp}", "-f", "nf4", "--override", "oops", "-o", "{tmp}/o"], r"--override 'oops': expected PATTERN=FORMAT"),
+        (["quantize", "{fp}", "-f", "nf4:blocksize=100", "-o", "{tmp}/o"],
+         r"--format 'nf4:blocksize=100': NF4Config: blocksize=100 is not supported; use a power of two"),
+        (["quantize", "{fp}", "-f", "nf4:double_quant=maybe", "-o", "{tmp}/o"],
+         r"--format 'nf4:double_quant=maybe': double_quant='maybe': expected true or false"),
+        (["quantize", "{fp}", "-f", "int8:threshold=high", "-o", "{tmp}/o"], r"threshold='high': expected a number"),
+        (["quantize", "{fp}", "-f", "nf4:group_size=64", "-o", "{tmp}/o"], r"NF4Config has no field 'group_size'"),
+        (["quantize", "{fp}", "-f", "nf4:compute_dtype=float64", "-o", "{tmp}/o"],
+         r"compute_dtype=torch.float64 is not supported; use one of bfloat16, float16, float32"),
+        (["quantize", "{fp}", "-f", "nf4:blocksize", "-o", "{tmp}/o"], r"expected FIELD=VALUE after the colon"),
+        (["quantize", "{fp}", "-f", "none", "-o", "{tmp}/o"], r"--format 'none' quantizes nothing"),
+        (["estimate", "{fp}", "-f", "nf4", "--override", "*.mlp.*=fp4:blocksize=7"],
+         r"--override 'fp4:blocksize=7': FP4Config: blocksize=7 is not supported"),
         (["eval", "{fp}", "--text", "/no/such.txt"], r"/no/such.txt: no such text file"),
         (["export-onnx", "{fp}", "-o", "{tmp}/o"], r"not a quantized checkpoint .* give --format to quantize it"),
         (["export-onnx", "{fp}", "--skip", "-o", "{tmp}/o"], r"--override and --skip .* give --format too"),

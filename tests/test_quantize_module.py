@@ -196,6 +196,8 @@ def test_bad_config_values():
         qpass.FP4Config(compute_dtype=torch.int8)
     with pytest.raises(ValueError, match=r"Int8Config: threshold=-1 must be a finite number >= 0"):
         qpass.Int8Config(threshold=-1)
+    with pytest.raises(ValueError, match=r"NF4Config: double_quant='false' must be True or False"):
+        qpass.QPassConfig.from_dict({"default": {"format": "nf4", "double_quant": "false"}})  # a hand-edited config
 
 
 def test_plans_read_back_what_to_dict_writes():
