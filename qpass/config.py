@@ -136,6 +136,9 @@ def as_quant_config(spec: ConfigLike) -> QuantConfig | None:
                 f"unknown quantization format {spec!r}; use one of {sorted(FORMATS)} or a config object "
                 "such as qpass.NF4Config(blocksize=128)"
             ) from None
+    if is_bitsandbytes_config(spec):
+        raise TypeError("a BitsAndBytesConfig is a whole plan (it has skip modules): give it as the plan, "
+                        "qpass.quantize(model, bnb_config), or as QPassConfig.from_bitsandbytes(bnb_config)")
     raise TypeError(f"expected a format name, a qpass config or None, got {type(spec).__name__}")
 
 

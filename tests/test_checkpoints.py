@@ -127,6 +127,8 @@ def test_bitsandbytes_options_qpass_cannot_honour_are_refused():
                                              "bnb_4bit_quant_type": "int4"})
     with pytest.raises(ValueError, match=r"expected a transformers BitsAndBytesConfig"):
         qpass.QPassConfig.from_bitsandbytes(qpass.QPassConfig("nf4"))
+    with pytest.raises(TypeError, match=r"a BitsAndBytesConfig is a whole plan .* QPassConfig.from_bitsandbytes"):
+        qpass.QPassConfig("nf4", overrides={"*.mlp.*": BNB_CONFIGS["int8"]})
 
 
 def test_quantize_while_loading_equals_quantizing_after(fp_checkpoint):
