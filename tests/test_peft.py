@@ -154,7 +154,12 @@ def test_trainable_parameters_count_the_quantized_weights(tmp_path, capsys):
     assert model.get_nb_trainable_parameters() == expected
     model.print_trainable_parameters()
     assert f"trainable params: {expected[0]:,d} || all params: {expected[1]:,d}" in capsys.readouterr().out
-    assert copy.deepcopy(model).get_nb_trainable_parameters() == expected
+    torch.save(model, tmp_path / "model.pt")  # the whole model pickles; a copy counts its own parameters
+    for copied in (copy.deepcopy(model), torch.load(tmp_path / "model.pt", weights_only=False)):
+        assert copied.get_nb_trainable_parameters() == expected
+        copied.base_model.model.model.layers[0].self_attn.q_proj.lora_A.default.weight.requires_grad_(False)
+        assert copied.get_nb_trainable_parameters()[0] == expected[0] - 4 * 64
+    assert model.get_nb_trainable_parameters() == expected
     model.save_pretrained(tmp_path / "adapter")
     loaded = qpass_peft.load_adapter(qpass.quantize(tiny_llama(), "nf4"), tmp_path / "adapter", is_trainable=True)
     assert loaded.get_nb_trainable_parameters() == expected

@@ -36,7 +36,7 @@ initialisations from the weight (PiSSA, OLoRA, LoftQ, CorDA, ...).
 from __future__ import annotations
 
 import copy
-import types
+import functools
 import warnings
 
 import torch
@@ -212,8 +212,9 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 def _counting_quantized_weights(model: PeftModel) -> PeftModel:
     """``model`` whose ``get_nb_trainable_parameters`` (and so ``print_trainable_parameters``, which trainers
-    log) is ``count_parameters``."""
-    model.get_nb_trainable_parameters = types.MethodType(count_parameters, model)
+    log) is ``count_parameters``. A partial, not a bound method, so that the model still pickles
+    (``torch.save(model)``) and deep-copies with it."""
+    model.get_nb_trainable_parameters = functools.partial(count_parameters, model)
     return model
 
 
