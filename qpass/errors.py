@@ -12,11 +12,14 @@ class QuantizationError(ValueError):
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def check_weight(weight: torch.Tensor, layer: str) -> None:
-    """Raise ``QuantizationError`` naming ``layer`` unless ``weight`` is a finite 2-D float tensor."""
-    if weight.device.type == "meta":
+def check_weight(weight: torch.Tensor, layer: str, allow_meta: bool = False) -> None:
+    """Raise ``QuantizationError`` naming ``layer`` unless ``weight`` is a finite 2-D float tensor. With
+    ``allow_meta``, a weight on the meta device (shape and dtype, no values) passes the other checks."""
+    if weight.device.type == "meta" and not allow_meta:
         raise QuantizationError(
-            f"layer {layer!r}: its weight is on the meta device (not loaded); load the weights before quantizing"
+            f"layer {layer!r}: its weight is on the meta device (not loaded); load the weights before quantizing "
+            "(a model built wholly on the meta device quantizes to an empty skeleton for "
+            "load_state_dict(..., assign=True))"
         )
     if weight.dtype not in _FLOAT_DTYPES:
         raise QuantizationError(
@@ -25,6 +28,8 @@ def check_weight(weight: torch.Tensor, layer: str) -> None:
         )
     if weight.dim() != 2:
         raise QuantizationError(f"layer {layer!r}: expected a 2-D weight, got shape {tuple(weight.shape)}")
+    if weight.device.type == "meta":
+        return
     bad = (~torch.isfinite(weight)).sum().item()
     if bad:
         raise QuantizationError(

@@ -39,7 +39,13 @@ def quantize_module(model: nn.Module, plan: QPassConfig) -> nn.Module:
     """Quantize every linear layer the plan selects, one at a time, freeing each original weight.
 
     Returns ``model``, or the new ``QuantizedLinear`` when ``model`` is itself a linear layer.
+
+    A model whose parameters are all on the meta device (built under ``torch.device("meta")``) becomes
+    an empty skeleton: each selected layer a ``QuantizedLinear`` holding meta placeholders of its
+    tensors' shapes and dtypes, for ``model.load_state_dict(state_dict, assign=True)`` to fill with
+    the state dict of the same model quantized with the same plan (gpt-fast's way of loading).
     """
+    skeleton = all(p.device.type == "meta" for p in model.parameters())
     tied = embedding_weight_ids(model)
     for name, module in list(model.named_modules()):
         weight = linear_weight(module)
@@ -48,7 +54,7 @@ def quantize_module(model: nn.Module, plan: QPassConfig) -> nn.Module:
         config = plan.config_for(name)
         if config is None:
             continue
-        layout, tensors = quantize_layer(weight, config, name or type(module).__name__)
+        layout, tensors = quantize_layer(weight, config, name or type(module).__name__, allow_meta=skeleton)
         bias = module.bias if isinstance(module.bias, nn.Parameter) else None
         quantized = QuantizedLinear(layout, tensors, bias, from_conv1d=not isinstance(module, nn.Linear))
         if not name:  # the model is itself a linear layer

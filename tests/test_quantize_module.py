@@ -232,10 +232,34 @@ def test_bad_weights_name_the_layer():
     model.proj.weight.data = model.proj.weight.data.to(torch.float64)
     with pytest.raises(qpass.QuantizationError, match=r"layer 'proj': weight dtype torch.float64 cannot be quantized"):
         qpass.quantize(model, "int8")
+    # a weight on the meta device among loaded ones: test_a_meta_model_quantizes_to_a_skeleton...
+
+
+def test_a_meta_model_quantizes_to_a_skeleton_that_load_state_dict_fills(tmp_path):
+    """gpt-fast's way of loading: build on the meta device, quantize with the plan the file was written
+    with, then load_state_dict(assign=True), with no full-precision weight ever made."""
+    def build():
+        return nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 64, bias=False), nn.Linear(64, 33))
+
+    plan = {"overrides": {"2": "int8", "3": qpass.FP4Config(double_quant=False, quant_storage=torch.bfloat16)}}
+    torch.manual_seed(0)
+    quantized = qpass.quantize(build(), "nf4", **plan)
+    torch.save(quantized.state_dict(), tmp_path / "model.pt")
     with torch.device("meta"):
-        meta = nn.Sequential(nn.Linear(8, 8))
-    with pytest.raises(qpass.QuantizationError, match=r"layer '0': its weight is on the meta device"):
-        qpass.quantize(meta, "nf4")
+        skeleton = build()
+    qpass.quantize(skeleton, "nf4", **plan)
+    expected = quantized.state_dict()
+    assert {k: (t.shape, t.dtype, t.device.type) for k, t in skeleton.state_dict().items()} == {
+        k: (t.shape, t.dtype, "meta") for k, t in expected.items()}
+    skeleton.load_state_dict(torch.load(tmp_path / "model.pt", mmap=True, weights_only=True), assign=True)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert torch.equal(skeleton(x), quantized(x))
+
+    half_loaded = build()
+    half_loaded[2] = nn.Linear(96, 64, bias=False, device="meta")
+    with pytest.raises(qpass.QuantizationError, match=r"layer '2': its weight is on the meta device \(not loaded\)"):
+        qpass.quantize(half_loaded, "nf4")
 
 
 def test_impossible_quant_storage_names_the_layer():

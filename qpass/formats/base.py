@@ -83,10 +83,12 @@ def layout_for(config: QuantConfig, out_features: int, in_features: int) -> Layo
     return _lookup(config)[0](out_features, in_features, config)
 
 
-def quantize_layer(weight: torch.Tensor, config: QuantConfig, layer: str) -> tuple[Layout, dict[str, torch.Tensor | None]]:
+def quantize_layer(weight: torch.Tensor, config: QuantConfig, layer: str,
+                   allow_meta: bool = False) -> tuple[Layout, dict[str, torch.Tensor | None]]:
     """``quantize_weight`` for the layer named ``layer``: bad weights and impossible configs raise a
-    ``QuantizationError`` that names the layer. Both front-ends quantize through this."""
-    check_weight(weight, layer)
+    ``QuantizationError`` that names the layer. Both front-ends quantize through this. With
+    ``allow_meta``, a meta weight gives the layout and meta placeholders of its tensors."""
+    check_weight(weight, layer, allow_meta)
     try:
         return quantize_weight(weight.detach(), config)
     except ValueError as err:
