@@ -157,3 +157,33 @@ def dequantize_4bit(
     pairs = torch.index_select(byte_pair_code(code), 0, packed_bytes(packed).int())
     values = _scale_blocks_(pairs.view(torch.float32)[:numel], absmax.float(), blocksize)
     return values.view(shape).to(dtype)
+
+
+def linear_4bit_rows(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    code: torch.Tensor,
+    absmax: torch.Tensor,
+    out_features: int,
+    in_features: int,
+    blocksize: int,
+    bias: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``x @ W^T + bias`` for a 2-D ``x`` of a few rows, as one reduction over the decoded weight:
+    ``sum_k round(x[m, k]) * round(code[nibble] * absmax[block])`` in float32, the bias added, one
+    rounding to ``dtype`` (the ``linear_fp32_accumulate`` contract, summed in another order).
+
+    Written so that Inductor fuses the decoding into the reduction, which then reads the packed bytes
+    and never writes the weight; eagerly it would materialise ``[m, out, in]``, so the linear op uses it
+    only under ``torch.compile``. Needs ``in_features % blocksize == 0`` (no block crosses a row)."""
+    n_blocks = in_features // blocksize
+    codes = packed_bytes(packed).view(out_features, n_blocks, blocksize // 2).int()
+    code = code.float()
+    values = torch.stack([code[codes >> 4], code[codes & 0xF]], dim=-1).view(out_features, n_blocks, blocksize)
+    weight = (values * absmax.float().view(out_features, n_blocks, 1)).to(dtype).float()
+    rows = x.to(dtype).float().view(-1, 1, n_blocks, blocksize)
+    out = (rows * weight).sum(dim=(-1, -2))
+    if bias is not None:
+        out = out + bias.to(dtype).float()
+    return out.to(dtype)

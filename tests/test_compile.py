@@ -21,9 +21,10 @@ def test_compiled_llama_matches_eager(spec):
 
 
 def test_compiled_training_step_through_quantized_layers():
-    """AOTAutograd traces the ops' autograd formulas: backward through a compiled quantized layer."""
-    layer = qpass.quantize(torch.nn.Linear(32, 16), qpass.NF4Config(compute_dtype=torch.float32))
-    x = torch.randn(8, 32, requires_grad=True)
+    """AOTAutograd traces the ops' autograd formulas: backward through a compiled quantized layer (whose
+    forward, 8 rows, is the fused reduction)."""
+    layer = qpass.quantize(torch.nn.Linear(64, 16), qpass.NF4Config(compute_dtype=torch.float32))
+    x = torch.randn(8, 64, requires_grad=True)
     torch._dynamo.reset()
     compiled = torch.compile(layer, fullgraph=True)
     compiled(x).sum().backward()
@@ -37,3 +38,27 @@ def test_compile_counts_no_graph_breaks():
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(model)(ids, use_cache=False)
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_compiled_4bit_linear_of_few_rows_decodes_inside_its_reduction(compute_dtype):
+    """On CPU, compiled, up to FUSED_DEQUANT_MAX_M rows: no matmul and no weight written, the decoding
+    fused into the reduction (ref4.linear_4bit_rows), with eager's numbers up to summation order (and,
+    in bf16, the rounding Inductor does not emulate). More rows, or blocks that cross rows: the matmul."""
+    from torch._inductor.utils import run_and_get_code
+
+    from qpass.kernels.ops import FUSED_DEQUANT_MAX_M
+
+    config = qpass.NF4Config(compute_dtype=compute_dtype)
+    cases = [(256, 1, True), (256, FUSED_DEQUANT_MAX_M, True), (256, FUSED_DEQUANT_MAX_M + 1, False),
+             (96, 1, False)]  # 96 inputs: 64-weight blocks cross rows
+    for in_features, rows, fused in cases:
+        layer = qpass.quantize(torch.nn.Linear(in_features, 48), config)
+        x = torch.randn(rows, in_features)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            out, code = run_and_get_code(torch.compile(layer, fullgraph=True), x)
+            eager = layer(x)
+        calls_matmul = any(name in "".join(code) for name in ("extern_kernels.mm", "extern_kernels.addmm"))
+        assert calls_matmul != fused, (in_features, rows)
+        assert relative_error(out, eager) < (1e-6 if compute_dtype == torch.float32 else COMPILE_VS_EAGER_BF16)
