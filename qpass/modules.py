@@ -70,6 +70,10 @@ class QuantizedLinear(nn.Module):
             self._buffers[name] = None
         super()._apply(fn, recurse)
         for name, t in saved.items():
+            if t.device.type == "meta":  # a skeleton: to_empty() gives uninitialised storage, .to() torch's error
+                moved = fn(t)
+                self._buffers[name] = moved if moved.dtype == t.dtype else torch.empty_like(t, device=moved.device)
+                continue
             target = fn(torch.empty(0, dtype=t.dtype, device=t.device)).device
             self._buffers[name] = t.to(target)
         return self

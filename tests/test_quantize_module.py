@@ -256,6 +256,17 @@ def test_a_meta_model_quantizes_to_a_skeleton_that_load_state_dict_fills(tmp_pat
     with torch.no_grad():
         assert torch.equal(skeleton(x), quantized(x))
 
+    with torch.device("meta"):  # or given storage first, then filled by copying
+        skeleton = qpass.quantize(build(), "nf4", **plan)
+    skeleton.half()  # a dtype cast leaves the quantized placeholders' dtypes alone, as for real ones
+    skeleton.to_empty(device="cpu").float().load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    with torch.no_grad():
+        assert torch.equal(skeleton(x), quantized(x))
+    with torch.device("meta"):
+        skeleton = qpass.quantize(build(), "nf4", **plan)
+    with pytest.raises(NotImplementedError, match="Cannot copy out of meta tensor"):
+        skeleton.to("cpu")  # torch's own error: a placeholder holds no values to move
+
     half_loaded = build()
     half_loaded[2] = nn.Linear(96, 64, bias=False, device="meta")
     with pytest.raises(qpass.QuantizationError, match=r"layer '2': its weight is on the meta device \(not loaded\)"):
