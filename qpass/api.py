@@ -29,8 +29,8 @@ def quantize(model, spec, **plan_options):
     and the module is returned) or a ``torch.export.ExportedProgram`` (a new program is returned whose
     graph calls ``torch.ops.qpass`` ops). ``spec``: "nf4", "fp4", "int8", a config object
     (``NF4Config(blocksize=128)``), a ``QPassConfig``, or a transformers ``BitsAndBytesConfig``
-    (``QPassConfig.from_bitsandbytes``: the layers and bytes bitsandbytes would give). ``plan_options`` are ``QPassConfig`` fields:
-    ``overrides={"*.self_attn.*": "int8"}``, ``skip_modules=["lm_head"]``.
+    (``QPassConfig.from_bitsandbytes``: the layers and bytes bitsandbytes would give). ``plan_options``
+    are ``QPassConfig`` fields: ``overrides={"*.self_attn.*": "int8"}``, ``skip_modules=["lm_head"]``.
 
     Layers already quantized are left as they are, so quantizing twice changes nothing.
     """

@@ -56,7 +56,7 @@ def quantize_module(model: nn.Module, plan: QPassConfig) -> nn.Module:
             continue
         layout, tensors = quantize_layer(weight, config, name or type(module).__name__, allow_meta=skeleton)
         bias = module.bias if isinstance(module.bias, nn.Parameter) else None
-        quantized = QuantizedLinear(layout, tensors, bias, from_conv1d=not isinstance(module, nn.Linear))
+        quantized = QuantizedLinear.replacing(module, layout, tensors, bias)
         if not name:  # the model is itself a linear layer
             return quantized
         set_submodule(model, name, quantized)

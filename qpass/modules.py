@@ -29,6 +29,13 @@ class QuantizedLinear(nn.Module):
         self.bias = bias
         self.from_conv1d = from_conv1d  # the original was transformers' Conv1D ([in, out] weight)
 
+    @classmethod
+    def replacing(cls, module: nn.Module, layout: Layout, tensors: dict[str, torch.Tensor | None],
+                  bias: nn.Parameter | None) -> QuantizedLinear:
+        """The layer that replaces ``module``, an ``nn.Linear`` or a transformers ``Conv1D``, remembering
+        which (``qpass.dequantize`` gives the same kind back)."""
+        return cls(layout, tensors, bias, from_conv1d=not isinstance(module, nn.Linear))
+
     @property
     def quantized_tensors(self) -> dict[str, torch.Tensor | None]:
         return {name: getattr(self, name) for name in self.layout.tensor_names}

@@ -64,8 +64,7 @@ def from_pretrained(
     if stored and stored.get("quant_method") not in ("bitsandbytes", QPASS_QUANT_METHOD):
         raise CheckpointError(f"{path}: quant_method {stored.get('quant_method')!r} is not one qpass reads "
                               "(bitsandbytes or qpass)")
-    listed = _listed_formats(stored, path) if stored and stored.get("quant_method") == QPASS_QUANT_METHOD else None
-    bnb_settings = _bnb_settings(stored, path) if stored and listed is None else None
+    listed, bnb_settings = _stored_formats(stored, path) if stored else (None, None)
     if stored:
         del config.quantization_config
     plan = as_plan(spec, **plan_options) if spec is not None else None
@@ -127,23 +126,18 @@ def _loading_device(device: torch.device | str) -> torch.device:
     return device
 
 
-def _listed_formats(stored: dict, path: Path) -> QPassConfig:
-    """The format of each quantized layer, as a qpass checkpoint's quantization_config lists them."""
+def _stored_formats(stored: dict, path: Path) -> tuple[QPassConfig | None, tuple[torch.dtype, float] | None]:
+    """What a checkpoint's quantization_config says of its quantized layers: a qpass checkpoint lists
+    each layer's format (a ``QPassConfig``); a bitsandbytes one (one format) gives every layer's
+    (compute dtype, int8 threshold), the rest of each layout coming from its stored tensors. int8
+    computes as bitsandbytes does (activations quantized from float16) unless qpass recorded another."""
     try:
-        return QPassConfig.from_dict(stored)
+        if stored.get("quant_method") == QPASS_QUANT_METHOD:
+            return QPassConfig.from_dict(stored), None
+        config = format_from_bitsandbytes(stored)
+        return None, (config.compute_dtype, getattr(config, "threshold", 6.0))
     except (ValueError, TypeError) as err:
         raise CheckpointError(f"{path}: config.json's quantization_config is not one qpass reads ({err})") from err
-
-
-def _bnb_settings(stored: dict, path: Path) -> tuple[torch.dtype, float]:
-    """(compute dtype, int8 threshold) of every layer of a bitsandbytes checkpoint (one format). The
-    layout of each layer comes from its stored tensors; int8 computes as bitsandbytes does (activations
-    quantized from float16) unless qpass recorded another compute dtype."""
-    try:
-        config = format_from_bitsandbytes(stored)
-    except ValueError as err:
-        raise CheckpointError(f"{path}: config.json's quantization_config is not one qpass reads ({err})") from err
-    return config.compute_dtype, getattr(config, "threshold", 6.0)
 
 
 def _stored_layer(name, reader, suffixes, bnb_settings, listed, module, dtype) -> QuantizedLinear:
@@ -155,9 +149,8 @@ def _stored_layer(name, reader, suffixes, bnb_settings, listed, module, dtype) -
     else:
         layout, tensors = layer_from_bnb(name, read, suffixes, *bnb_settings)
     check_layer_shape(name, layout, *linear_weight(module).shape)
-    # a Conv1D's weight is stored [out, in] like a Linear's (as bitsandbytes stores it); dequantize restores the Conv1D
-    conv1d = not isinstance(module, nn.Linear)
-    return QuantizedLinear(layout, tensors, _bias(name, reader, module, dtype), from_conv1d=conv1d)
+    # a Conv1D's weight is stored [out, in] like a Linear's (as bitsandbytes stores it)
+    return QuantizedLinear.replacing(module, layout, tensors, _bias(name, reader, module, dtype))
 
 
 def _quantize_while_loading(name, reader, module, config, dtype) -> QuantizedLinear:
@@ -167,7 +160,7 @@ def _quantize_while_loading(name, reader, module, config, dtype) -> QuantizedLin
         raise CheckpointError(f"{name}.weight: shape {tuple(weight.shape)} in the checkpoint, {tuple(module.weight.shape)} in the model")
     layout, tensors = quantize_layer(weight.t() if conv1d else weight, config, name)
     del weight
-    return QuantizedLinear(layout, tensors, _bias(name, reader, module, dtype), from_conv1d=conv1d)
+    return QuantizedLinear.replacing(module, layout, tensors, _bias(name, reader, module, dtype))
 
 
 def _bias(name, reader, module, dtype) -> nn.Parameter | None:

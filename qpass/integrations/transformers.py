@@ -32,7 +32,7 @@ from ..checkpoints.bnb_layout import STORED_SUFFIXES, check_layer_shape, listed_
 from ..checkpoints.errors import CheckpointError
 from ..checkpoints.save import checkpoint_tensors, record_quantization_config
 from ..config import QPASS_QUANT_METHOD, QPassConfig, dtype_from_name
-from ..formats import quantize_layer, quantize_weight
+from ..formats import quantize_layer
 from ..module_swap import dequantize_module, embedding_weight_ids, linear_weight, set_submodule
 from ..modules import QuantizedLinear
 
@@ -148,7 +148,8 @@ class QPassHfQuantizer(HfQuantizer):
                 continue
             if (config := plan.config_for(name)) is None:
                 continue
-            layout, placeholders = quantize_weight(torch.empty(weight.shape, dtype=weight.dtype, device="meta"), config)
+            layout, placeholders = quantize_layer(torch.empty(weight.shape, dtype=weight.dtype, device="meta"), config,
+                                                  name, allow_meta=True)
             if ConversionOps is not None and not self.pre_quantized:
                 # transformers 5 before 5.23 casts each checkpoint tensor to its placeholder's dtype before
                 # QPassQuantize sees it: the weight's placeholder is the weight as the model has it, and
@@ -156,8 +157,7 @@ class QPassHfQuantizer(HfQuantizer):
                 packed = placeholders["weight"]
                 self.packed_weight_bytes[f"{name}.weight"] = packed.numel() * packed.element_size()
                 placeholders = {**placeholders, "weight": torch.empty_like(module.weight, device="meta")}
-            from_conv1d = not isinstance(module, torch.nn.Linear)
-            layer = QuantizedLinear(layout, placeholders, module.bias, from_conv1d=from_conv1d)
+            layer = QuantizedLinear.replacing(module, layout, placeholders, module.bias)
             set_submodule(model, name, layer)
         return model
 
