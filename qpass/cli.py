@@ -244,7 +244,8 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--override", action="append", metavar="PATTERN=FORMAT",
                        help="per-module FORMAT (as --format) by name or glob; FORMAT 'none' keeps it in full precision "
                             "(repeatable)")
-        p.add_argument("--skip", nargs="*", metavar="NAME", help="modules never quantized (default: lm_head)")
+        p.add_argument("--skip", nargs="*", metavar="NAME",
+                       help="modules never quantized (default: the output layer and the last layer, as transformers)")
 
     q = sub.add_parser("quantize", help="quantize a checkpoint into a bitsandbytes-layout checkpoint")
     q.add_argument("src", help="checkpoint folder, Hub repository id (org/name), or " + " / ".join(OFFLINE_MODELS))

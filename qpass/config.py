@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from typing import ClassVar, Union
 
@@ -142,7 +143,7 @@ def as_quant_config(spec: ConfigLike) -> QuantConfig | None:
     raise TypeError(f"expected a format name, a qpass config or None, got {type(spec).__name__}")
 
 
-DEFAULT_SKIP_MODULES = ("lm_head",)
+DEFAULT_SKIP_MODULES = ("lm_head",)  # the default skip list outside transformers models
 QPASS_QUANT_METHOD = "qpass"  # quantization_config.quant_method of plans and of mixed-format checkpoints
 
 
@@ -154,20 +155,27 @@ class QPassConfig:
     * ``overrides``: ``{name_or_glob: format}`` by fully qualified module name, e.g.
       ``{"*.self_attn.*": "int8", "model.layers.0.mlp.down_proj": None}`` (None leaves it in full
       precision). An exact name wins over globs; among globs the first match wins.
-    * ``skip_modules``: names or globs never quantized, whatever the overrides say. Defaults to
-      ``["lm_head"]`` as in transformers; output layers tied to an input embedding are always left alone.
+    * ``skip_modules``: names or globs never quantized, whatever the overrides say. None (the default)
+      leaves out what transformers + bitsandbytes leave out by default: in a transformers model, its
+      output layer (``get_output_embeddings()``) and the layer holding its last parameter (a
+      classifier head such as ``score``, which a checkpoint of the base model lacks); in any other
+      module, and in an ``ExportedProgram``, the layers named ``lm_head``. A list replaces that default,
+      as ``llm_int8_skip_modules`` does. Either way a transformers model's ``_keep_in_fp32_modules``
+      stay unquantized (as bitsandbytes leaves them), and so do output layers tied to an input
+      embedding.
     """
 
     default: ConfigLike = "nf4"
     overrides: Mapping[str, ConfigLike] = dataclasses.field(default_factory=dict)
-    skip_modules: Sequence[str] = DEFAULT_SKIP_MODULES
+    skip_modules: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
         self.default = as_quant_config(self.default)
         self.overrides = {pattern: as_quant_config(spec) for pattern, spec in self.overrides.items()}
         if isinstance(self.skip_modules, str):
             self.skip_modules = (self.skip_modules,)
-        self.skip_modules = tuple(self.skip_modules)
+        if self.skip_modules is not None:
+            self.skip_modules = tuple(self.skip_modules)
 
     @property
     def quant_method(self) -> str:
@@ -182,7 +190,8 @@ class QPassConfig:
         """JSON-ready form (transformers writes it into config.json)."""
 
         return {"quant_method": QPASS_QUANT_METHOD, "default": config_to_dict(self.default),
-                "overrides": {k: config_to_dict(v) for k, v in self.overrides.items()}, "skip_modules": list(self.skip_modules)}
+                "overrides": {k: config_to_dict(v) for k, v in self.overrides.items()},
+                "skip_modules": None if self.skip_modules is None else list(self.skip_modules)}
 
     @classmethod
     def from_bitsandbytes(cls, config) -> QPassConfig:
@@ -191,7 +200,7 @@ class QPassConfig:
         ``bnb_4bit_quant_type`` with its double quantization, compute and storage dtypes (blocksize 64,
         as bitsandbytes); ``load_in_8bit`` gives ``Int8Config(threshold=llm_int8_threshold,
         compute_dtype=float16)``, bitsandbytes' int8 arithmetic. ``llm_int8_skip_modules`` becomes
-        ``skip_modules`` (default ``["lm_head"]``). Its defaults are bitsandbytes' own, not qpass': FP4,
+        ``skip_modules`` (left out, the same default). Its defaults are bitsandbytes' own, not qpass': FP4,
         no double quantization, float32 compute.
 
         ``llm_int8_has_fp16_weight`` (int8 weights trained in fp16) and
@@ -204,9 +213,7 @@ class QPassConfig:
                            "layer on the model's device (give a device_map without offloading)")):
             if fields.get(flag):
                 raise ValueError(f"BitsAndBytesConfig({flag}=True) {why}; set it to False")
-        skip_modules = fields.get("llm_int8_skip_modules")
-        return cls(default=format_from_bitsandbytes(fields),
-                   skip_modules=DEFAULT_SKIP_MODULES if skip_modules is None else skip_modules)
+        return cls(default=format_from_bitsandbytes(fields), skip_modules=fields.get("llm_int8_skip_modules"))
 
     @classmethod
     def from_dict(cls, config_dict: Mapping, return_unused_kwargs: bool = False, **kwargs):
@@ -221,7 +228,7 @@ class QPassConfig:
             plan = cls(default=None, overrides=fields["layers"], skip_modules=())
         else:
             plan = cls(default=fields.get("default"), overrides=fields.get("overrides", {}),
-                       skip_modules=fields.get("skip_modules", DEFAULT_SKIP_MODULES))
+                       skip_modules=fields.get("skip_modules"))
         return (plan, kwargs) if return_unused_kwargs else plan
 
     def to_json_string(self, use_diff: bool = True) -> str:
@@ -229,9 +236,18 @@ class QPassConfig:
 
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
+    def for_model(self, model: torch.nn.Module) -> QPassConfig:
+        """This plan with ``skip_modules`` made concrete for ``model``: the default resolved, and a
+        transformers model's ``_keep_in_fp32_modules`` added (see the class docstring)."""
+        skips = _default_skip_modules(model) if self.skip_modules is None else self.skip_modules
+        return dataclasses.replace(self, skip_modules=(*skips, *_keep_in_fp32_patterns(model)))
+
     def config_for(self, module_name: str) -> QuantConfig | None:
-        """The format config for the module ``module_name``, or None to leave it in full precision."""
-        if any(_matches(module_name, pattern) for pattern in self.skip_modules):
+        """The format config for the module ``module_name``, or None to leave it in full precision.
+        Resolve the plan with ``for_model`` first where the model is at hand: without it, the default
+        skip list is ``["lm_head"]``."""
+        skips = DEFAULT_SKIP_MODULES if self.skip_modules is None else self.skip_modules
+        if any(_matches(module_name, pattern) for pattern in skips):
             return None
         if module_name in self.overrides:
             return self.overrides[module_name]
@@ -305,6 +321,36 @@ def _dtype_field(value, default: torch.dtype) -> torch.dtype:
     if value is None:
         return default
     return value if isinstance(value, torch.dtype) else dtype_from_name(value)
+
+
+def _transformers_model(model: torch.nn.Module) -> bool:
+    # Only a model built by transformers can be one, so this never imports transformers itself.
+    modeling_utils = sys.modules.get("transformers.modeling_utils")
+    return modeling_utils is not None and isinstance(model, modeling_utils.PreTrainedModel)
+
+
+def _default_skip_modules(model: torch.nn.Module) -> tuple[str, ...]:
+    """What transformers skips when ``BitsAndBytesConfig.llm_int8_skip_modules`` is None
+    (``transformers.quantizers.base.get_keys_to_not_convert``, tied weights aside: qpass leaves those
+    alone anyway): the output layer and the module holding the last parameter. Any other module:
+    ``lm_head``."""
+    if not _transformers_model(model):
+        return DEFAULT_SKIP_MODULES
+    output = model.get_output_embeddings()
+    skips = [name for name, module in model.named_modules() if output is not None and module is output]
+    last_parameter = next(reversed(list(model.named_parameters())), None)
+    if last_parameter is not None and "." in last_parameter[0]:
+        skips.append(last_parameter[0].rpartition(".")[0])
+    return tuple(skips)
+
+
+def _keep_in_fp32_patterns(model: torch.nn.Module) -> tuple[str, ...]:
+    """A transformers model's ``_keep_in_fp32_modules`` as globs matching what transformers' own test
+    (``quantizers_utils.should_convert_module``) matches: the name, a module under it, a name ending in it."""
+    if not _transformers_model(model):
+        return ()
+    names = sorted(getattr(model, "_keep_in_fp32_modules", None) or ())
+    return tuple(pattern for name in names for pattern in (name, f"{name}.*", f"*{name}"))
 
 
 def _matches(module_name: str, pattern: str) -> bool:

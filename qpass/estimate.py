@@ -10,7 +10,7 @@ import torch
 from .checkpoints.hub import CONFIG_FILES, checkpoint_folder
 from .config import ConfigLike, QPassConfig, as_plan
 from .formats import layout_for
-from .module_swap import embedding_weight_ids, linear_weight
+from .module_swap import selected_linears
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,13 +45,9 @@ def estimate(config_or_dir, spec: ConfigLike | QPassConfig, *, dtype: torch.dtyp
     plan = as_plan(spec, **plan_options)
     with init_empty_weights(include_buffers=True):
         model = AutoModelForCausalLM.from_config(config)
-    tied = embedding_weight_ids(model)
     layers: dict[str, str] = {}
     quantized_bytes, code_books, replaced = 0, {}, set()
-    for name, module in model.named_modules():
-        weight = linear_weight(module)
-        if weight is None or id(module.weight) in tied or (layer_config := plan.config_for(name)) is None:
-            continue
+    for name, module, weight, layer_config in selected_linears(model, plan):
         layout = layout_for(layer_config, *weight.shape)
         quantized_bytes += layout.nbytes()
         code_books.update(layout.shared_nbytes())

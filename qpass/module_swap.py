@@ -8,7 +8,7 @@ import sys
 import torch
 from torch import nn
 
-from .config import QPassConfig
+from .config import QPassConfig, QuantConfig
 from .formats import quantize_layer
 from .modules import QuantizedLinear
 
@@ -35,6 +35,32 @@ def linear_weight(module: nn.Module) -> torch.Tensor | None:
     return None
 
 
+def linear_layers(model: nn.Module) -> list[tuple[str, nn.Module, torch.Tensor]]:
+    """``(name, layer, [out, in] weight)`` of every linear layer a plan may quantize, in module order:
+    all but those whose weight is an input embedding's, and a transformers model's output layer while
+    its config ties it to the input embedding (a model just built, before ``tie_weights()``)."""
+    tied = embedding_weight_ids(model)
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    tie = getattr(text_config, "tie_word_embeddings", False) and hasattr(model, "get_output_embeddings")
+    tied_output = model.get_output_embeddings() if tie else None
+    return [(name, module, weight) for name, module in model.named_modules()
+            if (weight := linear_weight(module)) is not None and id(module.weight) not in tied
+            and module is not tied_output]
+
+
+def selected_linears(model: nn.Module, plan: QPassConfig, resolve: bool = True
+                     ) -> list[tuple[str, nn.Module, torch.Tensor, QuantConfig]]:
+    """``(name, layer, [out, in] weight, format config)`` of each linear layer ``plan`` quantizes in
+    ``model`` (``linear_layers``), with the plan's skip list resolved for the model
+    (``QPassConfig.for_model``) unless ``resolve`` is False: a checkpoint's ``quantization_config``
+    lists the layers it holds quantized, and is read as it is."""
+    if resolve:
+        plan = plan.for_model(model)
+    return [(name, module, weight, config) for name, module, weight in linear_layers(model)
+            if (config := plan.config_for(name)) is not None]
+
+
 def quantize_module(model: nn.Module, plan: QPassConfig) -> nn.Module:
     """Quantize every linear layer the plan selects, one at a time, freeing each original weight.
 
@@ -46,14 +72,7 @@ def quantize_module(model: nn.Module, plan: QPassConfig) -> nn.Module:
     the state dict of the same model quantized with the same plan (gpt-fast's way of loading).
     """
     skeleton = all(p.device.type == "meta" for p in model.parameters())
-    tied = embedding_weight_ids(model)
-    for name, module in list(model.named_modules()):
-        weight = linear_weight(module)
-        if weight is None or id(module.weight) in tied:
-            continue
-        config = plan.config_for(name)
-        if config is None:
-            continue
+    for name, module, weight, config in selected_linears(model, plan):
         layout, tensors = quantize_layer(weight, config, name or type(module).__name__, allow_meta=skeleton)
         bias = module.bias if isinstance(module.bias, nn.Parameter) else None
         quantized = QuantizedLinear.replacing(module, layout, tensors, bias)

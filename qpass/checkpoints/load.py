@@ -15,7 +15,7 @@ from torch import nn
 
 from ..config import QPASS_QUANT_METHOD, ConfigLike, QPassConfig, as_plan, format_from_bitsandbytes
 from ..formats import quantize_layer
-from ..module_swap import embedding_weight_ids, linear_weight, set_submodule
+from ..module_swap import linear_layers, linear_weight, set_submodule
 from ..modules import QuantizedLinear
 from .bnb_layout import check_layer_shape, is_quantized_layer, layer_from_bnb, listed_layer_from_bnb
 from .errors import CheckpointError
@@ -80,11 +80,8 @@ def from_pretrained(
                disable=not progress)
     consumed: set[str] = set()
     # An output layer tied to the input embedding stays as it is (tie_weights() runs after loading).
-    tied = embedding_weight_ids(model)
-    tied_output = model.get_output_embeddings() if getattr(config.get_text_config(), "tie_word_embeddings", False) else None
-    for name, module in list(model.named_modules()):
-        if not name or linear_weight(module) is None or id(module.weight) in tied or module is tied_output:
-            continue
+    plan = plan.for_model(model) if plan is not None else None
+    for name, module, _ in linear_layers(model):
         suffixes = {k[len(name) + 1 :] for k in reader.keys() if k.startswith(name + ".")}
         if stored and (is_quantized_layer(suffixes) or (listed is not None and listed.config_for(name) is not None)):
             layer = _stored_layer(name, reader, suffixes, bnb_settings, listed, module, dtype)

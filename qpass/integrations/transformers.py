@@ -33,7 +33,7 @@ from ..checkpoints.errors import CheckpointError
 from ..checkpoints.save import checkpoint_tensors, record_quantization_config
 from ..config import QPASS_QUANT_METHOD, QPassConfig, dtype_from_name
 from ..formats import quantize_layer
-from ..module_swap import dequantize_module, embedding_weight_ids, linear_weight, set_submodule
+from ..module_swap import dequantize_module, selected_linears, set_submodule
 from ..modules import QuantizedLinear
 
 logger = logging.getLogger(__name__)
@@ -46,6 +46,17 @@ def quantized_tensors(model, param_name: str, value: torch.Tensor) -> tuple[Quan
     weight = value.t() if layer.from_conv1d else value
     _, tensors = quantize_layer(weight, layer.layout.config, param_name.rpartition(".")[0])
     return layer, {name: t for name, t in tensors.items() if t is not None}
+
+
+def missing_weights_error(layers: list[str]) -> ValueError:
+    """The error for quantized layers the checkpoint has no tensors for: transformers initialises a
+    missing weight at random, and a ``QuantizedLinear`` would keep uninitialised memory instead."""
+    named = ", ".join(map(repr, layers[:3])) + (f" and {len(layers) - 3} more" if len(layers) > 3 else "")
+    return ValueError(
+        f"the checkpoint has no weight for {named}, which the quantization config quantizes: a quantized layer "
+        "cannot be initialised at random, as transformers initialises a missing weight. Leave it in full "
+        "precision by naming it in skip_modules (a new head, such as a classifier's, is left out by default when "
+        "it holds the model's last parameter)")
 
 
 try:  # transformers 5: loading runs conversion ops
@@ -68,6 +79,7 @@ if ConversionOps is not None:
                 prefix = param_name.rpartition(".")[0]
                 result.update({f"{prefix}.{name}": t for name, t in tensors.items()})
                 layer._is_hf_initialized = True
+                self.hf_quantizer.loaded_layers.add(prefix)
             return result
 
     class QPassDeserialize(ConversionOps):
@@ -78,6 +90,10 @@ if ConversionOps is not None:
 
         def __init__(self, hf_quantizer):
             self.hf_quantizer = hf_quantizer  # also tells transformers not to cast what it gathers
+
+        def __deepcopy__(self, memo):
+            # transformers copies the converter for each checkpoint tensor; the copies report to one quantizer
+            return type(self)(self.hf_quantizer)
 
         def convert(self, input_dict, full_layer_name=None, model=None, **kwargs):
             stored = {suffix: value[0] if isinstance(value, list) else value for suffix, value in input_dict.items()}
@@ -96,6 +112,7 @@ if ConversionOps is not None:
                 raise
             layer.layout = layout  # the stored one: it records the original weight's dtype
             layer._is_hf_initialized = True
+            self.hf_quantizer.loaded_layers.add(name)
             return {f"{name}.{tensor_name}": t for tensor_name, t in tensors.items() if t is not None}
 
 
@@ -108,6 +125,7 @@ class QPassHfQuantizer(HfQuantizer):
     def __init__(self, quantization_config, **kwargs):
         super().__init__(quantization_config, **kwargs)
         self.packed_weight_bytes: dict[str, int] = {}  # "<layer>.weight" -> bytes once quantized
+        self.loaded_layers: set[str] = set()  # the QuantizedLinears whose tensors the checkpoint filled
 
     def validate_environment(self, *args, device_map=None, **kwargs):
         if self.pre_quantized and ConversionOps is None:
@@ -138,16 +156,8 @@ class QPassHfQuantizer(HfQuantizer):
         return device_map
 
     def _process_model_before_weight_loading(self, model, **kwargs):
-        plan = self.quantization_config
-        tied = embedding_weight_ids(model)
-        tie = getattr(model.config.get_text_config(), "tie_word_embeddings", False)
-        tied_output = model.get_output_embeddings() if tie else None  # tied after loading: left as is
-        for name, module in list(model.named_modules()):
-            weight = linear_weight(module)
-            if not name or weight is None or id(module.weight) in tied or module is tied_output:
-                continue
-            if (config := plan.config_for(name)) is None:
-                continue
+        for name, module, weight, config in selected_linears(model, self.quantization_config,
+                                                             resolve=not self.pre_quantized):
             layout, placeholders = quantize_layer(torch.empty(weight.shape, dtype=weight.dtype, device="meta"), config,
                                                   name, allow_meta=True)
             if ConversionOps is not None and not self.pre_quantized:
@@ -185,14 +195,24 @@ class QPassHfQuantizer(HfQuantizer):
         layer, tensors = quantized_tensors(model, param_name, param_value.to(target_device))
         for name, tensor in tensors.items():
             layer._buffers[name] = tensor
+        self.loaded_layers.add(param_name.rpartition(".")[0])
 
     def update_missing_keys(self, model, missing_keys, prefix):
         # transformers 4.57: the checkpoint has a quantized layer's weight, not the tensors made from it
-        quantized = {f"{name}.{tensor}" for name, layer in model.named_modules() if isinstance(layer, QuantizedLinear)
-                     for tensor in layer.layout.tensor_names}
+        layers = {name: layer for name, layer in model.named_modules() if isinstance(layer, QuantizedLinear)}
+        weights = {f"{name}.weight": name for name in layers}
+        if unloaded := list(dict.fromkeys(weights[k] for key in missing_keys
+                                          for k in (key, key.removeprefix(f"{prefix}.")) if k in weights)):
+            raise missing_weights_error(unloaded)  # before transformers quantizes uninitialised memory for it
+        quantized = {f"{name}.{tensor}" for name, layer in layers.items() for tensor in layer.layout.tensor_names}
         return [key for key in missing_keys if key not in quantized and key.removeprefix(f"{prefix}.") not in quantized]
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        # transformers initialises a weight missing from the checkpoint at random (and says so in its
+        # load report); a QuantizedLinear's tensors would be left as uninitialised memory instead
+        if unloaded := [name for name, module in model.named_modules()
+                        if isinstance(module, QuantizedLinear) and name not in self.loaded_layers]:
+            raise missing_weights_error(unloaded)
         # transformers 5's save_pretrained reverts the converters that loading used, and a deserializer
         # has no reverse; none is needed, since get_state_dict_and_metadata writes the stored layout
         conversions = getattr(model, "_weight_conversions", None)
