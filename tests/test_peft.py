@@ -31,6 +31,41 @@ def _quantized_tensors(model):
             for t_name, t in m.quantized_tensors.items() if t is not None}
 
 
+def test_qlora_sequence_classification_trains_the_new_head_in_full_precision(tmp_path):
+    """The QLoRA classifier recipe: a causal LM's checkpoint loaded as AutoModelForSequenceClassification
+    with a QPassConfig. Its new 'score' head is left in full precision (as bitsandbytes leaves it), so
+    PEFT's SEQ_CLS task trains it as a module to save beside the adapters, and both reload."""
+    from transformers import AutoModelForSequenceClassification
+
+    tiny_llama().save_pretrained(tmp_path / "lm")
+
+    def load():
+        model = AutoModelForSequenceClassification.from_pretrained(
+            tmp_path / "lm", num_labels=3, quantization_config=qpass.QPassConfig("nf4"), device_map="cpu")
+        model.config.pad_token_id = 0
+        return model
+
+    model = qpass_peft.get_peft_model(qpass_peft.prepare_model_for_kbit_training(load()),
+                                      LoraConfig(r=4, task_type="SEQ_CLS", target_modules="all-linear"))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert any(".score.modules_to_save." in name for name in trainable)
+    assert len([m for m in model.modules() if isinstance(m, qpass_peft.QuantizedLoraLinear)]) == len(LLAMA_LINEARS)
+    ids, labels = torch.randint(3, 128, (4, 10), generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 1])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(10):
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = qpass_peft.load_adapter(load(), tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+
+
 @pytest.mark.parametrize("fmt", ["nf4", "int8"])
 def test_qlora_recipe_trains_adapters_on_a_frozen_quantized_base(fmt):
     torch.manual_seed(0)
