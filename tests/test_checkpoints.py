@@ -3,6 +3,7 @@ clear errors, and quantize-while-loading memory."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -129,6 +130,19 @@ def test_bitsandbytes_options_qpass_cannot_honour_are_refused():
         qpass.QPassConfig.from_bitsandbytes(qpass.QPassConfig("nf4"))
     with pytest.raises(TypeError, match=r"a BitsAndBytesConfig is a whole plan .* QPassConfig.from_bitsandbytes"):
         qpass.QPassConfig("nf4", overrides={"*.mlp.*": BNB_CONFIGS["int8"]})
+
+
+@pytest.mark.parametrize("key", ["model.norm.weight", "model.layers.1.mlp.up_proj.weight"])
+def test_a_tensor_missing_from_the_checkpoint_is_refused_with_what_to_do(fp_checkpoint, tmp_path, key):
+    """qpass.from_pretrained loads only what is stored (a layer it quantizes, or one it does not), and
+    says where new layers can start at random instead."""
+    shutil.copytree(fp_checkpoint, tmp_path / "fp")
+    tensors = load_file(tmp_path / "fp" / "model.safetensors")
+    del tensors[key]
+    save_file(tensors, tmp_path / "fp" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(qpass.CheckpointError, match=rf"tensor '{key}' is missing from the checkpoint\. "
+                                                    r".*load through transformers"):
+        qpass.from_pretrained(tmp_path / "fp", "nf4")
 
 
 def test_quantize_while_loading_equals_quantizing_after(fp_checkpoint):

@@ -103,8 +103,12 @@ def from_pretrained(
     model.tie_weights()
     missing = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.device.type == "meta"]
     if missing:
-        raise CheckpointError(f"{path}: tensor {missing[0]!r} is missing from the checkpoint"
-                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise CheckpointError(
+            f"{path}: tensor {missing[0]!r} is missing from the checkpoint"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + ". qpass.from_pretrained loads only what a checkpoint holds; to start new layers at random (a "
+            "classifier's head), load through transformers: model_class.from_pretrained(path, "
+            "quantization_config=qpass.QPassConfig(...))")
     return model.to(device).eval()  # moves the buffers the model made itself (rotary tables); the rest was read there
 
 
