@@ -268,7 +268,10 @@ def linear_int8(
 
         out = linear_int8_triton(x2d, cb, scb, bias, threshold, compute_dtype, launch=torch.library.wrap_triton)
     else:
-        out = ref8.linear_int8(x2d, cb, scb, bias, threshold, compute_dtype)
+        # eagerly on the CPU, the outlier term reads only the outlier columns of the weight (measured on 2
+        # cores, 1536x576 at M=1: 0.41 ms against 1.03; 4096x4096: 17 ms against 119; bf16 compute)
+        gather = x.device.type == "cpu" and not torch.compiler.is_compiling()
+        out = ref8.linear_int8(x2d, cb, scb, bias, threshold, compute_dtype, gather_outliers=gather)
     return out.reshape(*x.shape[:-1], cb.shape[0]).to(_output_dtype(x, compute_dtype))
 
 

@@ -68,11 +68,17 @@ def linear_int8(
     bias: torch.Tensor | None,
     threshold: float,
     compute_dtype: torch.dtype,
+    gather_outliers: bool = False,
 ) -> torch.Tensor:
     """LLM.int8() linear of a 2-D ``x``; the result is in ``compute_dtype``.
 
     Both terms are summed in float32 with the bias and rounded once (bitsandbytes rounds the int8 term
     to the compute dtype before adding the outlier term; this is at least as accurate).
+
+    ``gather_outliers`` computes the outlier term from the outlier columns alone (``x[:, cols]`` and
+    ``CB[:, cols]`` dequantized) instead of masking ``x`` and dequantizing all of ``CB``: the same
+    products, summed in another order, but a data-dependent shape and a host sync, so only for eager
+    calls on the CPU, where it is 2-7x faster.
     """
     x = x.to(compute_dtype)
     ca, sca, outlier_columns = int8_vectorwise_quant(x, threshold)
@@ -82,5 +88,10 @@ def linear_int8(
         if bias is not None:
             int8_term = int8_term + bias.to(compute_dtype).float()
         return int8_term.to(compute_dtype)
-    x_outliers = x * outlier_columns.to(compute_dtype)
-    return linear_fp32_accumulate(x_outliers, dequantize_int8(cb, scb, compute_dtype), bias, compute_dtype, extra=int8_term)
+    if gather_outliers:
+        columns = outlier_columns.nonzero().squeeze(1)
+        x_outliers, cb_outliers = x.index_select(1, columns), cb.index_select(1, columns)
+    else:
+        x_outliers, cb_outliers = x * outlier_columns.to(compute_dtype), cb
+    return linear_fp32_accumulate(x_outliers, dequantize_int8(cb_outliers, scb, compute_dtype), bias, compute_dtype,
+                                  extra=int8_term)

@@ -179,6 +179,29 @@ def test_4bit_linear_matches_bitsandbytes(quant_type):
     torch.testing.assert_close(_call(layout, tensors, x, linear.bias.data), ref(x), rtol=1.6e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("outlier_columns", [(), (3,), (0, 17, 63), tuple(range(64))])
+def test_int8_outlier_term_gathered_equals_masked(compute_dtype, outlier_columns):
+    """The eager CPU path gathers the outlier columns of x and CB; the definition masks x and dequantizes
+    all of CB. The same products, in another summation order: equal up to float32 rounding before the
+    single rounding to the compute dtype."""
+    from qpass.kernels import reference_int8 as ref8
+
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(40, 64, generator=generator)
+    layout, tensors = quantize_weight(weight, qpass.Int8Config(compute_dtype=compute_dtype))
+    x = torch.randn(5, 64, generator=generator)
+    x[:, list(outlier_columns)] *= 30
+    x[:, list(outlier_columns)] += 10
+    bias = torch.randn(40, generator=generator)
+    for b in (bias, None):
+        masked = ref8.linear_int8(x, tensors["weight"], tensors["SCB"], b, 6.0, compute_dtype)
+        gathered = ref8.linear_int8(x, tensors["weight"], tensors["SCB"], b, 6.0, compute_dtype, gather_outliers=True)
+        assert ref8.int8_vectorwise_quant(x.to(compute_dtype), 6.0)[2].sum() == len(outlier_columns)
+        ulp = torch.finfo(compute_dtype).eps
+        torch.testing.assert_close(gathered.float(), masked.float(), rtol=ulp, atol=1e-5)
+
+
 def test_int8_ops_have_no_data_dependent_shapes():
     """The int8 linear exports with outliers handled inside the op: no guards on outlier counts."""
     _, layout, tensors, b = _layer(CONFIGS["int8"])
