@@ -145,6 +145,16 @@ def test_a_tensor_missing_from_the_checkpoint_is_refused_with_what_to_do(fp_chec
         qpass.from_pretrained(tmp_path / "fp", "nf4")
 
 
+def test_a_checkpoint_of_another_class_is_refused_with_what_to_do(fp_checkpoint):
+    """A causal LM's checkpoint into a classifier: its lm_head does not belong there, and qpass.from_pretrained
+    says to load through transformers, which drops it and starts the new head."""
+    from transformers import AutoModelForSequenceClassification
+
+    with pytest.raises(qpass.CheckpointError, match=r"tensor 'lm_head.weight' does not belong to this "
+                                                    r"LlamaForSequenceClassification\. .*load through transformers"):
+        qpass.from_pretrained(fp_checkpoint, "nf4", model_class=AutoModelForSequenceClassification)
+
+
 def test_quantize_while_loading_equals_quantizing_after(fp_checkpoint):
     loaded = qpass.from_pretrained(fp_checkpoint, "nf4", overrides={"*.self_attn.*": "int8"})
     after = qpass.quantize(tiny_llama(), "nf4", overrides={"*.self_attn.*": "int8"})

@@ -23,6 +23,15 @@ from .hub import checkpoint_folder
 from .safetensors_io import SafetensorsReader
 
 
+# Where the strict loader sends a user whose checkpoint and class differ: transformers drops unexpected
+# tensors and initialises missing ones (but a layer qpass quantizes cannot be initialised:
+# integrations.transformers.missing_weights_error).
+OTHER_CLASS_HINT = ("qpass.from_pretrained loads exactly what a checkpoint holds into its class; to load it into "
+                    "another (a classifier from a causal LM: its head dropped, a new one started at random), load "
+                    "through transformers: model_class.from_pretrained(path, "
+                    "quantization_config=qpass.QPassConfig(...))")
+
+
 def from_pretrained(
     path: str | Path,
     spec: ConfigLike | QPassConfig = None,
@@ -106,9 +115,7 @@ def from_pretrained(
         raise CheckpointError(
             f"{path}: tensor {missing[0]!r} is missing from the checkpoint"
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-            + ". qpass.from_pretrained loads only what a checkpoint holds; to start new layers at random (a "
-            "classifier's head), load through transformers: model_class.from_pretrained(path, "
-            "quantization_config=qpass.QPassConfig(...))")
+            + f". {OTHER_CLASS_HINT}")
     return model.to(device).eval()  # moves the buffers the model made itself (rotary tables); the rest was read there
 
 
@@ -173,13 +180,15 @@ def _bias(name, reader, module, dtype) -> nn.Parameter | None:
 
 def _assign(model: nn.Module, key: str, tensor: torch.Tensor, dtype, path) -> None:
     module_name, _, attr = key.rpartition(".")
+    unknown = CheckpointError(f"{path}: tensor {key!r} does not belong to this {type(model).__name__}. "
+                              f"{OTHER_CLASS_HINT}")
     try:
         owner = model.get_submodule(module_name)
     except AttributeError:
-        raise CheckpointError(f"{path}: tensor {key!r} does not belong to this {type(model).__name__}") from None
+        raise unknown from None
     current = getattr(owner, attr, None)
     if not isinstance(current, torch.Tensor):
-        raise CheckpointError(f"{path}: tensor {key!r} does not belong to this {type(model).__name__}")
+        raise unknown
     if tuple(current.shape) != tuple(tensor.shape):
         raise CheckpointError(f"{path}: tensor {key!r} has shape {tuple(tensor.shape)}, the model expects {tuple(current.shape)}")
     if dtype is not None and tensor.is_floating_point():
