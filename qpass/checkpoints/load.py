@@ -88,7 +88,7 @@ def from_pretrained(
     bar = tqdm(total=len(reader.keys()), unit="tensor", desc=f"{'quantizing' if plan else 'loading'} {path.name}",
                disable=not progress)
     consumed: set[str] = set()
-    # An output layer tied to the input embedding stays as it is (tie_weights() runs after loading).
+    # linear_layers leaves out an output layer tied to the input embedding (tie_weights() runs after loading)
     plan = plan.for_model(model) if plan is not None else None
     for name, module, _ in linear_layers(model):
         suffixes = {k[len(name) + 1 :] for k in reader.keys() if k.startswith(name + ".")}
