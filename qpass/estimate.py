@@ -26,10 +26,12 @@ class Estimate:
 
 
 def estimate(config_or_dir, spec: ConfigLike | QPassConfig, *, dtype: torch.dtype = torch.float16,
-             **plan_options) -> Estimate:
+             model_class=None, **plan_options) -> Estimate:
     """Exact bytes of the model described by ``config_or_dir`` (a transformers config, or a checkpoint
     folder or its config.json, or a Hub repository id whose config.json alone is fetched) quantized with
-    ``spec``, tensors left in full precision in ``dtype``.
+    ``spec``, tensors left in full precision in ``dtype``. ``model_class`` (default
+    ``AutoModelForCausalLM``, as ``from_pretrained``) builds the model: another head changes what is
+    quantized (a classifier's ``score`` stays in full precision by default).
 
     Equal to ``qpass.footprint(qpass.quantize(model.to(dtype), spec)).total_bytes`` (tested), but no
     weight is ever made: the model is instantiated on the meta device."""
@@ -44,7 +46,7 @@ def estimate(config_or_dir, spec: ConfigLike | QPassConfig, *, dtype: torch.dtyp
         config = AutoConfig.from_pretrained(checkpoint_folder(path, files=CONFIG_FILES))
     plan = as_plan(spec, **plan_options)
     with init_empty_weights(include_buffers=True):
-        model = AutoModelForCausalLM.from_config(config)
+        model = (model_class or AutoModelForCausalLM).from_config(config)
     layers: dict[str, str] = {}
     quantized_bytes, code_books, replaced = 0, {}, set()
     for name, module, weight, layer_config in selected_linears(model, plan):

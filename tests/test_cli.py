@@ -213,3 +213,17 @@ def test_estimate_is_exact(spec, make):
     assert estimate.total_bytes == footprint.total_bytes
     assert estimate.fp16_bytes == footprint.fp16_bytes and estimate.fp32_bytes == footprint.fp32_bytes
     assert sorted(estimate.layers) == sorted(layer.name for layer in footprint.layers)
+
+
+def test_estimate_builds_the_model_class_given():
+    """A classifier: estimate with model_class counts what quantizing that class gives (its score head
+    left in full precision), not the causal LM's lm_head."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = tiny_llama().config
+    config.num_labels = 3
+    model = AutoModelForSequenceClassification.from_config(config).to(torch.float16)
+    estimate = qpass.estimate(config, "nf4", model_class=AutoModelForSequenceClassification)
+    footprint = qpass.footprint(qpass.quantize(model, "nf4"))
+    assert estimate.total_bytes == footprint.total_bytes and "score" not in estimate.layers
+    assert estimate.total_bytes != qpass.estimate(config, "nf4").total_bytes
