@@ -267,12 +267,27 @@ def linear_int8(
         from .triton_int8 import linear_int8_triton
 
         out = linear_int8_triton(x2d, cb, scb, bias, threshold, compute_dtype, launch=torch.library.wrap_triton)
+    elif x.device.type == "cpu":
+        out = torch.ops.qpass.linear_int8_cpu(x2d, cb, scb, bias, threshold, compute_dtype)
     else:
-        # eagerly on the CPU, the outlier term reads only the outlier columns of the weight (measured on 2
-        # cores, 1536x576 at M=1: 0.41 ms against 1.03; 4096x4096: 17 ms against 119; bf16 compute)
-        gather = x.device.type == "cpu" and not torch.compiler.is_compiling()
-        out = ref8.linear_int8(x2d, cb, scb, bias, threshold, compute_dtype, gather_outliers=gather)
+        out = ref8.linear_int8(x2d, cb, scb, bias, threshold, compute_dtype)
     return out.reshape(*x.shape[:-1], cb.shape[0]).to(_output_dtype(x, compute_dtype))
+
+
+@torch.library.custom_op("qpass::linear_int8_cpu", mutates_args=(), device_types="cpu")
+def linear_int8_cpu(
+    x: Tensor, cb: Tensor, scb: Tensor, bias: Optional[Tensor], threshold: float, compute_dtype: torch.dtype
+) -> Tensor:
+    """``linear_int8``'s CPU path: ``ref8.linear_int8(..., gather_outliers=True)``, the outlier term from
+    the outlier columns of the weight alone (a host sync, free on the CPU). An op of its own because the
+    gather's shape depends on the data: tracing (fake tensors, ``torch.export``) takes its fake kernel,
+    and ``torch.compile`` runs it as it is (Inductor's code for the masked form was slower than eager)."""
+    return ref8.linear_int8(x, cb, scb, bias, threshold, compute_dtype, gather_outliers=True)
+
+
+@linear_int8_cpu.register_fake
+def _(x, cb, scb, bias, threshold, compute_dtype):
+    return x.new_empty((x.shape[0], cb.shape[0]), dtype=compute_dtype)
 
 
 def _setup_linear_int8(ctx, inputs, output):

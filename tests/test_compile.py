@@ -62,3 +62,29 @@ def test_compiled_4bit_linear_of_few_rows_decodes_inside_its_reduction(compute_d
         calls_matmul = any(name in "".join(code) for name in ("extern_kernels.mm", "extern_kernels.addmm"))
         assert calls_matmul != fused, (in_features, rows)
         assert relative_error(out, eager) < (1e-6 if compute_dtype == torch.float32 else COMPILE_VS_EAGER_BF16)
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_compiled_int8_linear_on_cpu_runs_the_eager_path(compute_dtype):
+    """On CPU, compiled, the int8 linear calls qpass::linear_int8_cpu as it is (the outlier columns
+    gathered, which Inductor cannot trace): the generated code holds no matmul of its own, and the output
+    is eager's, bit for bit, with outlier columns present and absent; a training step goes through it."""
+    from torch._inductor.utils import run_and_get_code
+
+    layer = qpass.quantize(torch.nn.Linear(64, 24), qpass.Int8Config(compute_dtype=compute_dtype))
+    for outliers in (True, False):
+        x = torch.randn(5, 64)
+        if outliers:
+            x[:, 7] *= 40
+        torch._dynamo.reset()
+        with torch.no_grad():
+            out, code = run_and_get_code(torch.compile(layer, fullgraph=True), x)
+            eager = layer(x)
+        assert "qpass.linear_int8_cpu" in "".join(code) and "extern_kernels.mm" not in "".join(code)
+        assert torch.equal(out, eager)
+    x = torch.randn(5, 64, requires_grad=True)
+    torch._dynamo.reset()
+    torch.compile(layer, fullgraph=True)(x).sum().backward()
+    compiled_grad, x.grad = x.grad, None
+    layer(x).sum().backward()
+    assert relative_error(compiled_grad, x.grad) < (1e-6 if compute_dtype == torch.float32 else COMPILE_VS_EAGER_BF16)

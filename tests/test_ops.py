@@ -202,6 +202,18 @@ def test_int8_outlier_term_gathered_equals_masked(compute_dtype, outlier_columns
         torch.testing.assert_close(gathered.float(), masked.float(), rtol=ulp, atol=1e-5)
 
 
+@pytest.mark.parametrize("spec", ["int8", "nf4"])
+def test_linear_layers_trace_under_fake_tensors(spec):
+    """A layer called on fake tensors (what tracing tools run: FakeTensorMode, flop counters) takes the
+    ops' fake kernels: no data-dependent shape escapes, even where the CPU path gathers outlier columns."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    layer = qpass.quantize(torch.nn.Linear(64, 24), spec)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        out = layer(torch.randn(5, 64))
+    assert out.shape == (5, 24) and out.dtype == torch.float32
+
+
 def test_int8_ops_have_no_data_dependent_shapes():
     """The int8 linear exports with outliers handled inside the op: no guards on outlier counts."""
     _, layout, tensors, b = _layer(CONFIGS["int8"])
