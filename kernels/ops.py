@@ -260,7 +260,8 @@ def linear_int8(
 ) -> Tensor:
     """LLM.int8() ``x @ W^T + bias``, outlier columns (|x| >= threshold) in ``compute_dtype``.
 
-    CUDA runs the Triton kernels (``triton_int8``); every other device the reference."""
+    CUDA runs the Triton kernels (``triton_int8``); every other device the reference, the CPU through
+    ``linear_int8_cpu``."""
     _check_input(x, cb.shape[1], "linear_int8")
     x2d = x.reshape(-1, x.shape[-1])
     if use_triton(x):
