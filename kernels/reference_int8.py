@@ -77,8 +77,8 @@ def linear_int8(
 
     ``gather_outliers`` computes the outlier term from the outlier columns alone (``x[:, cols]`` and
     ``CB[:, cols]`` dequantized) instead of masking ``x`` and dequantizing all of ``CB``: the same
-    products, summed in another order, but a data-dependent shape and a host sync, so only for eager
-    calls on the CPU, where it is 2-7x faster.
+    products, summed in another order, but a data-dependent shape and a host sync, so only for the CPU,
+    where it is 2-7x faster, and inside an op tracing does not enter (``ops.linear_int8_cpu``).
     """
     x = x.to(compute_dtype)
     ca, sca, outlier_columns = int8_vectorwise_quant(x, threshold)

@@ -1,7 +1,8 @@
 """Tiny transformers models built from configs (no downloads)."""
 
 import torch
-from transformers import BertConfig, BertLMHeadModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (BertConfig, BertForSequenceClassification, BertLMHeadModel, GPT2Config, GPT2LMHeadModel,
+                          LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration)
 
 
 def tiny_llama(tie_word_embeddings=False, dtype=torch.float32) -> LlamaForCausalLM:
@@ -31,6 +32,21 @@ def tiny_bert_decoder() -> BertLMHeadModel:
     config = BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=128, max_position_embeddings=64, is_decoder=True)
     return BertLMHeadModel(config).eval()
+
+
+def tiny_bert_classifier() -> BertForSequenceClassification:
+    """A classifier whose last layer (``classifier``) has a bias."""
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                        intermediate_size=64, num_labels=3)
+    return BertForSequenceClassification(config).eval()
+
+
+def tiny_t5() -> T5ForConditionalGeneration:
+    """An encoder-decoder with ``_keep_in_fp32_modules`` (its feed-forward outputs, ``wo``) and a tied lm_head."""
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=4)
+    return T5ForConditionalGeneration(config).eval()
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

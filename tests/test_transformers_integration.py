@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 import qpass
 
-from models import relative_error, tiny_llama
+from models import relative_error, tiny_bert_classifier, tiny_gpt2, tiny_llama, tiny_t5
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +121,6 @@ def test_device_map_sizes_the_quantized_layers(fp_checkpoint):
 
 
 def test_conv1d_models_through_transformers(tmp_path):
-    from models import tiny_gpt2
-
     tiny_gpt2().save_pretrained(tmp_path / "gpt2")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2", quantization_config=qpass.QPassConfig("fp4"),
                                                  device_map="cpu")
@@ -210,8 +208,6 @@ def _stored_tensors(folder):
 def test_a_mixed_format_conv1d_checkpoint_loads_through_transformers(tmp_path):
     """GPT-2's Conv1D layers, stored [out, in] with their biases, load as qpass.from_pretrained loads
     them, and dequantize back to Conv1D."""
-    from models import tiny_gpt2
-
     qpass.save_pretrained(qpass.quantize(tiny_gpt2(), qpass.QPassConfig("fp4", overrides={"*.attn.*": "int8"})),
                           tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cpu")
@@ -301,35 +297,12 @@ def test_a_transformers_qpass_cannot_register_with_still_imports():
     assert "ModuleNotFoundError" in out.stdout, out.stdout
 
 
-def _tiny_t5():
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    torch.manual_seed(0)  # T5 keeps its feed-forward output layers ("wo") out of quantization: _keep_in_fp32_modules
-    return T5ForConditionalGeneration(T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=1,
-                                               num_decoder_layers=1, num_heads=4)).eval()
-
-
-def _tiny_bert_classifier():
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    return BertForSequenceClassification(BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1,
-                                                    num_attention_heads=4, intermediate_size=64,
-                                                    num_labels=3)).eval()
-
-
-def _tiny_gpt2():
-    from models import tiny_gpt2
-
-    return tiny_gpt2()
-
-
 SELECTION_CASES = {  # saved model, the class that loads it, what the default leaves out (as bitsandbytes)
     "llama causal LM": (tiny_llama, "AutoModelForCausalLM"),  # lm_head
     "llama classifier from a causal LM": (tiny_llama, "AutoModelForSequenceClassification"),  # score, new
-    "bert classifier": (_tiny_bert_classifier, "AutoModelForSequenceClassification"),  # classifier
-    "t5": (_tiny_t5, "AutoModelForSeq2SeqLM"),  # every "wo", and lm_head (tied)
-    "gpt2": (_tiny_gpt2, "AutoModelForCausalLM"),  # Conv1D layers; lm_head (tied)
+    "bert classifier": (tiny_bert_classifier, "AutoModelForSequenceClassification"),  # classifier
+    "t5": (tiny_t5, "AutoModelForSeq2SeqLM"),  # every "wo" (_keep_in_fp32_modules), and lm_head (tied)
+    "gpt2": (tiny_gpt2, "AutoModelForCausalLM"),  # Conv1D layers; lm_head (tied)
 }
 
 
