@@ -46,7 +46,9 @@ def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 
 def quantize_exported_program(ep: ExportedProgram, plan: QPassConfig) -> tuple[ExportedProgram, QuantizedLinearReport]:
-    """A new ``ExportedProgram`` with the selected linear layers quantized; ``ep`` is left unchanged."""
+    """A new ``ExportedProgram`` with the selected linear layers quantized; ``ep`` is left unchanged.
+    The plan's skip list is resolved for the program as for a module (``QPassConfig.for_model``)."""
+    plan = plan.for_model(ep)
     gm = _copy_graph_module(ep.graph_module)
     graph = gm.graph
     state_dict = dict(ep.state_dict)

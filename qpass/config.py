@@ -9,11 +9,13 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import math
-import sys
 from collections.abc import Mapping, Sequence
 from typing import ClassVar, Union
 
 import torch
+from torch.export import ExportedProgram
+
+from .default_skips import OUTPUT_LAYER_NAME, always_skipped_modules, default_skip_modules
 
 VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -143,7 +145,7 @@ def as_quant_config(spec: ConfigLike) -> QuantConfig | None:
     raise TypeError(f"expected a format name, a qpass config or None, got {type(spec).__name__}")
 
 
-DEFAULT_SKIP_MODULES = ("lm_head",)  # the default skip list outside transformers models
+DEFAULT_SKIP_MODULES = (OUTPUT_LAYER_NAME,)  # the default skip list outside transformers models
 QPASS_QUANT_METHOD = "qpass"  # quantization_config.quant_method of plans and of mixed-format checkpoints
 
 
@@ -159,10 +161,14 @@ class QPassConfig:
       leaves out what transformers + bitsandbytes leave out by default: in a transformers model, its
       output layer (``get_output_embeddings()``) and the layer holding its last parameter (a
       classifier head such as ``score``, which a checkpoint of the base model lacks); in any other
-      module, and in an ``ExportedProgram``, the layers named ``lm_head``. A list replaces that default,
-      as ``llm_int8_skip_modules`` does. Either way a transformers model's ``_keep_in_fp32_modules``
-      stay unquantized (as bitsandbytes leaves them), and so do output layers tied to an input
-      embedding.
+      module, the layers named ``lm_head``. A list replaces that default, as ``llm_int8_skip_modules``
+      does. Either way a transformers model's ``_keep_in_fp32_modules`` stay unquantized (as
+      bitsandbytes leaves them), and so do output layers tied to an input embedding.
+
+      An ``ExportedProgram`` of a transformers model gets the same rule from what ``torch.export``
+      recorded (``qpass.default_skips``), with its output layer known by name (``lm_head``); a program
+      of a transformers-model subclass defined outside transformers gets it only in a process that has
+      imported that subclass' module, and the ``lm_head`` default otherwise.
     """
 
     default: ConfigLike = "nf4"
@@ -236,11 +242,12 @@ class QPassConfig:
 
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
-    def for_model(self, model: torch.nn.Module) -> QPassConfig:
-        """This plan with ``skip_modules`` made concrete for ``model``: the default resolved, and a
-        transformers model's ``_keep_in_fp32_modules`` added (see the class docstring)."""
-        skips = _default_skip_modules(model) if self.skip_modules is None else self.skip_modules
-        return dataclasses.replace(self, skip_modules=(*skips, *_keep_in_fp32_patterns(model)))
+    def for_model(self, model: torch.nn.Module | ExportedProgram) -> QPassConfig:
+        """This plan with ``skip_modules`` made concrete for ``model``, a module or an exported program:
+        the default resolved, and a transformers model's ``_keep_in_fp32_modules`` added (see the class
+        docstring and ``qpass.default_skips``)."""
+        skips = default_skip_modules(model) if self.skip_modules is None else self.skip_modules
+        return dataclasses.replace(self, skip_modules=(*skips, *always_skipped_modules(model)))
 
     def config_for(self, module_name: str) -> QuantConfig | None:
         """The format config for the module ``module_name``, or None to leave it in full precision.
@@ -321,36 +328,6 @@ def _dtype_field(value, default: torch.dtype) -> torch.dtype:
     if value is None:
         return default
     return value if isinstance(value, torch.dtype) else dtype_from_name(value)
-
-
-def _transformers_model(model: torch.nn.Module) -> bool:
-    # Only a model built by transformers can be one, so this never imports transformers itself.
-    modeling_utils = sys.modules.get("transformers.modeling_utils")
-    return modeling_utils is not None and isinstance(model, modeling_utils.PreTrainedModel)
-
-
-def _default_skip_modules(model: torch.nn.Module) -> tuple[str, ...]:
-    """What transformers skips when ``BitsAndBytesConfig.llm_int8_skip_modules`` is None
-    (``transformers.quantizers.base.get_keys_to_not_convert``, tied weights aside: qpass leaves those
-    alone anyway): the output layer and the module holding the last parameter. Any other module:
-    ``lm_head``."""
-    if not _transformers_model(model):
-        return DEFAULT_SKIP_MODULES
-    output = model.get_output_embeddings()
-    skips = [name for name, module in model.named_modules() if output is not None and module is output]
-    last_parameter = next(reversed(list(model.named_parameters())), None)
-    if last_parameter is not None and "." in last_parameter[0]:
-        skips.append(last_parameter[0].rpartition(".")[0])
-    return tuple(skips)
-
-
-def _keep_in_fp32_patterns(model: torch.nn.Module) -> tuple[str, ...]:
-    """A transformers model's ``_keep_in_fp32_modules`` as globs matching what transformers' own test
-    (``quantizers_utils.should_convert_module``) matches: the name, a module under it, a name ending in it."""
-    if not _transformers_model(model):
-        return ()
-    names = sorted(getattr(model, "_keep_in_fp32_modules", None) or ())
-    return tuple(pattern for name in names for pattern in (name, f"{name}.*", f"*{name}"))
 
 
 def _matches(module_name: str, pattern: str) -> bool:

@@ -1,5 +1,8 @@
 """The torch.export front-end: the graph pass, its equivalence with the module front-end, save/load."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -8,7 +11,7 @@ import qpass
 from qpass.integrations.onnx_causal_lm import CausalLMLogits  # input_ids -> logits, what export traces
 from qpass.passes import find_linear_weights
 
-from models import COMPILE_VS_EAGER_BF16, relative_error, tiny_gpt2, tiny_llama
+from models import COMPILE_VS_EAGER_BF16, relative_error, tiny_bert_classifier, tiny_gpt2, tiny_llama, tiny_t5
 
 QOPS = {torch.ops.qpass.linear_4bit.default, torch.ops.qpass.linear_int8.default}
 
@@ -110,6 +113,70 @@ def test_tied_and_non_linear_uses_are_left_alone():
     # lm_head shares its weight with the embedding lookup: not a pure linear weight
     assert _ops(ep_q).count(torch.ops.aten.linear.default) == 1
     assert _ops(ep_q).count(torch.ops.aten.embedding.default) == 1
+
+
+def _llama_classifier():
+    from transformers import LlamaForSequenceClassification
+
+    config = tiny_llama().config
+    config.num_labels = 3
+    torch.manual_seed(0)
+    return LlamaForSequenceClassification(config).eval()
+
+
+DEFAULT_SKIP_CASES = {  # transformers model -> (left out by default, left out even with skip_modules=[])
+    "llama causal LM": (tiny_llama, {"lm_head"}, set()),
+    "llama classifier": (_llama_classifier, {"score"}, set()),
+    "bert classifier": (tiny_bert_classifier, {"classifier"}, set()),
+    "t5": (tiny_t5, set(), {"wo", "lm_head"}),  # _keep_in_fp32_modules (every block's wo); lm_head is tied
+    "gpt2": (tiny_gpt2, set(), {"lm_head"}),  # tied
+}
+
+
+@pytest.mark.parametrize("case", DEFAULT_SKIP_CASES)
+def test_an_exported_transformers_model_gets_the_module_front_ends_default_skips(case):
+    """The default skip list of a transformers model, exported, is the module's: its output layer, the layer
+    holding its last parameter (a classifier head), its _keep_in_fp32_modules; read off the program."""
+    from qpass.passes import quantize_exported_program
+
+    build, skipped, never = DEFAULT_SKIP_CASES[case]
+    model = build().eval()
+    ids = torch.randint(3, 100, (1, 6))
+    inputs = {"input_ids": ids, "decoder_input_ids": ids} if case == "t5" else {"input_ids": ids}
+    options = {} if case == "bert classifier" else {"use_cache": False}
+    ep = torch.export.export(model, (), {**inputs, **options})
+    quantized = set(quantize_exported_program(ep, qpass.QPassConfig("nf4"))[1].quantized)
+    in_memory = qpass.quantize(model, "nf4")
+    assert quantized == {name for name, m in in_memory.named_modules() if isinstance(m, qpass.QuantizedLinear)}
+    left_out = {name.rsplit(".", 1)[-1] for name, m in in_memory.named_modules() if isinstance(m, nn.Linear)}
+    assert quantized and left_out == skipped | never
+    everything = set(quantize_exported_program(ep, qpass.QPassConfig("nf4", skip_modules=[]))[1].quantized)
+    assert {name.rsplit(".", 1)[-1] for name in everything - quantized} == skipped
+
+
+def test_a_loaded_exported_model_resolves_its_transformers_class(tmp_path):
+    """A program loaded from a file names its model class: resolved by importing it from transformers
+    (here in a process that had not imported the model's module), so the default skips the classifier."""
+    path = tmp_path / "bert_classifier.pt2"
+    torch.export.save(torch.export.export(tiny_bert_classifier().eval(), (torch.randint(3, 100, (1, 6)),)), path)
+    code = ("import sys, torch, qpass, transformers.modeling_outputs\n"
+            "from qpass.passes import quantize_exported_program\n"
+            f"ep = torch.export.load({str(path)!r})\n"
+            "assert 'transformers.models.bert.modeling_bert' not in sys.modules\n"
+            "print(sorted(quantize_exported_program(ep, qpass.QPassConfig('nf4'))[1].quantized))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    quantized = eval(out.stdout.strip().splitlines()[-1])  # a printed list of str
+    assert len(quantized) == 7 and "classifier" not in quantized and "bert.pooler.dense" in quantized
+
+
+def test_an_exported_wrapper_of_a_transformers_model_skips_lm_head_only():
+    """A module that is not itself a transformers model gets the plain default, exported or not."""
+    model = CausalLMLogits(tiny_llama())  # its last parameter is lm_head's: skipped by name either way
+    ids = torch.randint(3, 100, (1, 6))
+    ep = qpass.quantize(torch.export.export(model, (ids,)), "nf4", skip_modules=None)
+    assert _ops(ep).count(torch.ops.aten.linear.default) == 1
+    assert qpass.QPassConfig("nf4").for_model(torch.export.export(model, (ids,))).skip_modules == ("lm_head",)
 
 
 def test_quantizing_an_exported_program_twice_changes_nothing():
