@@ -196,7 +196,10 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
         kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
         if kwargs["use_reentrant"]:  # reentrant checkpoints need an input that requires grad
             model.enable_input_require_grads()
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23's name for it
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:  # deprecated from 5.23 on, removed in 6
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model
 
 
