@@ -92,24 +92,52 @@ def measure_ceilings(device: str, quick: bool) -> dict:
 # ---------------------------------------------------------------------------------------------------
 
 
+def _peer(make: Callable[[], Callable]) -> Callable | str:
+    """A peer's layer, or why it cannot be built here: a result, not a crash (torchao's double-quantized
+    NF4, for one, needs a multiple of 64 x 256 weights)."""
+    try:
+        return make()
+    except Exception as err:
+        return f"does not run here: {type(err).__name__}: {str(err)[:120]}"
+
+
 def _torchao_variants(weight: torch.Tensor) -> dict[str, Callable | str]:
+    """torchao's NF4 (``to_nf4``: double-quantized, 64-element blocks, as QLoRA) and its int8 and int4
+    weight-only configs, each eager and compiled (torchao's own advice: its speed is under
+    ``torch.compile``). int4 takes the tinygemm layout (``tile_packed_to_4d``: torch's own
+    ``_weight_int4pack_mm``, CUDA only), not the default that needs the separate mslk kernels. The
+    configs are told not to set Inductor options (``set_inductor_config=False``): torchao's setter
+    changes process-wide state (torchao 0.17 also ``torch.set_float32_matmul_precision("high")``),
+    which would change how every compiled variant after it is built, qpass' included."""
     try:
         import torchao  # noqa: F401
-        from torchao.dtypes.nf4tensor import to_nf4
-        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
     except ImportError as err:
         return {"torchao": f"not installed ({err.name})"}
-    out: dict[str, Callable | str] = {}
-    nf4 = to_nf4(weight)
-    out["torchao nf4"] = lambda x: nn.functional.linear(x, nf4)
-    for name, config in (("torchao int8 w-only", Int8WeightOnlyConfig()), ("torchao int4 w-only", Int4WeightOnlyConfig(group_size=64))):
-        try:
-            layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
-            layer.weight.data.copy_(weight)
+    try:
+        from torchao.quantization import to_nf4  # torchao >= 0.18
+    except ImportError:
+        from torchao.dtypes.nf4tensor import to_nf4  # torchao 0.17
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+    def nf4():
+        nf4_weight = to_nf4(weight)
+        return lambda x: nn.functional.linear(x, nf4_weight)
+
+    def weight_only(config):
+        def build():
+            layer = _linear_with(weight)
             quantize_(layer, config)
-            out[name] = layer
-        except Exception as err:  # a peer config that does not run here is a result, not a crash
-            out[name] = f"does not run here: {type(err).__name__}: {str(err)[:120]}"
+            return layer
+        return build
+
+    built = {"torchao nf4": _peer(nf4),
+             "torchao int8 w-only": _peer(weight_only(Int8WeightOnlyConfig(version=2, set_inductor_config=False))),
+             "torchao int4 w-only": _peer(weight_only(Int4WeightOnlyConfig(
+                 group_size=64, int4_packing_format="tile_packed_to_4d", set_inductor_config=False)))}
+    out: dict[str, Callable | str] = {}
+    for name, fn in built.items():
+        out[name] = fn
+        out[f"{name} compiled"] = fn if isinstance(fn, str) else torch.compile(fn, dynamic=False)
     return out
 
 
@@ -118,15 +146,18 @@ def _bitsandbytes_variants(weight: torch.Tensor) -> dict[str, Callable | str]:
         import bitsandbytes as bnb
     except ImportError as err:
         return {"bitsandbytes": f"not installed ({err.name})"}
-    out: dict[str, Callable | str] = {}
     n, k = weight.shape
-    holder = nn.Sequential(nn.Linear(k, n, bias=False, device=weight.device, dtype=weight.dtype))
-    holder[0].weight.data.copy_(weight)
-    out["bnb nf4+dq"] = bitsandbytes_4bit(holder, "nf4", double_quant=True, skip=())[0]
-    int8 = bnb.nn.Linear8bitLt(k, n, bias=False, has_fp16_weights=False, threshold=6.0)
-    int8.weight = bnb.nn.Int8Params(weight.half().cpu(), requires_grad=False, has_fp16_weights=False)._quantize(weight.device)
-    out["bnb int8 (t=6)"] = int8.eval()
-    return out
+
+    def nf4():
+        return bitsandbytes_4bit(nn.Sequential(_linear_with(weight)), "nf4", double_quant=True, skip=())[0]
+
+    def int8():
+        layer = bnb.nn.Linear8bitLt(k, n, bias=False, has_fp16_weights=False, threshold=6.0)
+        layer.weight = bnb.nn.Int8Params(weight.half().cpu(), requires_grad=False,
+                                         has_fp16_weights=False)._quantize(weight.device)
+        return layer.eval()
+
+    return {"bnb nf4+dq": _peer(nf4), "bnb int8 (t=6)": _peer(int8)}
 
 
 def layer_variants(weight: torch.Tensor, device: str) -> dict[str, Callable | str]:
