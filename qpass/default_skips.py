@@ -109,7 +109,7 @@ def _resolve_class(module_type) -> type | None:
     if module is None and module_name.startswith("transformers."):
         try:
             module = importlib.import_module(module_name)
-        except ImportError:
+        except Exception:  # another transformers version, a missing optional dependency: not known here
             return None
     found = getattr(module, class_name, None)
     return found if isinstance(found, type) else None

@@ -174,6 +174,22 @@ def test_a_loaded_exported_model_resolves_its_transformers_class(tmp_path):
     assert len(quantized) == 7 and "classifier" not in quantized and "bert.pooler.dense" in quantized
 
 
+@pytest.mark.parametrize("root", ["transformers.models.nope.modeling_nope.NopeForCausalLM", "not_imported_pkg.Model"])
+def test_an_exported_model_of_an_unknown_class_gets_the_plain_default(root):
+    """A recorded class that cannot be found (another transformers version) or lives in a module this
+    process has not imported (which reading a program never imports) gets the lm_head default."""
+    ep = torch.export.export(make_block(), (torch.randn(2, 32),))
+    for node in ep.graph.nodes:
+        if "nn_module_stack" in node.meta:
+            node.meta["nn_module_stack"] = {key: (path, root if path == "" else kind)
+                                            for key, (path, kind) in node.meta["nn_module_stack"].items()}
+    recorded = {kind for node in ep.graph.nodes for path, kind in node.meta.get("nn_module_stack", {}).values()
+                if path == ""}
+    assert recorded == {root}
+    assert qpass.QPassConfig("nf4").for_model(ep).skip_modules == ("lm_head",)
+    assert "not_imported_pkg" not in sys.modules
+
+
 def test_an_exported_wrapper_of_a_transformers_model_skips_lm_head_only():
     """A module that is not itself a transformers model gets the plain default, exported or not."""
     model = CausalLMLogits(tiny_llama())  # its last parameter is lm_head's: skipped by name either way
