@@ -15,7 +15,7 @@ from typing import ClassVar, Union
 import torch
 from torch.export import ExportedProgram
 
-from .default_skips import OUTPUT_LAYER_NAME, always_skipped_modules, default_skip_modules
+from .default_skips import DEFAULT_SKIP_MODULES, always_skipped_modules, default_skip_modules
 
 VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -145,7 +145,6 @@ def as_quant_config(spec: ConfigLike) -> QuantConfig | None:
     raise TypeError(f"expected a format name, a qpass config or None, got {type(spec).__name__}")
 
 
-DEFAULT_SKIP_MODULES = (OUTPUT_LAYER_NAME,)  # the default skip list outside transformers models
 QPASS_QUANT_METHOD = "qpass"  # quantization_config.quant_method of plans and of mixed-format checkpoints
 
 

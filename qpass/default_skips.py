@@ -31,17 +31,18 @@ from collections.abc import Iterable, Sequence
 from torch import nn
 from torch.export import ExportedProgram
 
-OUTPUT_LAYER_NAME = "lm_head"  # what the default skips outside transformers models, and an exported LM's head
+OUTPUT_LAYER_NAME = "lm_head"  # an exported transformers LM's output layer, known by its usual name
+DEFAULT_SKIP_MODULES = (OUTPUT_LAYER_NAME,)  # the default outside transformers models
 
 
 def default_skip_modules(model: nn.Module | ExportedProgram) -> tuple[str, ...]:
     """The skip list that ``skip_modules=None`` stands for in ``model``."""
     if isinstance(model, ExportedProgram):
         if not _exported_transformers_classes(model):
-            return (OUTPUT_LAYER_NAME,)
+            return DEFAULT_SKIP_MODULES
         return _transformers_rule((OUTPUT_LAYER_NAME,), model.graph_signature.parameters)
     if not _is_transformers_model(model):
-        return (OUTPUT_LAYER_NAME,)
+        return DEFAULT_SKIP_MODULES
     output = model.get_output_embeddings()
     output_names = [name for name, module in model.named_modules() if output is not None and module is output]
     return _transformers_rule(output_names, [name for name, _ in model.named_parameters()])
@@ -82,20 +83,13 @@ def _is_transformers_model(model: nn.Module) -> bool:
 def _exported_transformers_classes(ep: ExportedProgram) -> list[type]:
     """The transformers model classes of the modules ``ep`` was traced through, the root's first; empty
     unless the root module is one."""
-    module_types: dict[str, object] = {}
-    for node in ep.graph.nodes:
-        for path, module_type in (node.meta.get("nn_module_stack") or {}).values():
-            module_types.setdefault(path, module_type)
-    root = _resolve_class(module_types.get(""))
+    stacks = [stack.values() for node in ep.graph.nodes if (stack := node.meta.get("nn_module_stack"))]
+    root = _resolve_class(next((kind for stack in stacks for path, kind in stack if path == ""), None))
     pretrained = _pretrained_model_type()
     if root is None or pretrained is None or not issubclass(root, pretrained):
         return []
-    classes = [root]
-    for path, module_type in module_types.items():
-        cls = _resolve_class(module_type) if path else None
-        if cls is not None and cls not in classes and issubclass(cls, pretrained):
-            classes.append(cls)
-    return classes
+    found = (_resolve_class(kind) for kind in dict.fromkeys(kind for stack in stacks for _, kind in stack))
+    return [root, *(cls for cls in dict.fromkeys(found) if cls not in (None, root) and issubclass(cls, pretrained))]
 
 
 def _resolve_class(module_type) -> type | None:
