@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import errno
 import logging
 import sys
@@ -50,7 +49,7 @@ def format_config(text: str, option: str = "--format"):
     """The format config of a command-line FORMAT: a name ("nf4"), or a name with ``NF4Config`` /
     ``FP4Config`` / ``Int8Config`` fields (``"nf4:blocksize=128,double_quant=false,compute_dtype=float16"``);
     "none" or "skip" is None (full precision)."""
-    from .config import FORMATS, config_from_dict
+    from .config import FORMATS, config_from_dict, field_defaults
 
     name, _, fields_text = text.partition(":")
     name = name.strip().lower()
@@ -59,7 +58,7 @@ def format_config(text: str, option: str = "--format"):
             raise CommandError(f"{option} {text!r}: {name} takes no fields")
         return None
     fields = {"format": name}
-    defaults = {f.name: f.default for f in dataclasses.fields(FORMATS[name])} if name in FORMATS else {}
+    defaults = field_defaults(FORMATS[name]) if name in FORMATS else {}
     for item in filter(None, (part.strip() for part in fields_text.split(","))):
         key, sep, value = (part.strip() for part in item.partition("="))
         if not sep:

@@ -114,7 +114,8 @@ class Int8Config(QuantConfig):
 
     def __post_init__(self) -> None:
         if not (isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold) and self.threshold >= 0):
-            raise ValueError(f"Int8Config: threshold={self.threshold!r} must be a finite number >= 0 (0 disables outliers)")
+            raise ValueError(f"Int8Config: threshold={self.threshold!r} must be a finite number >= 0 "
+                             "(0 disables outliers)")
         _check_dtype(self.compute_dtype, COMPUTE_DTYPES, "compute_dtype", "Int8Config")
 
 
@@ -271,6 +272,12 @@ def config_to_dict(config: QuantConfig | None) -> dict | None:
     return {"format": config.format_name, **fields}
 
 
+def field_defaults(config_type: type[QuantConfig]) -> dict[str, object]:
+    """``{field: default}`` of a format config class: the fields ``config_from_dict`` reads, and the
+    types the command line reads their values as."""
+    return {f.name: f.default for f in dataclasses.fields(config_type)}
+
+
 def config_from_dict(fields: Mapping) -> QuantConfig:
     """The format config of ``{"format": name, field: value, ...}``, as ``config_to_dict`` writes it
     (dtypes by name). Unknown formats and fields are errors, not ignored."""
@@ -280,7 +287,7 @@ def config_from_dict(fields: Mapping) -> QuantConfig:
     if cls is None:
         raise ValueError(f"unknown quantization format {name!r} in {dict(fields, format=name)}; qpass knows "
                          f"{sorted(FORMATS)}")
-    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    defaults = field_defaults(cls)
     unknown = sorted(set(fields) - set(defaults))
     if unknown:
         raise ValueError(f"{cls.__name__} has no field {', '.join(map(repr, unknown))} (fields: {sorted(defaults)})")

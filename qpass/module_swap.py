@@ -28,11 +28,17 @@ def embedding_weight_ids(model: nn.Module) -> set[int]:
 def linear_weight(module: nn.Module) -> torch.Tensor | None:
     """The ``[out, in]`` weight of an ``nn.Linear`` or ``Conv1D``; None for any other module."""
     conv1d = _conv1d_type()
-    if isinstance(module, nn.Linear):
-        return module.weight
-    if conv1d is not None and isinstance(module, conv1d):
-        return module.weight.t()
+    if isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d)):
+        return as_out_in(module, module.weight)
     return None
+
+
+def as_out_in(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """``weight``, laid out as ``module``'s own weight is (in its state dict and in a full-precision
+    checkpoint), as ``[out, in]``: a view, transposed for transformers' ``Conv1D``, which holds
+    ``[in, out]``, and for a ``QuantizedLinear`` that replaced one."""
+    conv1d = module.from_conv1d if isinstance(module, QuantizedLinear) else not isinstance(module, nn.Linear)
+    return weight.t() if conv1d else weight
 
 
 def linear_layers(model: nn.Module) -> list[tuple[str, nn.Module, torch.Tensor]]:

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..config import QPASS_QUANT_METHOD, ConfigLike, QPassConfig, as_plan, format_from_bitsandbytes
 from ..formats import quantize_layer
-from ..module_swap import linear_layers, linear_weight, set_submodule
+from ..module_swap import as_out_in, linear_layers, linear_weight, set_submodule
 from ..modules import QuantizedLinear
 from .bnb_layout import check_layer_shape, is_quantized_layer, layer_from_bnb, listed_layer_from_bnb
 from .errors import CheckpointError
@@ -163,10 +163,10 @@ def _stored_layer(name, reader, suffixes, bnb_settings, listed, module, dtype) -
 
 def _quantize_while_loading(name, reader, module, config, dtype) -> QuantizedLinear:
     weight = reader.get(f"{name}.weight")
-    conv1d = not isinstance(module, nn.Linear)
     if tuple(weight.shape) != tuple(module.weight.shape):
-        raise CheckpointError(f"{name}.weight: shape {tuple(weight.shape)} in the checkpoint, {tuple(module.weight.shape)} in the model")
-    layout, tensors = quantize_layer(weight.t() if conv1d else weight, config, name)
+        raise CheckpointError(f"{name}.weight: shape {tuple(weight.shape)} in the checkpoint, "
+                              f"{tuple(module.weight.shape)} in the model")
+    layout, tensors = quantize_layer(as_out_in(module, weight), config, name)
     del weight
     return QuantizedLinear.replacing(module, layout, tensors, _bias(name, reader, module, dtype))
 
@@ -190,7 +190,8 @@ def _assign(model: nn.Module, key: str, tensor: torch.Tensor, dtype, path) -> No
     if not isinstance(current, torch.Tensor):
         raise unknown
     if tuple(current.shape) != tuple(tensor.shape):
-        raise CheckpointError(f"{path}: tensor {key!r} has shape {tuple(tensor.shape)}, the model expects {tuple(current.shape)}")
+        raise CheckpointError(f"{path}: tensor {key!r} has shape {tuple(tensor.shape)}, "
+                              f"the model expects {tuple(current.shape)}")
     if dtype is not None and tensor.is_floating_point():
         tensor = tensor.to(dtype)
     if attr in owner._parameters:

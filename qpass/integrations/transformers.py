@@ -33,7 +33,7 @@ from ..checkpoints.errors import CheckpointError
 from ..checkpoints.save import checkpoint_tensors, record_quantization_config
 from ..config import QPASS_QUANT_METHOD, QPassConfig, dtype_from_name
 from ..formats import quantize_layer
-from ..module_swap import dequantize_module, selected_linears, set_submodule
+from ..module_swap import as_out_in, dequantize_module, selected_linears, set_submodule
 from ..modules import QuantizedLinear
 
 logger = logging.getLogger(__name__)
@@ -43,8 +43,7 @@ def quantized_tensors(model, param_name: str, value: torch.Tensor) -> tuple[Quan
     """The ``QuantizedLinear`` that ``param_name`` (``<layer>.weight``) belongs to, and the tensors of
     ``value``, the checkpoint's weight, quantized with that layer's config."""
     layer, _ = get_module_from_name(model, param_name)
-    weight = value.t() if layer.from_conv1d else value
-    _, tensors = quantize_layer(weight, layer.layout.config, param_name.rpartition(".")[0])
+    _, tensors = quantize_layer(as_out_in(layer, value), layer.layout.config, param_name.rpartition(".")[0])
     return layer, {name: t for name, t in tensors.items() if t is not None}
 
 
