@@ -40,7 +40,8 @@ def main(argv=None):
         runner = torch.compile(model) if args.compile else model
         ppl = perplexity(runner, tokens, window=512, max_windows=args.windows)
         with torch.no_grad():
-            generated = model.generate(**prompt, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+            generated = model.generate(**prompt, max_new_tokens=16, do_sample=False,
+                                       pad_token_id=tokenizer.eos_token_id)
         text = tokenizer.decode(generated[0], skip_special_tokens=True).replace("\n", " ")
         bits = f"{size.bits_per_quantized_weight:.3f} bits/weight" if size.layers else "32 bits/weight"
         print(f"{fmt:>5}: {size.total_bytes / 2**20:6.1f} MiB ({bits}), perplexity {ppl:6.3f}")

@@ -144,7 +144,8 @@ def dequantize_4bit(
 
         return dequantize_4bit_triton(packed, quant_map, absmax, nested_absmax, nested_code, offset, shape[0], shape[1],
                                       blocksize, dtype, launch=torch.library.wrap_triton)
-    return _dequantize_weight_4bit(packed, quant_map, absmax, nested_absmax, nested_code, offset, shape, blocksize, dtype)
+    return _dequantize_weight_4bit(packed, quant_map, absmax, nested_absmax, nested_code, offset, shape, blocksize,
+                                   dtype)
 
 
 @_triton_op("qpass::linear_4bit")
@@ -182,7 +183,8 @@ def linear_4bit(
                                     compute_dtype)
     else:
         weight = _dequantize_weight_4bit(
-            packed, quant_map, absmax, nested_absmax, nested_code, offset, [out_features, in_features], blocksize, compute_dtype
+            packed, quant_map, absmax, nested_absmax, nested_code, offset, [out_features, in_features], blocksize,
+            compute_dtype,
         )
         out = linear_fp32_accumulate(x2d, weight, bias, compute_dtype)
     return out.reshape(*x.shape[:-1], out_features).to(_output_dtype(x, compute_dtype))
@@ -205,7 +207,8 @@ def _fuse_dequantization(x2d: Tensor, in_features: int, blocksize: int) -> bool:
 
 
 def _setup_linear_4bit(ctx, inputs, output):
-    x, packed, quant_map, absmax, nested_absmax, nested_code, offset, bias, out_f, in_f, blocksize, _, compute_dtype = inputs
+    (x, packed, quant_map, absmax, nested_absmax, nested_code, offset, bias, out_f, in_f, blocksize, _,
+     compute_dtype) = inputs
     ctx.save_for_backward(packed, quant_map, absmax, nested_absmax, nested_code, offset)
     ctx.meta = (x.dtype, None if bias is None else bias.dtype, [out_f, in_f], blocksize, compute_dtype)
 

@@ -108,7 +108,8 @@ def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int)
     return codes.reshape(-1)[:n].clone(), absmax  # clone: not a view into the padded blocks
 
 
-def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
+def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                              blocksize: int) -> torch.Tensor:
     """float32 ``code[codes[i]] * absmax[i // blocksize]``."""
     values = torch.index_select(code.float(), 0, codes.reshape(-1).int())
     return _scale_blocks_(values, absmax.float(), blocksize)

@@ -13,7 +13,8 @@ import torch
 
 
 def linear_fp32_accumulate(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, extra: torch.Tensor | None = None
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+    extra: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``round_dtype(x' @ w'^T + bias + extra)`` with ``x' = round_dtype(x)``, ``w' = round_dtype(weight)``.
 

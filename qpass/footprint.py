@@ -50,7 +50,8 @@ class Footprint:
             for layer in self.layers
         ]
         for fmt, (weights, nbytes) in self.by_format().items():
-            rows.append(f"{'all ' + fmt + ' layers':<48} {fmt:<6} {weights:>11,} {nbytes:>11,} {8 * nbytes / weights:>7.3f}")
+            label = f"all {fmt} layers"
+            rows.append(f"{label:<48} {fmt:<6} {weights:>11,} {nbytes:>11,} {8 * nbytes / weights:>7.3f}")
         rows.append(
             f"model: {self.total_bytes / 2**20:.2f} MiB, against {self.fp16_bytes / 2**20:.2f} MiB in fp16 "
             f"({self.fp16_bytes / self.total_bytes:.2f}x) and {self.fp32_bytes / 2**20:.2f} MiB in fp32 "
@@ -74,7 +75,8 @@ def footprint(model: nn.Module) -> Footprint:
             layers.append(LayerFootprint(name, module.layout.config.format_name, weights, nbytes))
             full_precision_elements += weights
     quantized_ids = {
-        id(t) for m in model.modules() if isinstance(m, QuantizedLinear) for t in m.quantized_tensors.values() if t is not None
+        id(t) for m in model.modules() if isinstance(m, QuantizedLinear)
+        for t in m.quantized_tensors.values() if t is not None
     }
     seen: set[int] = set()
     total = 0

@@ -87,7 +87,8 @@ def layer_from_bnb(name: str, read, suffixes: set[str], compute_dtype: torch.dty
     config = cls(blocksize=blocksize, double_quant=nested, compute_dtype=compute_dtype, quant_storage=packed.dtype)
     n = out_features * in_features
     n_blocks = -(-n // blocksize)
-    expected = {"weight": ((n + 1) // 2 // packed.element_size(), 1), "weight.absmax": (n_blocks,), "weight.quant_map": (16,)}
+    expected = {"weight": ((n + 1) // 2 // packed.element_size(), 1), "weight.absmax": (n_blocks,),
+                "weight.quant_map": (16,)}
     tensors = {"weight": packed, "absmax": read("weight.absmax"), "quant_map": read("weight.quant_map").float(),
                "nested_absmax": None, "nested_quant_map": None, "offset": None}
     if nested:
@@ -159,7 +160,7 @@ def quantization_config(configs: dict[str, QuantConfig], skipped: list[str]) -> 
                     "bnb_4bit_quant_storage": dtype_name(config.quant_storage), "llm_int8_threshold": 6.0, **common}
         if isinstance(config, Int8Config):
             return {"quant_method": "bitsandbytes", "load_in_4bit": False, "load_in_8bit": True,
-                    "llm_int8_threshold": config.threshold, "qpass_int8_compute_dtype": dtype_name(config.compute_dtype),
-                    **common}
+                    "llm_int8_threshold": config.threshold,
+                    "qpass_int8_compute_dtype": dtype_name(config.compute_dtype), **common}
     layers = {name: config_to_dict(c) for name, c in configs.items()}
     return {"quant_method": QPASS_QUANT_METHOD, "layers": layers, **common}

@@ -37,8 +37,8 @@ class SafetensorsReader:
         elif (self.folder / SINGLE).is_file():
             files, weight_map = [SINGLE], None
         elif any(self.folder.glob("*.bin")) or any(self.folder.glob("*.pt")):
-            raise CheckpointError(f"{self.folder}: only pickle (.bin/.pt) weights here; qpass reads safetensors only and "
-                                  "never unpickles. Convert the checkpoint to safetensors first")
+            raise CheckpointError(f"{self.folder}: only pickle (.bin/.pt) weights here; qpass reads safetensors "
+                                  "only and never unpickles. Convert the checkpoint to safetensors first")
         else:
             raise CheckpointError(f"{self.folder}: no {SINGLE} or {INDEX}")
         self._handles = {}
@@ -68,18 +68,21 @@ class SafetensorsReader:
         try:
             return self._handles[name].get_tensor(key)
         except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"{self.folder / name}: cannot read tensor {key!r} ({err}); the file is corrupted") from err
+            raise CheckpointError(
+                f"{self.folder / name}: cannot read tensor {key!r} ({err}); the file is corrupted") from err
 
 
 def write_tensors(folder: Path, tensors: dict[str, torch.Tensor], max_shard_size: int | str) -> None:
     """Write ``tensors`` into ``folder`` as one file or shards plus an index, as transformers does."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
-    split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size, filename_pattern="model{suffix}.safetensors")
+    split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size,
+                                               filename_pattern="model{suffix}.safetensors")
     for filename, keys in split.filename_to_tensors.items():
         save_file({k: tensors[k] for k in keys}, str(folder / filename), metadata={"format": "pt"})
     if split.is_sharded:
-        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": split.tensor_to_filename}
+        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+                 "weight_map": split.tensor_to_filename}
         (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 

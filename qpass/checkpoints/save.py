@@ -77,7 +77,8 @@ def save_pretrained(model: nn.Module, save_directory: str | Path, max_shard_size
     config. The folder appears complete or not at all."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "save_pretrained"):
-        raise CheckpointError(f"save_pretrained needs a transformers model (with a .config); got {type(model).__name__}")
+        raise CheckpointError("save_pretrained needs a transformers model (with a .config); "
+                              f"got {type(model).__name__}")
     if not layer_configs(model)[0]:
         raise CheckpointError("the model has no qpass-quantized layer; quantize it first (qpass.quantize) or use "
                               "the model's own save_pretrained")

@@ -28,9 +28,11 @@ class Layout4bit(Layout):
     out_features: int
     in_features: int
     config: Weight4bitConfig
-    source_dtype: torch.dtype = torch.float32  # dtype of the weight before quantization (bitsandbytes' quant_state.dtype)
+    # dtype of the weight before quantization (bitsandbytes' quant_state.dtype)
+    source_dtype: torch.dtype = torch.float32
 
-    tensor_names: ClassVar[tuple[str, ...]] = ("weight", "quant_map", "absmax", "nested_absmax", "nested_quant_map", "offset")
+    tensor_names: ClassVar[tuple[str, ...]] = (
+        "weight", "quant_map", "absmax", "nested_absmax", "nested_quant_map", "offset")
     shared_tensor_names: ClassVar[tuple[str, ...]] = ("quant_map", "nested_quant_map")
 
     def linear_call(self, x, tensors, bias):

@@ -63,7 +63,8 @@ def smollm2_checkpoint() -> Path:
         state = model.state_dict()
         if model.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        save_file({k: v.contiguous() for k, v in state.items()}, str(staging / "model.safetensors"),
+                  metadata={"format": "pt"})
         model.config.save_pretrained(staging)
         model.generation_config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
