@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch._guards import detect_fake_mode
 
 from . import reference_4bit as ref4
 from . import reference_int8 as ref8
@@ -198,12 +199,18 @@ FUSED_DEQUANT_MAX_M = 8
 
 
 def _fuse_dequantization(x2d: Tensor, in_features: int, blocksize: int) -> bool:
-    """Whether the reference computes the 4-bit linear as ``linear_4bit_rows``: under ``torch.compile``
-    (Inductor traces this body), for a static number of rows up to ``FUSED_DEQUANT_MAX_M``, and when
-    no block crosses a row. Eagerly, dequantize-then-matmul is faster."""
+    """Whether the reference computes the 4-bit linear as ``linear_4bit_rows``: when traced, not run
+    (``_traced``: Inductor traces this body), for a static number of rows up to ``FUSED_DEQUANT_MAX_M``,
+    and when no block crosses a row. Eagerly, dequantize-then-matmul is faster."""
     rows = x2d.shape[0]
-    return (torch.compiler.is_compiling() and isinstance(rows, int) and rows <= FUSED_DEQUANT_MAX_M
-            and in_features % blocksize == 0)
+    return isinstance(rows, int) and rows <= FUSED_DEQUANT_MAX_M and in_features % blocksize == 0 and _traced(x2d)
+
+
+def _traced(x: Tensor) -> bool:
+    """Whether this op body is being traced (``torch.compile``, ``torch.export``) rather than run. torch 2.13
+    and 2.15 set ``torch.compiler.is_compiling()`` while Inductor traces a ``triton_op``'s body; torch 2.11
+    traces it with fake tensors and the flag unset."""
+    return torch.compiler.is_compiling() or detect_fake_mode(x) is not None
 
 
 def _setup_linear_4bit(ctx, inputs, output):

@@ -64,6 +64,21 @@ def test_compiled_4bit_linear_of_few_rows_decodes_inside_its_reduction(compute_d
         assert relative_error(out, eager) < (1e-6 if compute_dtype == torch.float32 else COMPILE_VS_EAGER_BF16)
 
 
+def test_op_bodies_know_they_are_traced_from_fake_tensors_alone():
+    """torch 2.11 traces a triton_op's body for Inductor with fake tensors and is_compiling() False (2.13
+    sets it): the fused 4-bit path must still be chosen there, and never for real tensors run eagerly."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from qpass.kernels import ops
+
+    real = torch.randn(1, 64)
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(real)
+        assert not torch.compiler.is_compiling()
+        assert ops._traced(fake) and ops._fuse_dequantization(fake, 64, 64)
+    assert not ops._traced(real) and not ops._fuse_dequantization(real, 64, 64)
+
+
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_compiled_int8_linear_on_cpu_runs_the_eager_path(compute_dtype):
     """On CPU, compiled, the int8 linear calls qpass::linear_int8_cpu as it is (the outlier columns
