@@ -279,26 +279,28 @@ def linear_int8(
 
         out = linear_int8_triton(x2d, cb, scb, bias, threshold, compute_dtype, launch=torch.library.wrap_triton)
     elif x.device.type == "cpu":
-        out = torch.ops.qpass.linear_int8_cpu(x2d, cb, scb, bias, threshold, compute_dtype)
+        out = torch.ops.qpass.linear_int8_cpu(x2d.to(compute_dtype), cb, scb, bias, threshold)
     else:
         out = ref8.linear_int8(x2d, cb, scb, bias, threshold, compute_dtype)
     return out.reshape(*x.shape[:-1], cb.shape[0]).to(_output_dtype(x, compute_dtype))
 
 
 @torch.library.custom_op("qpass::linear_int8_cpu", mutates_args=(), device_types="cpu")
-def linear_int8_cpu(
-    x: Tensor, cb: Tensor, scb: Tensor, bias: Optional[Tensor], threshold: float, compute_dtype: torch.dtype
-) -> Tensor:
+def linear_int8_cpu(x: Tensor, cb: Tensor, scb: Tensor, bias: Optional[Tensor], threshold: float) -> Tensor:
     """``linear_int8``'s CPU path: ``ref8.linear_int8(..., gather_outliers=True)``, the outlier term from
     the outlier columns of the weight alone (a host sync, free on the CPU). An op of its own because the
     gather's shape depends on the data: tracing (fake tensors, ``torch.export``) takes its fake kernel,
-    and ``torch.compile`` runs it as it is (Inductor's code for the masked form was slower than eager)."""
-    return ref8.linear_int8(x, cb, scb, bias, threshold, compute_dtype, gather_outliers=True)
+    and ``torch.compile`` runs it as it is (Inductor's code for the masked form was slower than eager).
+
+    ``x`` comes in the compute dtype, which is also the result's: no dtype argument, because AOTInductor
+    in torch 2.11 passes a custom op's dtype argument to its CPU kernel as the wrong dtype (export's
+    enum number read as c10's: float32 became float64, and the result was read as float32)."""
+    return ref8.linear_int8(x, cb, scb, bias, threshold, x.dtype, gather_outliers=True)
 
 
 @linear_int8_cpu.register_fake
-def _(x, cb, scb, bias, threshold, compute_dtype):
-    return x.new_empty((x.shape[0], cb.shape[0]), dtype=compute_dtype)
+def _(x, cb, scb, bias, threshold):
+    return x.new_empty((x.shape[0], cb.shape[0]))
 
 
 def _setup_linear_int8(ctx, inputs, output):

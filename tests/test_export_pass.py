@@ -243,6 +243,16 @@ def test_aot_inductor_package_runs_the_quantized_program(tmp_path, device):
     assert relative_error(runner(x), ep_q.module()(x)) < 1e-5  # 0.0 measured on CPU
 
 
+def test_ops_aot_inductor_calls_on_the_cpu_take_no_dtype_argument():
+    """AOTInductor calls a CPU custom op that Inductor does not trace (qpass::linear_int8_cpu) through its
+    proxy executor, which in torch 2.11 hands a dtype argument to the kernel as another dtype (float32 as
+    float64: the package's int8 layers computed garbage); so that op takes none (the test above fails on
+    2.11 otherwise)."""
+    schema = torch.ops.qpass.linear_int8_cpu.default._schema
+    assert [a.name for a in schema.arguments] == ["x", "cb", "scb", "bias", "threshold"]
+    assert "ScalarType" not in str(schema) and "ScalarType" in str(torch.ops.qpass.linear_int8.default._schema)
+
+
 def test_nodes_kept_for_their_effect_survive_the_pass():
     """torch.vmap exports as calls that enter and leave a vmap level; those have no users, and a dead-code
     pass would drop them (transformers 4.57 builds its attention masks so). The quantized program must
