@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import is_fake
 
 from . import reference_4bit as ref4
 from . import reference_int8 as ref8
@@ -210,7 +210,7 @@ def _traced(x: Tensor) -> bool:
     """Whether this op body is being traced (``torch.compile``, ``torch.export``) rather than run. torch 2.13
     and 2.15 set ``torch.compiler.is_compiling()`` while Inductor traces a ``triton_op``'s body; torch 2.11
     traces it with fake tensors and the flag unset."""
-    return torch.compiler.is_compiling() or detect_fake_mode(x) is not None
+    return torch.compiler.is_compiling() or is_fake(x)  # is_fake: also a functional tensor wrapping a fake one
 
 
 def _setup_linear_4bit(ctx, inputs, output):
