@@ -75,8 +75,9 @@ def kernel_cases():
         consts = {**gemv_consts, **config.kwargs}
         yield (f"4bit gemv {config.kwargs}", triton_4bit._gemv_kernel, _signature(triton_4bit._gemv_kernel, gemv_types),
                consts, config.num_warps, config.num_stages, config.kwargs["BLOCK_N"] * config.kwargs["PARTS"] * 32)
-    gemm_types = {**FOURBIT_POINTERS, "bias_ptr": _ptr("bf16"), "out_ptr": _ptr("bf16"), "M": "i32", "N": "i32", "K": "i32",
-                  "stride_xm": "i32", "stride_om": "i32", "M_BUCKET": "i32", "K_PER_SPLIT": "i32"}
+    gemm_types = {**FOURBIT_POINTERS, "bias_ptr": _ptr("bf16"), "out_ptr": _ptr("bf16"),
+                  "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_om": "i32", "M_BUCKET": "i32",
+                  "K_PER_SPLIT": "i32"}
     for config in triton_4bit._gemm_configs():
         consts = {**FOURBIT_CONSTS, "HAS_BIAS": True, "IEEE_DOT": False, **config.kwargs}
         yield (f"4bit gemm {config.kwargs}", triton_4bit._gemm_kernel, _signature(triton_4bit._gemm_kernel, gemm_types),
@@ -84,8 +85,8 @@ def kernel_cases():
     dequant_types = {**FOURBIT_POINTERS, "out_ptr": _ptr("bf16"), "N": "i32", "K": "i32"}
     config = triton_4bit.DEQUANT_CONFIG
     yield (f"4bit dequant {config.kwargs}", triton_4bit._dequant_kernel,
-           _signature(triton_4bit._dequant_kernel, dequant_types), {**FOURBIT_CONSTS, **config.kwargs}, config.num_warps,
-           config.num_stages, config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_K"])
+           _signature(triton_4bit._dequant_kernel, dequant_types), {**FOURBIT_CONSTS, **config.kwargs},
+           config.num_warps, config.num_stages, config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_K"])
     int8_types = {"ca_ptr": _ptr("i8"), "cb_ptr": _ptr("i8"), "product_ptr": _ptr("i32"), "sca_ptr": _ptr("fp32"),
                   "scb_ptr": _ptr("fp32"), "x_ptr": _ptr("bf16"), "columns_ptr": _ptr("i32"), "count_ptr": _ptr("i32"),
                   "bias_ptr": _ptr("bf16"), "out_ptr": _ptr("bf16"), "M": "i32", "N": "i32", "K": "i32",
@@ -119,7 +120,8 @@ def compile_case(kernel, signature, constexprs, num_warps, num_stages, arch: int
         sass = _cuobjdump("-sass", cubin.name)
     match = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     loop = main_loop(sass)
-    return {"registers": int(match.group(1)), "spill_stack_bytes": int(match.group(2)), "shared_bytes": compiled.metadata.shared,
+    return {"registers": int(match.group(1)), "spill_stack_bytes": int(match.group(2)),
+            "shared_bytes": compiled.metadata.shared,
             "tensor_cores": tensor_cores(compiled.asm["ttgir"]),
             "main_loop_instructions": len(loop),
             "instructions_per_weight": len(loop) * 32 * num_warps / weights_per_iteration,
@@ -148,7 +150,8 @@ def main_loop(sass: str) -> list[str]:
     """The instructions of the kernel's first loop (a backward branch's span) in a SASS listing: the
     K loop of every kernel here (the int8 GEMM's second loop, over outlier columns, is short or empty); the
     whole kernel when it has no loop."""
-    instructions = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*?)\s*;", sass)]
+    instruction = r"/\*([0-9a-f]{4,})\*/\s+([^;]*?)\s*;"  # /*0a30*/ OPCODE operands ;
+    instructions = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(instruction, sass)]
     loops = []
     for address, text in instructions:
         target = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)|0x([0-9a-f]+))", text)

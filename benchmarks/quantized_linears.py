@@ -263,9 +263,12 @@ def bench_layers(device: str, shapes, ms, ceilings, on_progress=lambda rows: Non
                     continue
                 base = t if name == "bf16" else base
                 moved = weight_bytes(name, n, k) + 2 * m * (n + k)
-                limit_ms = max(moved / ceilings["bandwidth_bytes_per_s"], 2 * m * n * k / ceilings["matmul_flops_per_s"]) * 1e3
-                rows.append({**row, "ms": t, "speedup_vs_bf16": base / t if base else None, "fraction_of_limit": limit_ms / t})
-                print(f"{n:>6}x{k:<6} M={m:<5} {name:<22} {t:9.4f} ms  x{(base or t) / t:5.2f}  {100 * limit_ms / t:5.1f}% of limit", flush=True)
+                flops = 2 * m * n * k
+                limit_ms = max(moved / ceilings["bandwidth_bytes_per_s"], flops / ceilings["matmul_flops_per_s"]) * 1e3
+                rows.append({**row, "ms": t, "speedup_vs_bf16": base / t if base else None,
+                             "fraction_of_limit": limit_ms / t})
+                print(f"{n:>6}x{k:<6} M={m:<5} {name:<22} {t:9.4f} ms  x{(base or t) / t:5.2f}  "
+                      f"{100 * limit_ms / t:5.1f}% of limit", flush=True)
             on_progress(rows)  # per M: a device call cut off at its time limit keeps what it timed
         del variants
     return rows
@@ -365,12 +368,14 @@ def bench_end_to_end(device: str, quick: bool, on_progress=lambda rows: None, va
                 print(f"decode {name} batch {batch}: model built and quantized in {built:.1f} s", flush=True)
                 tps = decode_tokens_per_s(model, batch, device, prompt_len=4 if quick else 16, new_tokens=new_tokens)
             except Exception as err:
-                rows.append({"variant": name, "batch": batch, "skipped": f"failed: {type(err).__name__}: {str(err)[:160]}"})
+                reason = f"failed: {type(err).__name__}: {str(err)[:160]}"
+                rows.append({"variant": name, "batch": batch, "skipped": reason})
                 on_progress(rows)
                 continue
             finally:
                 del model
-            rows.append({"variant": name, "batch": batch, "tokens_per_s": tps, "peak_memory_bytes": peak_memory_bytes(device)})
+            rows.append({"variant": name, "batch": batch, "tokens_per_s": tps,
+                         "peak_memory_bytes": peak_memory_bytes(device)})
             print(f"decode {name:<12} batch {batch:>2}: {tps:9.1f} tok/s", flush=True)
             on_progress(rows)
     return rows
@@ -424,7 +429,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="small shapes and a tiny model (CPU, CI)")
     parser.add_argument("--part", choices=["all", "layers", "e2e"], default="all")
-    parser.add_argument("--shapes", type=lambda s: [_shape(v) for v in s.split(",")], help="N x K list, e.g. 4096x4096,28672x8192")
+    parser.add_argument("--shapes", type=lambda s: [_shape(v) for v in s.split(",")],
+                        help="N x K list, e.g. 4096x4096,28672x8192")
     parser.add_argument("--ms", type=lambda s: [int(v) for v in s.split(",")], help="rows of x, e.g. 1,16")
     parser.add_argument("--e2e-variants", type=lambda s: s.split(","), default=list(E2E_VARIANTS),
                         help=f"decode variants, from {','.join(E2E_VARIANTS)}")
@@ -438,7 +444,8 @@ def main(argv=None) -> dict:
 
     ceilings = measure_ceilings(args.device, quick)
     print(f"ceilings: {ceilings['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s copy, "
-          f"{ceilings['matmul_flops_per_s'] / 1e12:.2f} TFLOP/s matmul ({ceilings['bf16_flops_per_s'] / 1e12:.2f} bf16)")
+          f"{ceilings['matmul_flops_per_s'] / 1e12:.2f} TFLOP/s matmul "
+          f"({ceilings['bf16_flops_per_s'] / 1e12:.2f} bf16)")
     report = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine(),
         "versions": _versions(),
@@ -465,7 +472,8 @@ def main(argv=None) -> dict:
         unknown = set(args.e2e_variants) - set(E2E_VARIANTS)
         if unknown:
             parser.error(f"unknown --e2e-variants {sorted(unknown)}; choose from {', '.join(E2E_VARIANTS)}")
-        bench_end_to_end(args.device, quick, on_progress=save("end_to_end"), variants=args.e2e_variants, batches=args.batches)
+        bench_end_to_end(args.device, quick, on_progress=save("end_to_end"), variants=args.e2e_variants,
+                         batches=args.batches)
     save("layers")(report["layers"])
     print(f"wrote {args.out / f'kernels_{tag}.json'}")
     return report

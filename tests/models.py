@@ -54,6 +54,12 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
 
 
+def same_bytes(actual: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Whether two tensors hold the same bytes, whatever their dtypes and shapes: packed 4-bit weights in
+    a float ``quant_storage`` may hold NaN patterns, which ``torch.equal`` on the values would reject."""
+    return torch.equal(actual.reshape(-1).view(torch.uint8), expected.reshape(-1).view(torch.uint8))
+
+
 # Under torch.compile, Inductor compiles the reference body of a qpass op on CPU and does not emulate
 # the intermediate rounding to bf16 (torch._inductor.config.emulate_precision_casts is off by default),
 # so compiled and eager differ by bf16 rounding: a few 1e-3 relative, far below quantization error.

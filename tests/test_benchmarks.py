@@ -18,14 +18,16 @@ def test_kernel_benchmark_writes_json_table_and_plot(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "kernels_cpu.json").read_text())
     assert saved["ceilings"]["bandwidth_bytes_per_s"] > 0 and saved["ceilings"]["matmul_flops_per_s"] > 0
     timed = {(r["variant"], r["M"]) for r in saved["layers"] if "ms" in r}
-    for variant in ("bf16", "qpass nf4", "qpass fp4", "qpass int8", "qpass nf4 compiled", "bnb nf4+dq", "bnb int8 (t=6)"):
+    for variant in ("bf16", "qpass nf4", "qpass fp4", "qpass int8", "qpass nf4 compiled", "bnb nf4+dq",
+                    "bnb int8 (t=6)"):
         assert {(variant, 1), (variant, 16)} <= timed, variant
     # peers that cannot run here are listed with the reason, not dropped
     assert all("ms" in r or r["skipped"] for r in saved["layers"])
     # torchao (a test dependency): int8 weight-only runs on CPU, eager and compiled; NF4 needs more than
     # 64 x 256 weights and int4 (tinygemm) CUDA, so here they are rows with the reason
     assert {("torchao int8 w-only", 1), ("torchao int8 w-only compiled", 16)} <= timed
-    reasons = {r["variant"]: r["skipped"] for r in saved["layers"] if r["variant"].startswith("torchao") and "ms" not in r}
+    reasons = {r["variant"]: r["skipped"] for r in saved["layers"]
+               if r["variant"].startswith("torchao") and "ms" not in r}
     assert "scaler block size" in reasons["torchao nf4"] and reasons.keys() >= {"torchao nf4 compiled",
                                                                               "torchao int4 w-only"}
     e2e = {(r["variant"], r["batch"]) for r in saved["end_to_end"] if "tokens_per_s" in r}

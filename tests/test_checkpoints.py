@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import qpass
 
-from models import relative_error, tiny_llama
+from models import relative_error, same_bytes, tiny_llama
 
 IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
 BNB_CONFIGS = {
@@ -52,7 +52,7 @@ def test_round_trip_is_bit_exact(fmt, tmp_path):
     loaded = qpass.from_pretrained(tmp_path / "q")
     assert torch.equal(_logits(loaded), _logits(model))
     for key, value in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[key].reshape(-1).view(torch.uint8), value.reshape(-1).view(torch.uint8)), key
+        assert same_bytes(loaded.state_dict()[key], value), key
 
 
 @pytest.mark.parametrize("fmt", ["nf4", "fp4", "int8"])
@@ -65,7 +65,7 @@ def test_qpass_checkpoint_loads_in_transformers_bitsandbytes(fmt, tmp_path):
     layer = theirs.model.layers[0].mlp.up_proj
     assert type(layer).__name__ == ("Linear8bitLt" if fmt == "int8" else "Linear4bit")
     ours = model.model.layers[0].mlp.up_proj
-    assert torch.equal(layer.weight.data.reshape(-1).view(torch.uint8), ours.weight.reshape(-1).view(torch.uint8))
+    assert same_bytes(layer.weight.data, ours.weight)
     assert relative_error(_logits(theirs), _logits(model)) <= BNB_AGREEMENT[fmt]
 
 
@@ -77,14 +77,15 @@ def test_transformers_bitsandbytes_checkpoint_loads_in_qpass(fmt, fp_checkpoint,
     ours = qpass.from_pretrained(tmp_path / "bnb")
     layer = ours.model.layers[1].self_attn.o_proj
     assert isinstance(layer, qpass.QuantizedLinear)
-    assert torch.equal(layer.weight.reshape(-1).view(torch.uint8), theirs.model.layers[1].self_attn.o_proj.weight.data.reshape(-1).view(torch.uint8))
+    assert same_bytes(layer.weight, theirs.model.layers[1].self_attn.o_proj.weight.data)
     assert relative_error(_logits(ours), _logits(theirs)) <= BNB_AGREEMENT[fmt]
     # and qpass writes it back byte for byte
     qpass.save_pretrained(ours, tmp_path / "again")
-    before, after = load_file(tmp_path / "bnb" / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    before = load_file(tmp_path / "bnb" / "model.safetensors")
+    after = load_file(tmp_path / "again" / "model.safetensors")
     assert before.keys() == after.keys()
     for key in before:
-        assert torch.equal(before[key].reshape(-1).view(torch.uint8), after[key].reshape(-1).view(torch.uint8)), key
+        assert same_bytes(before[key], after[key]), key
 
 
 BNB_ONLY_CONFIGS = {  # bitsandbytes' defaults (FP4, no double quant, float32 compute), and skip modules
@@ -105,10 +106,11 @@ def test_a_bitsandbytes_config_quantizes_as_bitsandbytes_does(name, fp_checkpoin
     theirs.save_pretrained(tmp_path / "bnb")
     ours = qpass.from_pretrained(fp_checkpoint, bnb_config)
     qpass.save_pretrained(ours, tmp_path / "qpass")
-    expected, actual = load_file(tmp_path / "bnb" / "model.safetensors"), load_file(tmp_path / "qpass" / "model.safetensors")
+    expected = load_file(tmp_path / "bnb" / "model.safetensors")
+    actual = load_file(tmp_path / "qpass" / "model.safetensors")
     assert expected.keys() == actual.keys()
     for key in expected:
-        assert torch.equal(expected[key].reshape(-1).view(torch.uint8), actual[key].reshape(-1).view(torch.uint8)), key
+        assert same_bytes(expected[key], actual[key]), key
     assert relative_error(_logits(ours), _logits(theirs)) <= BNB_AGREEMENT["int8" if bnb_config.load_in_8bit else "nf4"]
     in_memory = qpass.quantize(tiny_llama(), bnb_config)  # the same plan for a model in memory
     assert torch.equal(_logits(in_memory), _logits(ours))
@@ -189,7 +191,8 @@ def test_tied_output_layer_stays_tied_when_quantizing_while_loading(tmp_path):
     loaded = qpass.from_pretrained(tmp_path / "tied", "nf4", skip_modules=[])
     assert isinstance(loaded.lm_head, torch.nn.Linear)
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
-    assert torch.equal(_logits(loaded), _logits(qpass.quantize(tiny_llama(tie_word_embeddings=True), "nf4", skip_modules=[])))
+    expected = qpass.quantize(tiny_llama(tie_word_embeddings=True), "nf4", skip_modules=[])
+    assert torch.equal(_logits(loaded), _logits(expected))
 
 
 def test_mixed_formats_save_as_qpass_config(tmp_path):
@@ -258,10 +261,11 @@ def test_missing_tensor_is_named(tmp_path):
 def test_shape_mismatch_is_named(tmp_path):
     path = _saved(tmp_path)
     tensors = load_file(path / "model.safetensors")
-    tensors["model.layers.0.mlp.up_proj.weight.absmax"] = tensors["model.layers.0.mlp.up_proj.weight.absmax"][:-1].clone()
+    absmax = "model.layers.0.mlp.up_proj.weight.absmax"
+    tensors[absmax] = tensors[absmax][:-1].clone()
     tensors["model.norm.weight"] = torch.ones(7)
     save_file(tensors, path / "model.safetensors")
-    with pytest.raises(qpass.CheckpointError, match=r"model.layers.0.mlp.up_proj.weight.absmax: shape \(127,\) does not match"):
+    with pytest.raises(qpass.CheckpointError, match=rf"{absmax}: shape \(127,\) does not match"):
         qpass.from_pretrained(path)
 
 

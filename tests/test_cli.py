@@ -22,7 +22,9 @@ def fp_checkpoint(tmp_path_factory):
 
 def test_quantize_inspect_estimate(fp_checkpoint, tmp_path, capsys):
     out = tmp_path / "q"
-    assert cli.main(["quantize", str(fp_checkpoint), "--format", "nf4", "--override", "*.self_attn.*=int8", "--out", str(out), "-q"]) == 0
+    args = ["quantize", str(fp_checkpoint), "--format", "nf4", "--override", "*.self_attn.*=int8", "--out", str(out),
+            "-q"]
+    assert cli.main(args) == 0
     printed = capsys.readouterr().out
     assert "14 layers quantized" in printed and f"wrote {out}" in printed
     assert isinstance(qpass.from_pretrained(out).model.layers[0].self_attn.q_proj, qpass.QuantizedLinear)
@@ -75,7 +77,8 @@ def test_eval_on_a_text_file(tmp_path, capsys):
         (["quantize", "/no/such/dir", "-f", "nf4", "-o", "x"], r"/no/such/dir: no such checkpoint folder"),
         (["inspect", "/no/such/dir"], r"/no/such/dir: no such checkpoint folder"),
         (["quantize", "{fp}", "-f", "nf5", "-o", "{tmp}/o"], r"unknown quantization format 'nf5'"),
-        (["quantize", "{fp}", "-f", "nf4", "--override", "oops", "-o", "{tmp}/o"], r"--override 'oops': expected PATTERN=FORMAT"),
+        (["quantize", "{fp}", "-f", "nf4", "--override", "oops", "-o", "{tmp}/o"],
+         r"--override 'oops': expected PATTERN=FORMAT"),
         (["quantize", "{fp}", "-f", "nf4:blocksize=100", "-o", "{tmp}/o"],
          r"--format 'nf4:blocksize=100': NF4Config: blocksize=100 is not supported; use a power of two"),
         (["quantize", "{fp}", "-f", "nf4:double_quant=maybe", "-o", "{tmp}/o"],

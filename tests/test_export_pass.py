@@ -11,7 +11,8 @@ import qpass
 from qpass.integrations.onnx_causal_lm import CausalLMLogits  # input_ids -> logits, what export traces
 from qpass.passes import find_linear_weights
 
-from models import COMPILE_VS_EAGER_BF16, relative_error, tiny_bert_classifier, tiny_gpt2, tiny_llama, tiny_t5
+from models import (COMPILE_VS_EAGER_BF16, relative_error, same_bytes, tiny_bert_classifier, tiny_gpt2, tiny_llama,
+                    tiny_t5)
 
 QOPS = {torch.ops.qpass.linear_4bit.default, torch.ops.qpass.linear_int8.default}
 
@@ -51,14 +52,15 @@ def test_pass_rewrites_linears_and_state():
     assert torch.ops.aten.linear.default in _ops(ep) and ep.state_dict["up.weight"].dtype == torch.float32
 
 
-@pytest.mark.parametrize("spec", ["nf4", "fp4", "int8", qpass.NF4Config(double_quant=False, compute_dtype=torch.float32)])
+@pytest.mark.parametrize("spec", ["nf4", "fp4", "int8",
+                                  qpass.NF4Config(double_quant=False, compute_dtype=torch.float32)])
 def test_exported_and_module_front_ends_agree_exactly(spec):
     x = torch.randn(4, 32)
     ep_q = qpass.quantize(torch.export.export(make_block(), (x,)), spec, skip_modules=[])
     module_q = qpass.quantize(make_block(), spec, skip_modules=[])
     assert torch.equal(ep_q.module()(x), module_q(x))
     for key, value in module_q.state_dict().items():
-        assert torch.equal(ep_q.state_dict[key].reshape(-1).view(torch.uint8), value.reshape(-1).view(torch.uint8)), key
+        assert same_bytes(ep_q.state_dict[key], value), key
 
 
 def test_llama_export_quantize_save_load(tmp_path):

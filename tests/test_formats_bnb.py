@@ -8,6 +8,8 @@ import qpass
 from qpass.formats import quantize_weight
 from qpass.kernels import codebooks
 
+from models import same_bytes
+
 SHAPES = [(1, 1), (7, 9), (64, 64), (300, 70), (33, 257), (128, 1000), (3, 4096)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -25,7 +27,7 @@ def _bnb_4bit(w, config):
 def _assert_4bit_matches(w, config):
     packed_ref, state = _bnb_4bit(w, config)
     layout, t = quantize_weight(w, config)
-    assert t["weight"].dtype == packed_ref.dtype and torch.equal(t["weight"].view(torch.uint8), packed_ref.view(torch.uint8))
+    assert t["weight"].dtype == packed_ref.dtype and same_bytes(t["weight"], packed_ref)
     assert torch.equal(t["absmax"], state.absmax)
     assert torch.equal(t["quant_map"].view(torch.int32), state.code.view(torch.int32))
     if config.double_quant:

@@ -43,7 +43,8 @@ def test_opcheck(name):
 def test_opcheck_quantize_ops():
     w = torch.randn(33, 65)
     torch.library.opcheck(torch.ops.qpass.quantize_4bit.default, (w, 64, "nf4"))
-    torch.library.opcheck(torch.ops.qpass.quantize_blockwise_8bit.default, (w.reshape(-1), qpass.kernels.codebooks.dynamic_code(), 256))
+    torch.library.opcheck(torch.ops.qpass.quantize_blockwise_8bit.default,
+                          (w.reshape(-1), qpass.kernels.codebooks.dynamic_code(), 256))
     torch.library.opcheck(torch.ops.qpass.int8_vectorwise_quant.default, (w, 6.0))
 
 
@@ -94,7 +95,8 @@ def test_awkward_inputs(name, dtype):
     wide = torch.randn(80, 10).to(dtype)
     non_contiguous = wide.T  # [10, 80], strides (1, 10)
     assert not non_contiguous.is_contiguous()
-    torch.testing.assert_close(_call(layout, tensors, non_contiguous, b), _call(layout, tensors, non_contiguous.contiguous(), b))
+    torch.testing.assert_close(_call(layout, tensors, non_contiguous, b),
+                               _call(layout, tensors, non_contiguous.contiguous(), b))
 
 
 def test_wrong_input_width_names_the_shape():
@@ -138,13 +140,15 @@ def test_int8_linear_matches_bitsandbytes(threshold):
     ref = bnb.nn.Linear8bitLt(256, 64, has_fp16_weights=False, threshold=threshold)
     ref.load_state_dict(linear.state_dict())
     ref = ref.to("cpu")
-    ref.weight = bnb.nn.Int8Params(linear.weight.data.clone(), requires_grad=False, has_fp16_weights=False)._quantize("cpu")
+    ref.weight = bnb.nn.Int8Params(linear.weight.data.clone(), requires_grad=False,
+                                   has_fp16_weights=False)._quantize("cpu")
     ref.bias = torch.nn.Parameter(linear.bias.data.clone())
     ref.eval()  # in training mode bitsandbytes runs a dequantize-then-matmul path on CPU, not LLM.int8()
     x = torch.randn(9, 256, dtype=torch.float16)
     x[:, 17] *= 40  # an outlier column
     x[4, 100] = -12.0
-    layout, tensors = quantize_weight(linear.weight.data, qpass.Int8Config(threshold=threshold, compute_dtype=torch.float16))
+    layout, tensors = quantize_weight(linear.weight.data,
+                                      qpass.Int8Config(threshold=threshold, compute_dtype=torch.float16))
     assert torch.equal(tensors["weight"], ref.weight.data)
     ours = _call(layout, tensors, x, linear.bias.data)
     theirs = ref(x)
@@ -155,7 +159,8 @@ def test_int8_linear_matches_bitsandbytes(threshold):
     assert ours_err <= theirs_err * 1.05 + 1e-4
     if threshold:
         with_outliers = ours
-        plain_layout, _ = quantize_weight(linear.weight.data, qpass.Int8Config(threshold=0.0, compute_dtype=torch.float16))
+        plain_layout, _ = quantize_weight(linear.weight.data,
+                                          qpass.Int8Config(threshold=0.0, compute_dtype=torch.float16))
         without = _call(plain_layout, tensors, x, linear.bias.data)
         # the outlier path is what keeps the error small when a column is 40x larger
         assert (with_outliers.double() - exact).norm() < (without.double() - exact).norm()

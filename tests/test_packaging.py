@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_wheel_installs_one_namespace_and_imports(tmp_path):
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
+         str(ROOT)],
         check=True,
     )
     (wheel,) = tmp_path.glob("qpass-*.whl")
@@ -21,7 +22,8 @@ def test_wheel_installs_one_namespace_and_imports(tmp_path):
     assert "qpass/kernels/ops.py" in names and "qpass/passes/quantize_linears.py" in names
     # every source file is packaged: qpass/** as is, kernels/ and passes/ under qpass/
     sources = [p.relative_to(ROOT).as_posix() for p in ROOT.glob("qpass/**/*.py")]
-    sources += ["qpass/" + p.relative_to(ROOT).as_posix() for d in ("kernels", "passes") for p in (ROOT / d).glob("*.py")]
+    sources += ["qpass/" + p.relative_to(ROOT).as_posix()
+                for d in ("kernels", "passes") for p in (ROOT / d).glob("*.py")]
     missing = sorted(set(sources) - set(names))
     assert not missing, f"not in the wheel: {missing}"
 

@@ -11,7 +11,7 @@ from torch import nn
 import qpass
 from qpass import QuantizedLinear
 
-from models import tiny_gpt2, tiny_llama
+from models import same_bytes, tiny_gpt2, tiny_llama
 
 
 def _quantized(model):
@@ -101,7 +101,7 @@ def test_dtype_casts_do_not_touch_quantized_tensors():
     packed, absmax = layer.weight.clone(), layer.absmax.clone()
     model.half()
     assert layer.weight.dtype == torch.bfloat16
-    assert torch.equal(layer.weight.view(torch.uint8), packed.view(torch.uint8))  # bytes: some are NaN patterns
+    assert same_bytes(layer.weight, packed)
     assert torch.equal(layer.absmax, absmax)
     out = model(torch.randint(0, 128, (1, 5))).logits
     assert out.dtype == torch.float16 and not out.isnan().any()
@@ -154,7 +154,8 @@ def test_conv1d_layers_of_gpt2():
 def test_lora_trains_through_a_frozen_quantized_base():
     """A LoRA adapter on layer 1 learns through quantized layer 2: its gradient crosses the qpass op."""
     torch.manual_seed(3)
-    base = qpass.quantize(nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32)), qpass.NF4Config(compute_dtype=torch.float32))
+    base = qpass.quantize(nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32)),
+                          qpass.NF4Config(compute_dtype=torch.float32))
     lora_a = nn.Parameter(torch.randn(4, 32) * 0.1)
     lora_b = nn.Parameter(torch.zeros(32, 4))
     true_a, true_b = torch.randn(4, 32) * 0.3, torch.randn(32, 4) * 0.3
@@ -190,7 +191,8 @@ def test_bad_format_names(kwargs, message):
 
 
 def test_bad_config_values():
-    with pytest.raises(ValueError, match=r"NF4Config: blocksize=100 is not supported; use a power of two from 32 to 4096"):
+    with pytest.raises(ValueError,
+                       match=r"NF4Config: blocksize=100 is not supported; use a power of two from 32 to 4096"):
         qpass.NF4Config(blocksize=100)
     with pytest.raises(ValueError, match=r"FP4Config: compute_dtype=torch.int8 is not supported; use one of bfloat16"):
         qpass.FP4Config(compute_dtype=torch.int8)
@@ -227,7 +229,8 @@ def test_bad_weights_name_the_layer():
     model.add_module("proj", nn.Linear(8, 8))
     with torch.no_grad():
         model.proj.weight[2, 3] = float("nan")
-    with pytest.raises(qpass.QuantizationError, match=r"layer 'proj': weight holds 1 NaN/Inf value\(s\).*skip_modules=\['proj'\]"):
+    with pytest.raises(qpass.QuantizationError,
+                       match=r"layer 'proj': weight holds 1 NaN/Inf value\(s\).*skip_modules=\['proj'\]"):
         qpass.quantize(model, "nf4")
     model.proj.weight.data = model.proj.weight.data.to(torch.float64)
     with pytest.raises(qpass.QuantizationError, match=r"layer 'proj': weight dtype torch.float64 cannot be quantized"):
@@ -276,7 +279,8 @@ def test_a_meta_model_quantizes_to_a_skeleton_that_load_state_dict_fills(tmp_pat
 def test_impossible_quant_storage_names_the_layer():
     model = nn.Sequential()
     model.add_module("odd", nn.Linear(5, 5))  # 25 weights: 13 packed bytes, not a multiple of 4
-    with pytest.raises(qpass.QuantizationError, match=r"layer 'odd': quant_storage=torch.float32 needs the packed size \(13 bytes for \(5, 5\)\) to be a multiple of 4 bytes"):
+    with pytest.raises(qpass.QuantizationError, match=r"layer 'odd': quant_storage=torch.float32 needs the packed size "
+                                                      r"\(13 bytes for \(5, 5\)\) to be a multiple of 4 bytes"):
         qpass.quantize(model, qpass.NF4Config(quant_storage=torch.float32))
 
 

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 import qpass
 
-from models import relative_error, tiny_bert_classifier, tiny_gpt2, tiny_llama, tiny_t5
+from models import relative_error, same_bytes, tiny_bert_classifier, tiny_gpt2, tiny_llama, tiny_t5
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +64,7 @@ def test_save_pretrained_round_trips_through_transformers_and_bitsandbytes(fp_ch
         # dtype: transformers 4 would load the layers bitsandbytes leaves alone in float16
         bnb = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", device_map="cpu", dtype=torch.float32)
         assert type(bnb.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
-        assert torch.equal(bnb.model.layers[0].mlp.up_proj.weight.data.view(torch.uint8),
-                           model.model.layers[0].mlp.up_proj.weight.view(torch.uint8))
+        assert same_bytes(bnb.model.layers[0].mlp.up_proj.weight.data, model.model.layers[0].mlp.up_proj.weight)
         assert relative_error(bnb(ids).logits, expected) <= 1e-6  # as tests/test_checkpoints.py's BNB_AGREEMENT
         assert torch.equal(qpass.from_pretrained(tmp_path / "hf")(ids).logits, expected)
 
