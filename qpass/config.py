@@ -169,11 +169,16 @@ class QPassConfig:
       recorded (``qpass.default_skips``), with its output layer known by name (``lm_head``); a program
       of a transformers-model subclass defined outside transformers gets it only in a process that has
       imported that subclass' module, and the ``lm_head`` default otherwise.
+    * ``skip_offloaded``: loading through transformers with a ``device_map`` dict, leave in full precision
+      the modules it offloads (to the disk, or to the CPU beside an accelerator), for accelerate to offload
+      as usual: bitsandbytes' ``llm_int8_enable_fp32_cpu_offload``. Without it such a map is refused when
+      it offloads a quantized layer. No effect elsewhere (``qpass.quantize`` places nothing).
     """
 
     default: ConfigLike = "nf4"
     overrides: Mapping[str, ConfigLike] = dataclasses.field(default_factory=dict)
     skip_modules: Sequence[str] | None = None
+    skip_offloaded: bool = False
 
     def __post_init__(self) -> None:
         self.default = as_quant_config(self.default)
@@ -197,7 +202,8 @@ class QPassConfig:
 
         return {"quant_method": QPASS_QUANT_METHOD, "default": config_to_dict(self.default),
                 "overrides": {k: config_to_dict(v) for k, v in self.overrides.items()},
-                "skip_modules": None if self.skip_modules is None else list(self.skip_modules)}
+                "skip_modules": None if self.skip_modules is None else list(self.skip_modules),
+                "skip_offloaded": self.skip_offloaded}
 
     @classmethod
     def from_bitsandbytes(cls, config) -> QPassConfig:
@@ -206,20 +212,18 @@ class QPassConfig:
         ``bnb_4bit_quant_type`` with its double quantization, compute and storage dtypes (blocksize 64,
         as bitsandbytes); ``load_in_8bit`` gives ``Int8Config(threshold=llm_int8_threshold,
         compute_dtype=float16)``, bitsandbytes' int8 arithmetic. ``llm_int8_skip_modules`` becomes
-        ``skip_modules`` (left out, the same default). Its defaults are bitsandbytes' own, not qpass': FP4,
-        no double quantization, float32 compute.
+        ``skip_modules`` (left out, the same default), and ``llm_int8_enable_fp32_cpu_offload`` becomes
+        ``skip_offloaded``. Its defaults are bitsandbytes' own, not qpass': FP4, no double quantization,
+        float32 compute.
 
-        ``llm_int8_has_fp16_weight`` (int8 weights trained in fp16) and
-        ``llm_int8_enable_fp32_cpu_offload`` (layers offloaded to the CPU) are refused: qpass' weights are
-        frozen and stay on the model's device."""
+        ``llm_int8_has_fp16_weight`` (int8 weights trained in fp16) is refused: qpass' weights are frozen."""
         fields = _bitsandbytes_fields(config)
-        for flag, why in (("llm_int8_has_fp16_weight", "keeps int8 weights in fp16 to train them, and qpass' "
-                           "quantized weights are frozen (train adapters: qpass.integrations.peft)"),
-                          ("llm_int8_enable_fp32_cpu_offload", "offloads layers to the CPU, and qpass keeps every "
-                           "layer on the model's device (give a device_map without offloading)")):
-            if fields.get(flag):
-                raise ValueError(f"BitsAndBytesConfig({flag}=True) {why}; set it to False")
-        return cls(default=format_from_bitsandbytes(fields), skip_modules=fields.get("llm_int8_skip_modules"))
+        if fields.get("llm_int8_has_fp16_weight"):
+            raise ValueError("BitsAndBytesConfig(llm_int8_has_fp16_weight=True) keeps int8 weights in fp16 to train "
+                             "them, and qpass' quantized weights are frozen (train adapters: qpass.integrations.peft); "
+                             "set it to False")
+        return cls(default=format_from_bitsandbytes(fields), skip_modules=fields.get("llm_int8_skip_modules"),
+                   skip_offloaded=bool(fields.get("llm_int8_enable_fp32_cpu_offload")))
 
     @classmethod
     def from_dict(cls, config_dict: Mapping, return_unused_kwargs: bool = False, **kwargs):
@@ -234,7 +238,7 @@ class QPassConfig:
             plan = cls(default=None, overrides=fields["layers"], skip_modules=())
         else:
             plan = cls(default=fields.get("default"), overrides=fields.get("overrides", {}),
-                       skip_modules=fields.get("skip_modules"))
+                       skip_modules=fields.get("skip_modules"), skip_offloaded=fields.get("skip_offloaded", False))
         return (plan, kwargs) if return_unused_kwargs else plan
 
     def to_json_string(self, use_diff: bool = True) -> str:

@@ -121,8 +121,6 @@ def test_a_bitsandbytes_config_quantizes_as_bitsandbytes_does(name, fp_checkpoin
 def test_bitsandbytes_options_qpass_cannot_honour_are_refused():
     with pytest.raises(ValueError, match=r"llm_int8_has_fp16_weight=True\) keeps int8 weights in fp16 to train them"):
         qpass.QPassConfig.from_bitsandbytes(BitsAndBytesConfig(load_in_8bit=True, llm_int8_has_fp16_weight=True))
-    with pytest.raises(ValueError, match=r"llm_int8_enable_fp32_cpu_offload=True\) offloads layers to the CPU"):
-        qpass.quantize(tiny_llama(), BitsAndBytesConfig(load_in_4bit=True, llm_int8_enable_fp32_cpu_offload=True))
     with pytest.raises(ValueError, match=r"sets exactly one of load_in_4bit and load_in_8bit"):
         qpass.QPassConfig.from_bitsandbytes({"quant_method": "bitsandbytes"})
     with pytest.raises(ValueError, match=r"bnb_4bit_quant_type='int4' is not one bitsandbytes knows"):

@@ -208,7 +208,7 @@ def test_plans_read_back_what_to_dict_writes():
     plan = qpass.QPassConfig(qpass.NF4Config(blocksize=128, compute_dtype=torch.float16),
                              overrides={"*.self_attn.*": qpass.Int8Config(threshold=4.5), "*.mlp.down_proj": None,
                                         "model.layers.0.mlp.up_proj": qpass.FP4Config(quant_storage=torch.bfloat16)},
-                             skip_modules=["lm_head", "*.gate_proj"])
+                             skip_modules=["lm_head", "*.gate_proj"], skip_offloaded=True)
     assert qpass.QPassConfig.from_dict(json.loads(plan.to_json_string())) == plan
     layer = {"format": "int8", "threshold": 6.0, "compute_dtype": "float32"}
     stored = {"quant_method": "qpass", "llm_int8_skip_modules": ["lm_head"],

@@ -1,5 +1,6 @@
 """AutoModelForCausalLM.from_pretrained(..., quantization_config=qpass.QPassConfig(...))."""
 
+import dataclasses
 import json
 import logging
 import re
@@ -97,14 +98,54 @@ def test_generate_compiles_with_a_static_cache(fp_checkpoint):
     assert torch.equal(compiled, eager)
 
 
-@pytest.mark.parametrize("device_map", [{"model": "cpu", "lm_head": "disk"}, "auto"])
-def test_offloading_is_refused_with_what_to_do(fp_checkpoint, tmp_path, device_map):
+# The tiny Llama's modules with layer 1 on the disk: accelerate offloads it, the rest runs on the CPU.
+LAYER_1_ON_DISK = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
+                   "model.rotary_emb": "cpu", "lm_head": "cpu"}
+
+
+@pytest.mark.parametrize("device_map", [LAYER_1_ON_DISK, "auto"])
+def test_offloading_quantized_layers_is_refused_with_what_to_do(fp_checkpoint, tmp_path, device_map):
     """accelerate offloads parameters, and a qpass layer holds its bytes in buffers: refused before
     loading, for a map given as such and for one transformers infers from too little max_memory."""
-    with pytest.raises(ValueError, match=r"offloads .*model.* to the CPU or the disk.*qpass.estimate"):
+    with pytest.raises(ValueError, match=r"offloads 'model.layers.1.self_attn.q_proj', .* and 4 more to the CPU or the "
+                                         r"disk.*skip_offloaded=True.*qpass.estimate" if device_map is LAYER_1_ON_DISK
+                       else r"offloads .* to the CPU or the disk.*qpass.estimate"):
         AutoModelForCausalLM.from_pretrained(fp_checkpoint, quantization_config=qpass.QPassConfig("nf4"),
                                              device_map=device_map, max_memory={"cpu": "40KB"},
                                              offload_folder=tmp_path / "offload")
+
+
+def _offloaded_load(fp_checkpoint, tmp_path, plan, device_map):
+    model = AutoModelForCausalLM.from_pretrained(fp_checkpoint, quantization_config=plan, device_map=device_map,
+                                                 offload_folder=tmp_path / "offload")
+    for name, place in device_map.items():  # offloaded: on the meta device, read from the disk at each call
+        assert all((p.device.type == "meta") == (place == "disk") for p in model.get_submodule(name).parameters())
+    return model
+
+
+def test_modules_left_in_full_precision_offload_as_usual(fp_checkpoint, tmp_path):
+    """The output layer is not quantized by default, so a map may put it on the disk."""
+    model = _offloaded_load(fp_checkpoint, tmp_path, qpass.QPassConfig("nf4"), {"model": "cpu", "lm_head": "disk"})
+    assert type(model.lm_head) is torch.nn.Linear
+    ids = torch.randint(0, 128, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, qpass.quantize(tiny_llama(), "nf4")(ids).logits)
+
+
+@pytest.mark.parametrize("plan", [qpass.QPassConfig("nf4", skip_offloaded=True),
+                                  qpass.QPassConfig.from_bitsandbytes(transformers.BitsAndBytesConfig(
+                                      load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      llm_int8_enable_fp32_cpu_offload=True))], ids=["qpass", "bitsandbytes"])
+def test_skip_offloaded_leaves_offloaded_layers_in_full_precision(fp_checkpoint, tmp_path, plan):
+    """bitsandbytes' llm_int8_enable_fp32_cpu_offload: the layers a device_map offloads stay unquantized,
+    for accelerate to offload; the others are quantized as without the map."""
+    model = _offloaded_load(fp_checkpoint, tmp_path, plan, LAYER_1_ON_DISK)
+    assert all(type(m) is torch.nn.Linear for m in model.model.layers[1].modules() if isinstance(m, torch.nn.Linear))
+    assert isinstance(model.model.layers[0].mlp.up_proj, qpass.QuantizedLinear)
+    expected = qpass.quantize(tiny_llama(), dataclasses.replace(plan, skip_modules=["lm_head", "model.layers.1.*"]))
+    ids = torch.randint(0, 128, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, expected(ids).logits)
 
 
 def test_device_map_sizes_the_quantized_layers(fp_checkpoint):

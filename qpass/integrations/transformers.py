@@ -47,13 +47,46 @@ def quantized_tensors(model, param_name: str, value: torch.Tensor) -> tuple[Quan
     return layer, {name: t for name, t in tensors.items() if t is not None}
 
 
+def _named(layers: list[str]) -> str:
+    """The first three layer names, and how many more: for error messages."""
+    return ", ".join(map(repr, layers[:3])) + (f" and {len(layers) - 3} more" if len(layers) > 3 else "")
+
+
+def offloaded_modules(device_map) -> list[str]:
+    """The keys of a ``device_map`` dict that accelerate offloads: modules placed on the disk, or on the CPU
+    when the map also names an accelerator (a map of the CPU alone runs there, offloading nothing)."""
+    if not isinstance(device_map, dict):
+        return []
+    accelerated = {str(place) for place in device_map.values()} - {"cpu", "disk"}
+    return [name for name, place in device_map.items()
+            if str(place) == "disk" or (str(place) == "cpu" and accelerated)]
+
+
+def is_within(layer: str, module: str) -> bool:
+    """Whether ``layer`` is the module ``module`` or inside it (``""``, a device_map's whole model, holds all)."""
+    return module == "" or layer == module or layer.startswith(module + ".")
+
+
+def offload_error(layers: list[str], skip_offloaded: bool) -> ValueError:
+    """The error for a device_map that offloads quantized layers: accelerate offloads parameters, and a
+    ``QuantizedLinear`` holds its bytes in buffers."""
+    remedy = ("With skip_offloaded=True, offloaded layers stay in full precision only when the device_map is given "
+              "as a dict, not inferred ('auto')." if skip_offloaded else
+              "To offload them in full precision instead, pass a device_map dict and QPassConfig(..., "
+              "skip_offloaded=True) (bitsandbytes' llm_int8_enable_fp32_cpu_offload).")
+    return ValueError(
+        f"device_map offloads {_named(layers)} to the CPU or the disk, which qpass layers do not support (accelerate "
+        f"offloads parameters; a qpass layer holds its bytes in buffers). {remedy} Or give the devices the memory "
+        "the quantized model needs (max_memory; qpass.estimate(path, config) tells how much), or load it all on "
+        "the CPU (device_map='cpu')")
+
+
 def missing_weights_error(layers: list[str]) -> ValueError:
     """The error for quantized layers the checkpoint has no tensors for: transformers initialises a
     missing weight at random, and a ``QuantizedLinear`` would keep uninitialised memory instead."""
-    named = ", ".join(map(repr, layers[:3])) + (f" and {len(layers) - 3} more" if len(layers) > 3 else "")
     return ValueError(
-        f"the checkpoint has no weight for {named}, which the quantization config quantizes: a quantized layer "
-        "cannot be initialised at random, as transformers initialises a missing weight. Leave it in full "
+        f"the checkpoint has no weight for {_named(layers)}, which the quantization config quantizes: a quantized "
+        "layer cannot be initialised at random, as transformers initialises a missing weight. Leave it in full "
         "precision by naming it in skip_modules (a new head, such as a classifier's, is left out by default when "
         "it holds the model's last parameter)")
 
@@ -125,6 +158,7 @@ class QPassHfQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.packed_weight_bytes: dict[str, int] = {}  # "<layer>.weight" -> bytes once quantized
         self.loaded_layers: set[str] = set()  # the QuantizedLinears whose tensors the checkpoint filled
+        self.quantized_layers: list[str] | None = None  # known once the model's layers are replaced
 
     def validate_environment(self, *args, device_map=None, **kwargs):
         if self.pre_quantized and ConversionOps is None:
@@ -132,18 +166,15 @@ class QPassHfQuantizer(HfQuantizer):
             # casting floats to the model's dtype, which would corrupt the stored scales
             raise ValueError("loading a qpass checkpoint through transformers needs transformers >= 5; on "
                              "transformers 4 load it with qpass.from_pretrained(path)")
-        if isinstance(device_map, dict):
-            places = {str(place) for place in device_map.values()}
-            offloaded = sorted(name or "the whole model" for name, place in device_map.items()
-                               if str(place) == "disk" or (str(place) == "cpu" and places != {"cpu"}))
-            if offloaded:
-                # accelerate offloads parameters; a QuantizedLinear holds its bytes in buffers, and the
-                # weight transformers would offload is the unquantized one.
-                named = ", ".join(offloaded[:3]) + (f" and {len(offloaded) - 3} more" if len(offloaded) > 3 else "")
-                raise ValueError(
-                    f"device_map offloads {named} to the CPU or the disk, which qpass layers do not "
-                    "support: give the devices the memory the quantized model needs (max_memory; "
-                    "qpass.estimate(path, config) tells how much), or load it all on the CPU (device_map='cpu')")
+        # Called with the map as given, before the model exists (a dict is checked once its layers are
+        # replaced), and again with the map device_map="auto" resolved to, sized by the quantized layers.
+        if self.quantized_layers is not None:
+            self._refuse_offloaded(self.quantized_layers, device_map)
+
+    def _refuse_offloaded(self, quantized_layers: list[str], device_map) -> None:
+        offloaded = offloaded_modules(device_map)
+        if refused := [layer for layer in quantized_layers if any(is_within(layer, m) for m in offloaded)]:
+            raise offload_error(refused, self.quantization_config.skip_offloaded)
 
     def update_device_map(self, device_map):
         # As bitsandbytes' quantizer: with no device_map, the model loads onto the current GPU (and is
@@ -154,9 +185,14 @@ class QPassHfQuantizer(HfQuantizer):
                         "the CPU", device_map[""])
         return device_map
 
-    def _process_model_before_weight_loading(self, model, **kwargs):
-        for name, module, weight, config in selected_linears(model, self.quantization_config,
-                                                             resolve=not self.pre_quantized):
+    def _process_model_before_weight_loading(self, model, device_map=None, **kwargs):
+        selected = selected_linears(model, self.quantization_config, resolve=not self.pre_quantized)
+        if self.quantization_config.skip_offloaded and not self.pre_quantized:
+            offloaded = offloaded_modules(device_map)  # left in full precision, for accelerate to offload
+            selected = [layer for layer in selected if not any(is_within(layer[0], m) for m in offloaded)]
+        self.quantized_layers = [name for name, *_ in selected]
+        self._refuse_offloaded(self.quantized_layers, device_map)  # before any weight is read
+        for name, module, weight, config in selected:
             layout, placeholders = quantize_layer(torch.empty(weight.shape, dtype=weight.dtype, device="meta"), config,
                                                   name, allow_meta=True)
             if ConversionOps is not None and not self.pre_quantized:
