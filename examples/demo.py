@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import qpass
@@ -25,6 +26,7 @@ def main(argv=None):
     parser.add_argument("--windows", type=int, default=4, help="512-token windows of pydoc text to score")
     parser.add_argument("--compile", action="store_true", help="torch.compile each quantized model first")
     args = parser.parse_args(argv)
+    transformers.logging.disable_progress_bar()  # four loads of a 0.5 GB model: the bars would drown the table
 
     checkpoint = smollm2_checkpoint()
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
