@@ -210,6 +210,21 @@ def mixed_checkpoint(tmp_path_factory):
 
 
 @needs_transformers_5
+def test_a_quantized_checkpoint_refuses_to_offload_its_quantized_layers(mixed_checkpoint, tmp_path):
+    """Its layers are stored quantized: no full-precision way out to offer, and lm_head may still go."""
+    with pytest.raises(ValueError, match=r"offloads 'model.layers.1.self_attn.q_proj', .* and 4 more .*"
+                                         r"This checkpoint stores them quantized. Or give the devices"):
+        AutoModelForCausalLM.from_pretrained(mixed_checkpoint, device_map=LAYER_1_ON_DISK,
+                                             offload_folder=tmp_path / "offload")
+    model = AutoModelForCausalLM.from_pretrained(mixed_checkpoint, device_map={"model": "cpu", "lm_head": "disk"},
+                                                 offload_folder=tmp_path / "offload")
+    assert model.lm_head.weight.device.type == "meta"  # offloaded
+    ids = torch.randint(0, 128, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, qpass.from_pretrained(mixed_checkpoint)(ids).logits)
+
+
+@needs_transformers_5
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 def test_a_mixed_format_checkpoint_loads_through_transformers(mixed_checkpoint, tmp_path, dtype):
     """A checkpoint with several formats (quant_method "qpass") loads in transformers as it does in

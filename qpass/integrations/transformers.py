@@ -67,13 +67,17 @@ def is_within(layer: str, module: str) -> bool:
     return module == "" or layer == module or layer.startswith(module + ".")
 
 
-def offload_error(layers: list[str], skip_offloaded: bool) -> ValueError:
+def offload_error(layers: list[str], skip_offloaded: bool, pre_quantized: bool) -> ValueError:
     """The error for a device_map that offloads quantized layers: accelerate offloads parameters, and a
     ``QuantizedLinear`` holds its bytes in buffers."""
-    remedy = ("With skip_offloaded=True, offloaded layers stay in full precision only when the device_map is given "
-              "as a dict, not inferred ('auto')." if skip_offloaded else
-              "To offload them in full precision instead, pass a device_map dict and QPassConfig(..., "
-              "skip_offloaded=True) (bitsandbytes' llm_int8_enable_fp32_cpu_offload).")
+    if pre_quantized:
+        remedy = "This checkpoint stores them quantized."
+    elif skip_offloaded:
+        remedy = ("With skip_offloaded=True, offloaded layers stay in full precision only when the device_map is "
+                  "given as a dict, not inferred ('auto').")
+    else:
+        remedy = ("To offload them in full precision instead, pass a device_map dict and QPassConfig(..., "
+                  "skip_offloaded=True) (bitsandbytes' llm_int8_enable_fp32_cpu_offload).")
     return ValueError(
         f"device_map offloads {_named(layers)} to the CPU or the disk, which qpass layers do not support (accelerate "
         f"offloads parameters; a qpass layer holds its bytes in buffers). {remedy} Or give the devices the memory "
@@ -174,7 +178,7 @@ class QPassHfQuantizer(HfQuantizer):
     def _refuse_offloaded(self, quantized_layers: list[str], device_map) -> None:
         offloaded = offloaded_modules(device_map)
         if refused := [layer for layer in quantized_layers if any(is_within(layer, m) for m in offloaded)]:
-            raise offload_error(refused, self.quantization_config.skip_offloaded)
+            raise offload_error(refused, self.quantization_config.skip_offloaded, self.pre_quantized)
 
     def update_device_map(self, device_map):
         # As bitsandbytes' quantizer: with no device_map, the model loads onto the current GPU (and is
