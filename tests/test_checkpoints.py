@@ -293,6 +293,14 @@ MEASURE = textwrap.dedent("""
             if line.startswith("RssAnon:"):
                 return int(line.split()[1]) * 1024
 
+    def load(path):
+        if sys.argv[3] == "qpass":
+            return qpass.from_pretrained(path, sys.argv[2])
+        from transformers import AutoModelForCausalLM  # through transformers' quantizer registration
+        return AutoModelForCausalLM.from_pretrained(path, quantization_config=qpass.QPassConfig(sys.argv[2]),
+                                                    device_map="cpu")
+
+    load(sys.argv[4])  # a tiny model of the same kind first: the modules loading imports are not the load's
     peak, done = [anonymous_rss()], []
     def sample():
         while not done:
@@ -302,12 +310,7 @@ MEASURE = textwrap.dedent("""
     thread = threading.Thread(target=sample)
     thread.start()
     try:
-        if sys.argv[3] == "qpass":
-            model = qpass.from_pretrained(sys.argv[1], sys.argv[2])
-        else:  # through transformers' quantizer registration
-            from transformers import AutoModelForCausalLM
-            plan = qpass.QPassConfig(sys.argv[2])
-            model = AutoModelForCausalLM.from_pretrained(sys.argv[1], quantization_config=plan, device_map="cpu")
+        model = load(sys.argv[1])
     finally:  # a failure ends the process (and fails the test) rather than leaving the sampler running
         done.append(True)
         thread.join()
@@ -319,12 +322,18 @@ def test_quantize_while_loading_peak_memory(tmp_path):
     """Peak anonymous memory while quantizing a 321 MiB float32 checkpoint to nf4 as it loads stays
     near the quantized size plus a few times the largest tensor (the reference quantizer's float32 and
     int32 temporaries for one tensor), far below the full-precision model. Sampled from
-    /proc/self/status every 2 ms in a fresh process; measured 119-125 MiB on the development machine."""
+    /proc/self/status every 2 ms in a fresh process, after loading a tiny model the same way (so the
+    modules loading imports are not counted: they were 50-60 MiB, and grew with Python 3.12). Measured
+    78-87 MiB on the development machine (Python 3.11 and 3.12, torch 2.11 and 2.13, transformers 4.57.6,
+    5.23 and 5.24; 2026-11-24)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=256, hidden_size=1024, intermediate_size=4096, num_hidden_layers=5,
                          num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=True)
     LlamaForCausalLM(config).save_pretrained(tmp_path / "big")
+    tiny = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                       num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=True)
+    LlamaForCausalLM(tiny).save_pretrained(tmp_path / "tiny")
     fp32_bytes = (tmp_path / "big" / "model.safetensors").stat().st_size
     largest = 4 * 1024 * 4096
     # A fixed mmap threshold makes glibc return each freed tensor to the system at once; with its
@@ -332,12 +341,12 @@ def test_quantize_while_loading_peak_memory(tmp_path):
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
     quantized_bytes = fp32_bytes * 4.127 / 32
     for route in ("qpass", "transformers"):
-        out = subprocess.run([sys.executable, "-c", MEASURE, str(tmp_path / "big"), "nf4", route],
-                             capture_output=True, text=True, env=env)
+        out = subprocess.run([sys.executable, "-c", MEASURE, str(tmp_path / "big"), "nf4", route,
+                              str(tmp_path / "tiny")], capture_output=True, text=True, env=env)
         assert out.returncode == 0, out.stderr
         peak = int(out.stdout.strip().splitlines()[-1])
         print(f"checkpoint {fp32_bytes / 2**20:.0f} MiB (fp32), quantized {quantized_bytes / 2**20:.0f} MiB, largest "
               f"tensor {largest / 2**20:.0f} MiB; peak anonymous memory growth quantizing while loading ({route}): "
               f"{peak / 2**20:.0f} MiB")
-        assert peak < quantized_bytes + 6 * largest, route
+        assert peak < quantized_bytes + 4 * largest, route
         assert peak < 0.5 * fp32_bytes, route
