@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .config import QPassConfig, QuantConfig
+from .data_parallel import ignore_quantized_tensors_in_ddp
 from .formats import quantize_layer
 from .modules import QuantizedLinear
 
@@ -76,6 +77,8 @@ def quantize_module(model: nn.Module, plan: QPassConfig) -> nn.Module:
     an empty skeleton: each selected layer a ``QuantizedLinear`` holding meta placeholders of its
     tensors' shapes and dtypes, for ``model.load_state_dict(state_dict, assign=True)`` to fill with
     the state dict of the same model quantized with the same plan (gpt-fast's way of loading).
+
+    DDP is told to leave the quantized tensors out of its buffer broadcasts (``qpass.data_parallel``).
     """
     skeleton = all(p.device.type == "meta" for p in model.parameters())
     for name, module, weight, config in selected_linears(model, plan):
@@ -85,7 +88,7 @@ def quantize_module(model: nn.Module, plan: QPassConfig) -> nn.Module:
         if not name:  # the model is itself a linear layer
             return quantized
         set_submodule(model, name, quantized)
-    return model
+    return ignore_quantized_tensors_in_ddp(model)
 
 
 def dequantize_module(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:

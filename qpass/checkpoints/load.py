@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..config import QPASS_QUANT_METHOD, ConfigLike, QPassConfig, as_plan, format_from_bitsandbytes
+from ..data_parallel import ignore_quantized_tensors_in_ddp
 from ..formats import quantize_layer
 from ..module_swap import as_out_in, linear_layers, linear_weight, set_submodule
 from ..modules import QuantizedLinear
@@ -116,6 +117,7 @@ def from_pretrained(
             f"{path}: tensor {missing[0]!r} is missing from the checkpoint"
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
             + f". {OTHER_CLASS_HINT}")
+    ignore_quantized_tensors_in_ddp(model)
     return model.to(device).eval()  # moves the buffers the model made itself (rotary tables); the rest was read there
 
 

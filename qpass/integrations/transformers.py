@@ -32,6 +32,7 @@ from ..checkpoints.bnb_layout import STORED_SUFFIXES, check_layer_shape, listed_
 from ..checkpoints.errors import CheckpointError
 from ..checkpoints.save import checkpoint_tensors, record_quantization_config
 from ..config import QPASS_QUANT_METHOD, QPassConfig, dtype_from_name
+from ..data_parallel import ignore_quantized_tensors_in_ddp
 from ..formats import quantize_layer
 from ..module_swap import as_out_in, dequantize_module, selected_linears, set_submodule
 from ..modules import QuantizedLinear
@@ -208,7 +209,7 @@ class QPassHfQuantizer(HfQuantizer):
                 placeholders = {**placeholders, "weight": torch.empty_like(module.weight, device="meta")}
             layer = QuantizedLinear.replacing(module, layout, placeholders, module.bias)
             set_submodule(model, name, layer)
-        return model
+        return ignore_quantized_tensors_in_ddp(model)
 
     def param_element_size(self, model, param_name: str, param: torch.Tensor) -> float:
         # transformers 5 sizes modules for device_map="auto" with this: a weight waiting to be quantized
