@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import peft
 from peft import LoraConfig, PeftModel
 
 import qpass
@@ -318,3 +319,37 @@ def test_compiled_adapted_model_matches_eager_with_no_graph_break():
     assert eager_grads.keys() == compiled_grads.keys()
     for name, grad in eager_grads.items():
         assert relative_error(compiled_grads[name], grad) < COMPILE_VS_EAGER_BF16, name
+
+
+def test_hf_trainer_trains_qlora_on_a_model_loaded_with_a_qpass_config(tmp_path):
+    """The usual QLoRA script: transformers loads the model with a QPassConfig, PEFT wraps it (as trl
+    does, from a LoraConfig), and the HF Trainer trains and saves the adapter. The Trainer refuses the
+    quantized model without adapters, as it refuses a bitsandbytes one."""
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    tiny_llama().save_pretrained(tmp_path / "fp")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", device_map="cpu",
+                                                 quantization_config=qpass.QPassConfig("nf4"))
+    args = TrainingArguments(tmp_path / "run", per_device_train_batch_size=4, max_steps=8, learning_rate=1e-2,
+                             use_cpu=True, report_to=[], logging_steps=1, save_strategy="no")
+    ids = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    with pytest.raises(ValueError, match="purely quantized"):
+        Trainer(model=model, args=args, train_dataset=data)
+
+    model = qpass_peft.prepare_model_for_kbit_training(model)
+    model = peft.get_peft_model(model, qpass_peft.prepare_lora_config(LoraConfig(r=4, target_modules="all-linear"),
+                                                                      model))
+    frozen = _quantized_tensors(model)
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 8 and losses[-1] < 0.95 * losses[0], losses
+    after = _quantized_tensors(model)
+    assert after.keys() == frozen.keys() and all(torch.equal(after[k], frozen[k]) for k in frozen)
+
+    trainer.save_model(tmp_path / "adapter")
+    with torch.no_grad():
+        expected = model.eval()(input_ids=ids[:2]).logits
+        reloaded = qpass_peft.load_adapter(qpass.quantize(tiny_llama(), "nf4"), tmp_path / "adapter")
+        torch.testing.assert_close(reloaded(input_ids=ids[:2]).logits, expected)
