@@ -47,8 +47,8 @@ class QuantizedTensorsToIgnore:
     any names that were set there before (``also``). Holds the model weakly: no reference cycle keeps a
     deleted model's memory alive. Copying or pickling the model keeps it pointing at the copy."""
 
-    def __init__(self, model: nn.Module, also: tuple[str, ...] = ()):
-        self._model = weakref.ref(model)
+    def __init__(self, model: nn.Module | None, also: tuple[str, ...] = ()):
+        self._model = weakref.ref(model) if model is not None else _no_model  # None: copied after the model died
         self.also = tuple(also)
 
     def __iter__(self) -> Iterator[str]:
@@ -65,6 +65,10 @@ class QuantizedTensorsToIgnore:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({list(self)})"
+
+
+def _no_model() -> None:
+    return None
 
 
 def ignore_quantized_tensors_in_ddp(model: nn.Module) -> nn.Module:

@@ -3,6 +3,7 @@ DDP leaves the quantized tensors out of the buffers it broadcasts before every f
 synchronises everything that trains."""
 
 import copy
+import gc
 import pickle
 
 import peft
@@ -111,6 +112,11 @@ def test_copies_name_their_own_tensors_and_names_set_before_stay():
         assert list(model._ddp_params_and_buffers_to_ignore) == names
 
     assert ignore_quantized_tensors_in_ddp(model) is model and list(model._ddp_params_and_buffers_to_ignore) == names
+
+    held = model._ddp_params_and_buffers_to_ignore  # held weakly: a deleted model is not kept alive
+    del model, twin
+    gc.collect()
+    assert list(held) == list(pickle.loads(pickle.dumps(held))) == ["model.embed_tokens.weight"]
 
 
 def _train_ranks(rank, world_size, store, steps, results):
