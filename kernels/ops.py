@@ -16,6 +16,7 @@ Linear ops take ``x [..., in_features]`` of any float dtype, compute in ``comput
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 from typing import Optional
@@ -59,6 +60,17 @@ def use_triton(x: Tensor) -> bool:
     installed. Decided inside each op's body from the device, so Inductor traces the reference for
     CPU inputs."""
     return HAS_TRITON and not ON_ROCM and x.device.type == "cuda"
+
+
+def _autocast_off(device_type: str):
+    """A context in which autocast is off for ``device_type``, if it was on. The linear ops compute in their
+    compute dtype whatever autocast says: it has no rule for qpass' ops, but the matmuls of an op's body
+    would otherwise take autocast's dtype when the op runs eagerly (the reference on any device, the
+    dequantize-then-cuBLAS path on CUDA), though not compiled nor in a Triton kernel. Under float16
+    autocast that would also bound the reference's float32 sums by float16's range."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _output_dtype(x: Tensor, compute_dtype: torch.dtype) -> torch.dtype:
@@ -171,23 +183,24 @@ def linear_4bit(
     Triton kernels (``triton_4bit``); every other device the reference (dequantize, then matmul)."""
     _check_input(x, in_features, "linear_4bit")
     x2d = x.reshape(-1, in_features)
-    if use_triton(x):
-        from .triton_4bit import linear_4bit_triton
+    with _autocast_off(x.device.type):
+        if use_triton(x):
+            from .triton_4bit import linear_4bit_triton
 
-        out = linear_4bit_triton(
-            x2d, packed, quant_map, absmax, nested_absmax, nested_code, offset, bias,
-            out_features, in_features, blocksize, compute_dtype, launch=torch.library.wrap_triton,
-        )
-    elif _fuse_dequantization(x2d, in_features, blocksize):
-        scales = ref4.block_absmax(absmax, nested_absmax, nested_code, offset, DOUBLE_QUANT_BLOCKSIZE)
-        out = ref4.linear_4bit_rows(x2d, packed, quant_map, scales, out_features, in_features, blocksize, bias,
-                                    compute_dtype)
-    else:
-        weight = _dequantize_weight_4bit(
-            packed, quant_map, absmax, nested_absmax, nested_code, offset, [out_features, in_features], blocksize,
-            compute_dtype,
-        )
-        out = linear_fp32_accumulate(x2d, weight, bias, compute_dtype)
+            out = linear_4bit_triton(
+                x2d, packed, quant_map, absmax, nested_absmax, nested_code, offset, bias,
+                out_features, in_features, blocksize, compute_dtype, launch=torch.library.wrap_triton,
+            )
+        elif _fuse_dequantization(x2d, in_features, blocksize):
+            scales = ref4.block_absmax(absmax, nested_absmax, nested_code, offset, DOUBLE_QUANT_BLOCKSIZE)
+            out = ref4.linear_4bit_rows(x2d, packed, quant_map, scales, out_features, in_features, blocksize, bias,
+                                        compute_dtype)
+        else:
+            weight = _dequantize_weight_4bit(
+                packed, quant_map, absmax, nested_absmax, nested_code, offset, [out_features, in_features],
+                blocksize, compute_dtype,
+            )
+            out = linear_fp32_accumulate(x2d, weight, bias, compute_dtype)
     return out.reshape(*x.shape[:-1], out_features).to(_output_dtype(x, compute_dtype))
 
 
@@ -228,7 +241,8 @@ def _backward_linear_4bit(ctx, grad_out):
         weight = torch.ops.qpass.dequantize_4bit(
             packed, quant_map, absmax, nested_absmax, nested_code, offset, shape, blocksize, compute_dtype
         )
-        grad_x = _grad_input(grad_out, weight, compute_dtype, x_dtype)
+        with _autocast_off(grad_out.device.type):
+            grad_x = _grad_input(grad_out, weight, compute_dtype, x_dtype)
     if bias_dtype is not None and ctx.needs_input_grad[7]:
         grad_bias = grad_out.reshape(-1, shape[0]).sum(0).to(bias_dtype)
     return (grad_x,) + (None,) * 6 + (grad_bias,) + (None,) * 5
@@ -274,14 +288,15 @@ def linear_int8(
     ``linear_int8_cpu``."""
     _check_input(x, cb.shape[1], "linear_int8")
     x2d = x.reshape(-1, x.shape[-1])
-    if use_triton(x):
-        from .triton_int8 import linear_int8_triton
+    with _autocast_off(x.device.type):
+        if use_triton(x):
+            from .triton_int8 import linear_int8_triton
 
-        out = linear_int8_triton(x2d, cb, scb, bias, threshold, compute_dtype, launch=torch.library.wrap_triton)
-    elif x.device.type == "cpu":
-        out = torch.ops.qpass.linear_int8_cpu(x2d.to(compute_dtype), cb, scb, bias, threshold)
-    else:
-        out = ref8.linear_int8(x2d, cb, scb, bias, threshold, compute_dtype)
+            out = linear_int8_triton(x2d, cb, scb, bias, threshold, compute_dtype, launch=torch.library.wrap_triton)
+        elif x.device.type == "cpu":
+            out = torch.ops.qpass.linear_int8_cpu(x2d.to(compute_dtype), cb, scb, bias, threshold)
+        else:
+            out = ref8.linear_int8(x2d, cb, scb, bias, threshold, compute_dtype)
     return out.reshape(*x.shape[:-1], cb.shape[0]).to(_output_dtype(x, compute_dtype))
 
 
@@ -295,7 +310,8 @@ def linear_int8_cpu(x: Tensor, cb: Tensor, scb: Tensor, bias: Optional[Tensor], 
     ``x`` comes in the compute dtype, which is also the result's: no dtype argument, because AOTInductor
     in torch 2.11 passes a custom op's dtype argument to its CPU kernel as the wrong dtype (export's
     enum number read as c10's: float32 became float64, and the result was read as float32)."""
-    return ref8.linear_int8(x, cb, scb, bias, threshold, x.dtype, gather_outliers=True)
+    with _autocast_off(x.device.type):  # also when called on its own
+        return ref8.linear_int8(x, cb, scb, bias, threshold, x.dtype, gather_outliers=True)
 
 
 @linear_int8_cpu.register_fake
@@ -315,7 +331,8 @@ def _backward_linear_int8(ctx, grad_out):
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
         weight = torch.ops.qpass.dequantize_int8(cb, scb, compute_dtype)
-        grad_x = _grad_input(grad_out, weight, compute_dtype, x_dtype)
+        with _autocast_off(grad_out.device.type):
+            grad_x = _grad_input(grad_out, weight, compute_dtype, x_dtype)
     if bias_dtype is not None and ctx.needs_input_grad[3]:
         grad_bias = grad_out.reshape(-1, cb.shape[0]).sum(0).to(bias_dtype)
     return grad_x, None, None, grad_bias, None, None

@@ -107,6 +107,22 @@ def test_dtype_casts_do_not_touch_quantized_tensors():
     assert out.dtype == torch.float16 and not out.isnan().any()
 
 
+@pytest.mark.parametrize("spec", ["nf4", "int8"])
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+def test_autocast_leaves_the_quantized_layers_alone(spec, autocast_dtype):
+    """Mixed-precision training (the HF Trainer's bf16=True, accelerate) runs the model under autocast.
+    autocast has no rule for qpass' ops, so a layer computes in its compute dtype as without autocast,
+    forward and backward, as bitsandbytes' layers do."""
+    layer = qpass.quantize(nn.Linear(64, 32, bias=True), spec)
+    x = torch.randn(3, 64, requires_grad=True)
+    expected = layer(x)
+    (grad,) = torch.autograd.grad(expected.sum(), x)
+    with torch.autocast("cpu", dtype=autocast_dtype):  # backward too, though it is usually called outside
+        out = layer(x)
+        (autocast_grad,) = torch.autograd.grad(out.sum(), x)
+    assert out.dtype == torch.float32 and torch.equal(out, expected) and torch.equal(autocast_grad, grad)
+
+
 @pytest.mark.parametrize("config_type", [qpass.NF4Config, qpass.FP4Config, qpass.Int8Config])
 def test_set_compute_dtype_is_quantizing_with_that_dtype(config_type, tmp_path):
     ids = torch.randint(0, 128, (2, 9))
