@@ -3,8 +3,8 @@
 A ``QuantizedLinear`` holds its quantized tensors as buffers, and DDP broadcasts every buffer from rank 0
 before every forward (``broadcast_buffers=True``, its default and the HF Trainer's): for QLoRA that is the
 whole quantized model, sent at every training step (52 MiB for SmolLM2-135M in NF4; 3.6 GB for
-Llama-3-8B's 7.0 billion linear weights at 4.127 bits), where
-bitsandbytes' frozen weights, held as parameters, are sent once when DDP starts. The quantized tensors
+Llama-3-8B's 7.0 billion linear weights at 4.127 bits), where bitsandbytes' frozen weights, held as
+parameters, are sent once when DDP starts. The quantized tensors
 never change, so qpass asks DDP to leave them out: DDP reads the names of the tensors to ignore from the
 ``_ddp_params_and_buffers_to_ignore`` attribute of the module it wraps (what
 ``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model`` sets), once, when it is built.
@@ -35,7 +35,8 @@ PEFT_MODEL_PREFIX = "base_model.model."
 
 def quantized_tensor_names(model: nn.Module) -> list[str]:
     """Names, relative to ``model``, of the quantized tensors of its ``QuantizedLinear`` layers
-    (``"model.layers.0.mlp.up_proj.weight"``, ``"...absmax"``, ...), as ``model.named_buffers()`` gives them."""
+    (``"model.layers.0.mlp.up_proj.weight"``, ``"...absmax"``, ...). A code book that layers share is
+    named under each of them; ``model.named_buffers()`` gives it under the first only."""
     return [f"{prefix}{'.' if prefix else ''}{name}"
             for prefix, layer in model.named_modules() if isinstance(layer, QuantizedLinear)
             for name, tensor in layer.quantized_tensors.items() if tensor is not None]
