@@ -1,19 +1,25 @@
 """Data-parallel training (``torch.nn.parallel.DistributedDataParallel``) of a quantized model.
 
-A ``QuantizedLinear`` holds its quantized tensors as buffers, and DDP broadcasts every buffer from rank 0
-before every forward (``broadcast_buffers=True``, its default and the HF Trainer's): for QLoRA that is the
-whole quantized model, sent at every training step (52 MiB for SmolLM2-135M in NF4; 3.6 GB for
-Llama-3-8B's 7.0 billion linear weights at 4.127 bits), where bitsandbytes' frozen weights, held as
-parameters, are sent once when DDP starts. The quantized tensors
-never change, so qpass asks DDP to leave them out: DDP reads the names of the tensors to ignore from the
-``_ddp_params_and_buffers_to_ignore`` attribute of the module it wraps (what
-``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model`` sets), once, when it is built.
+A ``QuantizedLinear`` holds its packed codes as a frozen parameter and its scales as buffers. DDP
+broadcasts every parameter from rank 0 when it starts, and every buffer before every forward
+(``broadcast_buffers=True``, its default and the HF Trainer's): for QLoRA that is the whole quantized
+model once, then all its scales at every training step (1.6 MiB for SmolLM2-135M in NF4, 0.6 MiB in
+int8). The quantized tensors never change, so qpass asks DDP to leave them out: DDP reads the names of
+the tensors to ignore from the ``_ddp_params_and_buffers_to_ignore`` attribute of the module it wraps
+(what ``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model`` sets), once, when it is
+built.
 
 The attribute qpass sets is computed when DDP reads it, so it always names the quantized tensors the
 model holds at that moment: none after ``qpass.dequantize`` (whose weights then train and must be
 synchronised), and the ones under PEFT's LoRA wrappers once ``get_peft_model`` has wrapped the layers.
 Every other buffer (rotary tables, BatchNorm statistics) is still broadcast as DDP would. Each process
 must hold the same quantized weights, as it does when every rank loads or quantizes the same checkpoint.
+
+FSDP2 (``fully_shard``) needs nothing from qpass on torch >= 2.12: it shards the packed weights, which
+are parameters, and leaves the scales (buffers) whole on every rank. torch 2.11's ``fully_shard`` makes
+every parameter it shards require grad, which an integer tensor cannot ("only Tensors of floating point
+dtype can require gradients"); there, pass ``ignored_params=quantized_parameters(model)`` and every
+rank holds the whole quantized model, as DDP does.
 """
 
 from __future__ import annotations
@@ -40,6 +46,14 @@ def quantized_tensor_names(model: nn.Module) -> list[str]:
     return [f"{prefix}{'.' if prefix else ''}{name}"
             for prefix, layer in model.named_modules() if isinstance(layer, QuantizedLinear)
             for name, tensor in layer.quantized_tensors.items() if tensor is not None]
+
+
+def quantized_parameters(model: nn.Module) -> set[nn.Parameter]:
+    """The packed weights of ``model``'s ``QuantizedLinear`` layers that are parameters (integer codes;
+    codes in a float ``quant_storage`` are buffers): what FSDP2 shards, and what to give ``fully_shard``
+    as ``ignored_params`` on torch 2.11."""
+    return {layer.packed_weight_parameter for layer in model.modules()
+            if isinstance(layer, QuantizedLinear) and layer.packed_weight_parameter is not None}
 
 
 class QuantizedTensorsToIgnore:

@@ -9,13 +9,21 @@ from torch import nn
 
 from .formats import Layout, quantize_layer
 
+# The quantized tensor held as a parameter: the packed codes, named as every format names them.
+PACKED_WEIGHT = "weight"
+
 
 class QuantizedLinear(nn.Module):
     """A linear layer whose weight is held in a qpass format; ``forward`` calls one ``torch.ops.qpass`` op.
 
-    The quantized tensors are buffers named after the format's tensors (``weight``, ``absmax``, ... for
-    4-bit; ``weight`` and ``SCB`` for int8), so ``state_dict`` keys follow bitsandbytes. They move with
-    the module between devices but never change dtype: ``model.half()`` casts only the bias.
+    The quantized tensors are named after the format's tensors (``weight``, ``absmax``, ... for 4-bit;
+    ``weight`` and ``SCB`` for int8), so ``state_dict`` keys follow bitsandbytes. ``weight``, the packed
+    codes (uint8 or int8) and all but a few percent of the bytes, is a frozen ``nn.Parameter``, as
+    bitsandbytes' ``Params4bit`` and ``Int8Params`` are: FSDP2 (``fully_shard``) shards it, and
+    ``model.parameters()`` lists it. The scales and code books are buffers. With a float ``quant_storage``
+    the packed weight is a buffer too: PEFT's ``prepare_model_for_kbit_training`` casts bf16/fp16
+    parameters to float32, which would corrupt codes held in a float dtype. The quantized tensors move
+    with the module between devices but never change dtype: ``model.half()`` casts only the bias.
     """
 
     def __init__(self, layout: Layout, tensors: dict[str, torch.Tensor | None], bias: nn.Parameter | None,
@@ -25,7 +33,7 @@ class QuantizedLinear(nn.Module):
         self.in_features = layout.in_features
         self.out_features = layout.out_features
         for name in layout.tensor_names:
-            self.register_buffer(name, tensors[name])
+            self.set_quantized_tensor_(name, tensors[name])
         self.bias = bias
         self.from_conv1d = from_conv1d  # the original was transformers' Conv1D ([in, out] weight)
 
@@ -35,6 +43,34 @@ class QuantizedLinear(nn.Module):
         """The layer that replaces ``module``, an ``nn.Linear`` or a transformers ``Conv1D``, remembering
         which (``qpass.dequantize`` gives the same kind back)."""
         return cls(layout, tensors, bias, from_conv1d=not isinstance(module, nn.Linear))
+
+    def set_quantized_tensor_(self, name: str, tensor: torch.Tensor | None) -> None:
+        """Hold ``tensor`` as the quantized tensor ``name``: a frozen parameter for packed integer codes
+        (``weight``; a parameter given is kept as it is, as FSDP2 needs), a buffer otherwise (see the
+        class docstring). Setting a quantized tensor as an attribute (transformers' loading does) comes
+        here too."""
+        self._parameters.pop(name, None)
+        self._buffers.pop(name, None)
+        if name == PACKED_WEIGHT and tensor is not None and not tensor.is_floating_point():
+            if not isinstance(tensor, nn.Parameter):
+                param = nn.Parameter(tensor, requires_grad=False)
+                param.__dict__.update(tensor.__dict__)  # flags set on it (transformers' _is_hf_initialized)
+                tensor = param
+            self._parameters[name] = tensor
+        else:
+            self._buffers[name] = tensor.detach() if isinstance(tensor, nn.Parameter) else tensor
+
+    def __setattr__(self, name: str, value) -> None:
+        layout = self.__dict__.get("layout")
+        if layout is not None and name in layout.tensor_names and (value is None or isinstance(value, torch.Tensor)):
+            self.set_quantized_tensor_(name, value)
+        else:
+            super().__setattr__(name, value)
+
+    @property
+    def packed_weight_parameter(self) -> nn.Parameter | None:
+        """The packed weight if it is a parameter (integer codes), else None (codes in a float quant_storage)."""
+        return self._parameters.get(PACKED_WEIGHT)
 
     @property
     def quantized_tensors(self) -> dict[str, torch.Tensor | None]:
@@ -62,7 +98,7 @@ class QuantizedLinear(nn.Module):
         assert (layout.out_features, layout.in_features, layout.config) == (
             self.out_features, self.in_features, self.layout.config), (layout, self.layout)
         for tensor_name in self.layout.tensor_names:
-            self._buffers[tensor_name] = tensors[tensor_name]
+            self.set_quantized_tensor_(tensor_name, tensors[tensor_name])
 
     def set_compute_dtype_(self, dtype: torch.dtype) -> None:
         """Compute in ``dtype`` from now on (bitsandbytes' ``Linear4bit.compute_dtype``); the quantized tensors
@@ -72,18 +108,17 @@ class QuantizedLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # Quantized tensors follow device moves only: a dtype cast would corrupt packed codes and scales.
-        saved = {name: t for name, t in self.quantized_tensors.items() if t is not None}
-        for name in saved:
-            self._buffers[name] = None
-        super()._apply(fn, recurse)
-        for name, t in saved.items():
+        quantized = {id(t) for t in self.quantized_tensors.values() if t is not None}
+
+        def move_only(t: torch.Tensor) -> torch.Tensor:
+            if id(t) not in quantized:
+                return fn(t)
             if t.device.type == "meta":  # a skeleton: to_empty() gives uninitialised storage, .to() torch's error
                 moved = fn(t)
-                self._buffers[name] = moved if moved.dtype == t.dtype else torch.empty_like(t, device=moved.device)
-                continue
-            target = fn(torch.empty(0, dtype=t.dtype, device=t.device)).device
-            self._buffers[name] = t.to(target)
-        return self
+                return moved if moved.dtype == t.dtype else torch.empty_like(t, device=moved.device)
+            return t.to(fn(torch.empty(0, dtype=t.dtype, device=t.device)).device)
+
+        return super()._apply(move_only, recurse)
 
     def extra_repr(self) -> str:
         c = self.layout.config

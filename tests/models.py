@@ -54,6 +54,12 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
 
 
+def bare_name(name: str) -> str:
+    """A tensor's or module's name in the model PEFT wraps (``base_model.model.`` and LoRA's
+    ``.base_layer`` taken out)."""
+    return name.removeprefix("base_model.model.").replace(".base_layer", "")
+
+
 def same_bytes(actual: torch.Tensor, expected: torch.Tensor) -> bool:
     """Whether two tensors hold the same bytes, whatever their dtypes and shapes: packed 4-bit weights in
     a float ``quant_storage`` may hold NaN patterns, which ``torch.equal`` on the values would reject."""

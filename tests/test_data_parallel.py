@@ -3,6 +3,7 @@ DDP leaves the quantized tensors out of the buffers it broadcasts before every f
 synchronises everything that trains."""
 
 import copy
+import functools
 import gc
 import pickle
 
@@ -15,10 +16,11 @@ from peft import LoraConfig
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import qpass
-from qpass.data_parallel import ignore_quantized_tensors_in_ddp, quantized_tensor_names
+from qpass.data_parallel import ignore_quantized_tensors_in_ddp, quantized_parameters, quantized_tensor_names
 from qpass.integrations import peft as qpass_peft
+from qpass.modules import QuantizedLinear
 
-from models import tiny_llama
+from models import bare_name, tiny_llama
 
 ROTARY_BUFFERS = {"model.rotary_emb.inv_freq", "model.rotary_emb.original_inv_freq"}
 
@@ -44,33 +46,47 @@ def _broadcast_each_forward(ddp):
 
 
 def _bare_names(names):
-    return {name.removeprefix("base_model.model.").replace(".base_layer", "") for name in names}
+    return {bare_name(name) for name in names}
+
+
+def _packed_weights(model):
+    """Names of the packed weights of a PEFT-wrapped qpass model: frozen parameters."""
+    return {name for name, p in model.named_parameters() if name.endswith(".base_layer.weight")}
+
+
+def _sent_when_ddp_starts(ddp):
+    """Names of the parameters DDP broadcasts from rank 0 when it is built."""
+    sent = {id(p) for p in ddp._module_parameters}
+    return {name for name, p in ddp.module.named_parameters() if id(p) in sent}
 
 
 @pytest.mark.parametrize("peft_route", ["qpass", "peft"])
 def test_ddp_broadcasts_no_quantized_tensor_and_syncs_every_trainable_one(process_group, peft_route):
     model = _qlora(qpass.quantize(tiny_llama(), "nf4"), wrap_with_qpass=peft_route == "qpass")
     buffers = {name for name, _ in model.named_buffers()}
-    quantized = buffers - {"base_model.model." + name for name in ROTARY_BUFFERS}
-    assert len(quantized) > 14 * 3 and all(".base_layer." in name for name in quantized)
+    scales = buffers - {"base_model.model." + name for name in ROTARY_BUFFERS}
+    packed = _packed_weights(model)
+    assert len(scales) > 14 * 3 and all(".base_layer." in name for name in scales) and len(packed) == 14
 
     ddp = DDP(model)
     ids = torch.randint(0, 128, (2, 8))
     ddp(input_ids=ids, labels=ids).loss.backward()
 
     assert _bare_names(_broadcast_each_forward(ddp)) <= ROTARY_BUFFERS
-    assert quantized <= ddp.parameters_to_ignore
+    assert scales | packed <= ddp.parameters_to_ignore and not packed & _sent_when_ddp_starts(ddp)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert len(trainable) == 14 * 2 and not trainable & ddp.parameters_to_ignore
 
 
 def test_without_qpass_marking_ddp_would_broadcast_every_quantized_tensor(process_group):
-    """What the marking prevents: the same model without it has DDP broadcast its whole quantized
-    weight before every forward."""
+    """What the marking prevents: the same model without it has DDP broadcast its packed weights when
+    it starts and its scales before every forward."""
     model = _qlora(qpass.quantize(tiny_llama(), "nf4"))
     del model.base_model.model._ddp_params_and_buffers_to_ignore
     buffers = {name for name, _ in model.named_buffers()}
-    assert len(buffers) > 14 * 3 and buffers == _broadcast_each_forward(DDP(model))
+    ddp = DDP(model)
+    assert len(buffers) > 14 * 3 and buffers == _broadcast_each_forward(ddp)
+    assert len(_packed_weights(model)) == 14 and _packed_weights(model) <= _sent_when_ddp_starts(ddp)
 
 
 @pytest.mark.parametrize("loader", ["from_pretrained", "transformers"])
@@ -84,6 +100,7 @@ def test_loaded_models_carry_the_marking(process_group, tmp_path, loader):
         model = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", device_map="cpu",
                                                      quantization_config=qpass.QPassConfig("int8"))
     assert len(quantized_tensor_names(model)) == 14 * 2  # weight and SCB
+    assert len(quantized_parameters(model)) == 14  # the packed weights are parameters, however loaded
     ddp = DDP(_qlora(model))
     assert _bare_names(_broadcast_each_forward(ddp)) <= ROTARY_BUFFERS
 
@@ -125,7 +142,7 @@ def _train_ranks(rank, world_size, store, steps, results):
     torch.set_num_threads(1)
     try:
         model = _qlora(qpass.quantize(tiny_llama(), "nf4"))
-        before = {name: t.clone() for name, t in model.named_buffers()}
+        frozen = {name: t.clone() for name, t in model.state_dict().items() if "lora_" not in name}
         ddp = DDP(model)
         optimizer = torch.optim.AdamW([p for p in ddp.parameters() if p.requires_grad], lr=1e-2)
         ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(rank))
@@ -136,7 +153,7 @@ def _train_ranks(rank, world_size, store, steps, results):
         results[rank] = {
             "broadcast": sorted(_broadcast_each_forward(ddp)),
             "trained": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
-            "buffers_kept": all(torch.equal(t, before[n]) for n, t in model.named_buffers()),
+            "frozen_kept": all(torch.equal(t, frozen[n]) for n, t in model.state_dict().items() if n in frozen),
         }
     finally:
         dist.destroy_process_group()
@@ -160,8 +177,87 @@ def test_two_ranks_train_the_same_adapters_as_one_process_on_both_batches(tmp_pa
 
     for rank in range(2):
         assert _bare_names(results[rank]["broadcast"]) <= ROTARY_BUFFERS
-        assert results[rank]["buffers_kept"]
+        assert results[rank]["frozen_kept"]
         for name, param in model.named_parameters():
             if param.requires_grad:
                 torch.testing.assert_close(results[rank]["trained"][name], param.detach(), rtol=1e-5, atol=1e-6)
     assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in results[0]["trained"].items() if "lora_B" in n)
+
+
+# torch 2.11's fully_shard makes every parameter it shards require grad, which integer codes cannot (2.12
+# passes the parameter's own requires_grad).
+FSDP2_SHARDS_INTEGER_PARAMETERS = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 12)
+
+
+def _fsdp_train_ranks(rank, world_size, store, fmt, shard_quantized, steps, results):
+    """One rank of an FSDP2 QLoRA run: every decoder layer and the model wrapped with ``fully_shard``
+    (the packed weights sharded, or left whole with ``ignored_params``), each rank on its own batch."""
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    torch.set_num_threads(1)
+    try:
+        model = _qlora(qpass.quantize(tiny_llama(), fmt))
+        packed = {name: p.detach().clone() for name, p in model.named_parameters() if p in quantized_parameters(model)}
+        ignored = None if shard_quantized else quantized_parameters(model)
+        for layer in model.base_model.model.model.layers:
+            fully_shard(layer, ignored_params=ignored)
+        fully_shard(model, ignored_params=ignored)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(rank))
+        for _ in range(steps):
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        held = dict(model.named_parameters())
+        local, whole = ((lambda t: t.to_local()), (lambda t: t.full_tensor())) if shard_quantized else (
+            (lambda t: t), (lambda t: t))
+        results[rank] = {
+            "trained": {n: p.full_tensor().detach().clone() for n, p in held.items() if p.requires_grad},
+            "packed_bytes": sum(t.nbytes for t in packed.values()),
+            "packed_bytes_held": sum(local(held[n]).nbytes for n in packed),
+            "packed_kept": all(torch.equal(whole(held[n]), t) for n, t in packed.items()),
+        }
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("shard_quantized", [True, False], ids=["sharded", "ignored_params"])
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_fsdp2_trains_the_adapters_of_one_process_with_the_packed_weights_sharded(tmp_path, fmt, shard_quantized):
+    """FSDP2 shards parameters only: the packed weight is one (a frozen ``nn.Parameter``), so each of two
+    ranks holds half of the packed bytes (or all of them, given as ``ignored_params``, torch 2.11's
+    way), and their adapters train to what one process gets from both batches (FSDP's mean of the ranks'
+    gradients)."""
+    steps, manager = 3, mp.Manager()
+    results = manager.dict()
+    run = functools.partial(mp.spawn, _fsdp_train_ranks, nprocs=2,
+                            args=(2, tmp_path / "store", fmt, shard_quantized, steps, results))
+    if shard_quantized and not FSDP2_SHARDS_INTEGER_PARAMETERS:  # what the README says of torch 2.11
+        with pytest.raises(mp.ProcessRaisedException, match="only Tensors of floating point dtype can require grad"):
+            run()
+        return
+    run()
+
+    model = _qlora(qpass.quantize(tiny_llama(), fmt))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batches = [torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(rank)) for rank in range(2)]
+    for _ in range(steps):
+        (sum(model(input_ids=ids, labels=ids).loss for ids in batches) / 2).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    total = results[0]["packed_bytes"]
+    assert total == sum(layer.weight.nbytes for layer in model.modules() if isinstance(layer, QuantizedLinear))
+    for rank in range(2):
+        if shard_quantized:
+            assert results[rank]["packed_bytes_held"] <= 0.55 * total
+        else:
+            assert results[rank]["packed_bytes_held"] == total
+        assert results[rank]["packed_kept"]
+        assert results[rank]["trained"].keys() == {n for n, p in model.named_parameters() if p.requires_grad}
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                torch.testing.assert_close(results[rank]["trained"][name], param.detach(), rtol=1e-5, atol=1e-6)
+    if shard_quantized:
+        assert results[0]["packed_bytes_held"] + results[1]["packed_bytes_held"] == total

@@ -9,7 +9,7 @@ import qpass
 from qpass.formats import quantize_weight
 from qpass.integrations import peft as qpass_peft
 
-from models import COMPILE_VS_EAGER_BF16, relative_error, tiny_gpt2, tiny_llama
+from models import COMPILE_VS_EAGER_BF16, bare_name, relative_error, same_bytes, tiny_gpt2, tiny_llama
 
 LLAMA_LINEARS = {f"model.layers.{i}.{name}" for i in range(2) for name in (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -27,7 +27,7 @@ def _randomize_lora_b(model, seed=0):
 
 def _quantized_tensors(model):
     """The quantized tensors by the names the bare model gives them (PEFT wraps each layer)."""
-    return {f"{name.removeprefix('base_model.model.').replace('.base_layer', '')}.{t_name}": t.clone()
+    return {f"{bare_name(name)}.{t_name}": t.clone()
             for name, m in model.named_modules() if isinstance(m, qpass.QuantizedLinear)
             for t_name, t in m.quantized_tensors.items() if t is not None}
 
@@ -178,16 +178,18 @@ def test_merge_requantizes_dequantized_weight_plus_delta(build, targets):
     assert relative_error(merged_logits, unmerged) < relative_error(quantized_only, unmerged)
 
 
-def test_trainable_parameters_count_the_quantized_weights(tmp_path, capsys):
+@pytest.mark.parametrize("spec", ["nf4", "int8", qpass.NF4Config(quant_storage=torch.bfloat16)], ids=str)
+def test_trainable_parameters_count_the_quantized_weights(tmp_path, capsys, spec):
     """print_trainable_parameters, which trainers log, gives the unquantized model's numbers: PEFT alone
-    would miss the packed weights (buffers) and report 33% trainable instead of 8.3%."""
+    would count two NF4 weights per packed byte (one int8 weight per byte), or none when the codes are
+    a buffer (a float quant_storage)."""
     import copy
 
     from peft import get_peft_model as peft_get_peft_model
 
     config = LoraConfig(r=4, target_modules="all-linear")
     expected = peft_get_peft_model(tiny_llama(), copy.deepcopy(config)).get_nb_trainable_parameters()
-    model = qpass_peft.get_peft_model(qpass.quantize(tiny_llama(), "nf4"), config)
+    model = qpass_peft.get_peft_model(qpass.quantize(tiny_llama(), spec), config)
     assert model.get_nb_trainable_parameters() == expected
     model.print_trainable_parameters()
     assert f"trainable params: {expected[0]:,d} || all params: {expected[1]:,d}" in capsys.readouterr().out
@@ -198,8 +200,23 @@ def test_trainable_parameters_count_the_quantized_weights(tmp_path, capsys):
         assert copied.get_nb_trainable_parameters()[0] == expected[0] - 4 * 64
     assert model.get_nb_trainable_parameters() == expected
     model.save_pretrained(tmp_path / "adapter")
-    loaded = qpass_peft.load_adapter(qpass.quantize(tiny_llama(), "nf4"), tmp_path / "adapter", is_trainable=True)
+    loaded = qpass_peft.load_adapter(qpass.quantize(tiny_llama(), spec), tmp_path / "adapter", is_trainable=True)
     assert loaded.get_nb_trainable_parameters() == expected
+
+
+@pytest.mark.parametrize("spec", ["nf4", qpass.NF4Config(quant_storage=torch.bfloat16), "int8"], ids=str)
+def test_peft_own_kbit_preparation_leaves_the_quantized_tensors_alone(spec):
+    """peft.prepare_model_for_kbit_training freezes every parameter and casts bf16/fp16 ones to float32:
+    the packed codes, a parameter in uint8/int8 and a buffer in a float quant_storage, keep their bytes."""
+    model = qpass.quantize(tiny_llama(dtype=torch.bfloat16), spec)
+    ids = torch.randint(0, 128, (1, 8))
+    frozen = _quantized_tensors(model)
+    peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    after = _quantized_tensors(model)
+    assert after.keys() == frozen.keys()
+    assert all(t.dtype == frozen[k].dtype and same_bytes(t, frozen[k]) for k, t in after.items())
+    assert model.model.norm.weight.dtype == torch.float32  # what it casts
+    assert not model(ids).logits.isnan().any()
 
 
 def test_a_second_adapter_and_per_row_adapter_choice():

@@ -108,6 +108,41 @@ def test_dtype_casts_do_not_touch_quantized_tensors():
 
 
 @pytest.mark.parametrize("spec", ["nf4", "int8"])
+def test_packed_weights_are_frozen_parameters_and_the_rest_buffers(spec):
+    """As bitsandbytes' Params4bit / Int8Params: the packed codes are a frozen parameter (what FSDP2
+    shards), kept as the same object and the same bytes through casts, moves, attribute assignment (as
+    transformers and FSDP2 set it) and re-quantizing."""
+    model = qpass.quantize(tiny_llama(), spec)
+    layer = model.model.layers[0].mlp.up_proj
+    weight, packed = layer.weight, layer.weight.detach().clone()
+    assert isinstance(weight, nn.Parameter) and not weight.requires_grad and not weight.is_floating_point()
+    assert [n for n, _ in layer.named_parameters()] == ["weight"]  # tiny_llama's linears have no bias
+    assert {n for n, _ in layer.named_buffers()} == {
+        n for n, t in layer.quantized_tensors.items() if t is not None} - {"weight"}
+
+    model.to(torch.bfloat16).to("cpu").float()
+    assert layer.weight is weight and torch.equal(weight, packed)
+
+    layer.weight = packed.clone()  # a plain tensor set as an attribute becomes the frozen parameter
+    assert isinstance(layer.weight, nn.Parameter) and "weight" not in layer._buffers
+    given = nn.Parameter(packed.clone(), requires_grad=False)
+    layer.weight = given  # a parameter set as an attribute is kept as it is
+    assert layer.weight is given
+    layer.requantize_(layer.dequantize(torch.float32))
+    assert isinstance(layer.weight, nn.Parameter) and not layer.weight.requires_grad
+
+
+def test_packed_weights_in_a_float_quant_storage_are_buffers():
+    """Codes viewed as bf16 stay a buffer: as a float parameter they would be cast by whatever casts
+    float parameters (PEFT's prepare_model_for_kbit_training: tests/test_peft.py)."""
+    model = qpass.quantize(tiny_llama(), qpass.NF4Config(quant_storage=torch.bfloat16))
+    layer = model.model.layers[0].mlp.up_proj
+    assert "weight" in layer._buffers and not dict(layer.named_parameters())
+    layer.weight = nn.Parameter(layer.weight.clone(), requires_grad=True)  # as transformers sets a float tensor
+    assert "weight" in layer._buffers and not layer.weight.requires_grad
+
+
+@pytest.mark.parametrize("spec", ["nf4", "int8"])
 @pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
 def test_autocast_leaves_the_quantized_layers_alone(spec, autocast_dtype):
     """Mixed-precision training (the HF Trainer's bf16=True, accelerate) runs the model under autocast.

@@ -105,7 +105,7 @@ LAYER_1_ON_DISK = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.
 
 @pytest.mark.parametrize("device_map", [LAYER_1_ON_DISK, "auto"])
 def test_offloading_quantized_layers_is_refused_with_what_to_do(fp_checkpoint, tmp_path, device_map):
-    """accelerate offloads parameters, and a qpass layer holds its bytes in buffers: refused before
+    """accelerate offloads parameters, and a qpass layer holds its scales in buffers: refused before
     loading, for a map given as such and for one transformers infers from too little max_memory."""
     with pytest.raises(ValueError, match=r"offloads 'model.layers.1.self_attn.q_proj', .* and 4 more to the CPU or the "
                                          r"disk.*skip_offloaded=True.*qpass.estimate" if device_map is LAYER_1_ON_DISK

@@ -191,25 +191,26 @@ def packed_as_uint8(model: nn.Module) -> Iterator[None]:
         packed = layer._buffers.get("weight") if isinstance(layer, QuantizedLinear) else None
         if packed is not None and "quant_map" in layer.layout.tensor_names and packed.dtype != torch.uint8:
             held[layer] = packed
-            layer._buffers["weight"] = packed.reshape(-1).view(torch.uint8).unsqueeze(1)
+            layer.set_quantized_tensor_("weight", packed.reshape(-1).view(torch.uint8).unsqueeze(1))
     try:
         yield
     finally:
         for layer, packed in held.items():
-            layer._buffers["weight"] = packed
+            layer.set_quantized_tensor_("weight", packed)
 
 
 def check_code_books(program: ExportedProgram) -> None:
     """Raise ``ValueError`` naming the layer unless every ``linear_4bit`` node's code book is bitsandbytes'
     NF4 or FP4 one, the one ``MatMulBnb4`` has built in (a checkpoint may carry another ``quant_map``)."""
-    buffers = program.graph_signature.inputs_to_buffers
+    signature = program.graph_signature
+    names = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}  # the packed weight: either
     values = {**program.state_dict, **program.constants}
     for node in program.graph.nodes:
         if node.target is not torch.ops.qpass.linear_4bit.default:
             continue
         packed, quant_map, quant_type = node.args[1], node.args[2], node.args[11]
-        layer = buffers.get(packed.name, packed.name).removesuffix(".weight")
-        code = values.get(buffers.get(quant_map.name))
+        layer = names.get(packed.name, packed.name).removesuffix(".weight")
+        code = values.get(names.get(quant_map.name))
         standard = code_4bit(quant_type)
         if code is None or code.dtype != standard.dtype or not torch.equal(code.cpu(), standard):
             raise ValueError(

@@ -205,12 +205,16 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, all) parameters of a PEFT model as ``PeftModel.get_nb_trainable_parameters`` counts them,
-    plus ``out_features * in_features`` frozen weights for each ``QuantizedLinear``, whose packed weight
-    is a buffer that PEFT does not see (it counts bitsandbytes' packed 4-bit parameters as their
-    unpacked number the same way). The total is then the unquantized model's."""
+    with each ``QuantizedLinear``'s frozen weight counted as its ``out_features * in_features`` weights
+    (PEFT counts the elements of the packed parameter, half as many for 4-bit codes, or none when the
+    packed codes are a buffer; it counts bitsandbytes' packed 4-bit parameters as their unpacked number
+    the same way). The total is then the unquantized model's."""
     trainable, total = PeftModel.get_nb_trainable_parameters(model)
-    quantized = sum(m.out_features * m.in_features for m in model.modules() if isinstance(m, QuantizedLinear))
-    return trainable, total + quantized
+    for layer in model.modules():
+        if isinstance(layer, QuantizedLinear):
+            packed = layer.packed_weight_parameter
+            total += layer.out_features * layer.in_features - (packed.numel() if packed is not None else 0)
+    return trainable, total
 
 
 def _counting_quantized_weights(model: PeftModel) -> PeftModel:

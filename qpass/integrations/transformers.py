@@ -70,7 +70,7 @@ def is_within(layer: str, module: str) -> bool:
 
 def offload_error(layers: list[str], skip_offloaded: bool, pre_quantized: bool) -> ValueError:
     """The error for a device_map that offloads quantized layers: accelerate offloads parameters, and a
-    ``QuantizedLinear`` holds its bytes in buffers."""
+    ``QuantizedLinear`` holds its scales in buffers."""
     if pre_quantized:
         remedy = "This checkpoint stores them quantized."
     elif skip_offloaded:
@@ -81,7 +81,7 @@ def offload_error(layers: list[str], skip_offloaded: bool, pre_quantized: bool) 
                   "skip_offloaded=True) (bitsandbytes' llm_int8_enable_fp32_cpu_offload).")
     return ValueError(
         f"device_map offloads {_named(layers)} to the CPU or the disk, which qpass layers do not support (accelerate "
-        f"offloads parameters; a qpass layer holds its bytes in buffers). {remedy} Or give the devices the memory "
+        f"offloads parameters; a qpass layer holds its scales in buffers). {remedy} Or give the devices the memory "
         "the quantized model needs (max_memory; qpass.estimate(path, config) tells how much), or load it all on "
         "the CPU (device_map='cpu')")
 
@@ -208,6 +208,11 @@ class QPassHfQuantizer(HfQuantizer):
                 self.packed_weight_bytes[f"{name}.weight"] = packed.numel() * packed.element_size()
                 placeholders = {**placeholders, "weight": torch.empty_like(module.weight, device="meta")}
             layer = QuantizedLinear.replacing(module, layout, placeholders, module.bias)
+            if ConversionOps is None and layer.packed_weight_parameter is not None:
+                # transformers 4.57 initialises GPT-2's c_proj weights through named_parameters before loading
+                # (normal_ on uint8 fails): the placeholder waits as a buffer, and create_quantized_param
+                # puts the codes in as the frozen parameter
+                layer._buffers["weight"] = layer._parameters.pop("weight")
             set_submodule(model, name, layer)
         return ignore_quantized_tensors_in_ddp(model)
 
@@ -231,10 +236,10 @@ class QPassHfQuantizer(HfQuantizer):
                                 operations=[QPassDeserialize(self)])]  # by name: a dataclass before 5.1
 
     def create_quantized_param(self, model, param_value, param_name, target_device, **kwargs):
-        # transformers 4.57: quantize on the device the layer goes to, then fill its buffers
+        # transformers 4.57: quantize on the device the layer goes to, then fill the layer
         layer, tensors = quantized_tensors(model, param_name, param_value.to(target_device))
         for name, tensor in tensors.items():
-            layer._buffers[name] = tensor
+            layer.set_quantized_tensor_(name, tensor)
         self.loaded_layers.add(param_name.rpartition(".")[0])
 
     def update_missing_keys(self, model, missing_keys, prefix):
