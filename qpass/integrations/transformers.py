@@ -174,10 +174,9 @@ class QPassHfQuantizer(HfQuantizer):
         # Called with the map as given, before the model exists (a dict is checked once its layers are
         # replaced), and again with the map device_map="auto" resolved to, sized by the quantized layers.
         if self.quantized_layers is not None:
-            self._refuse_offloaded(self.quantized_layers, device_map)
+            self._refuse_offloaded(self.quantized_layers, offloaded_modules(device_map))
 
-    def _refuse_offloaded(self, quantized_layers: list[str], device_map) -> None:
-        offloaded = offloaded_modules(device_map)
+    def _refuse_offloaded(self, quantized_layers: list[str], offloaded: list[str]) -> None:
         if refused := [layer for layer in quantized_layers if any(is_within(layer, m) for m in offloaded)]:
             raise offload_error(refused, self.quantization_config.skip_offloaded, self.pre_quantized)
 
@@ -192,11 +191,11 @@ class QPassHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, device_map=None, **kwargs):
         selected = selected_linears(model, self.quantization_config, resolve=not self.pre_quantized)
-        if self.quantization_config.skip_offloaded and not self.pre_quantized:
-            offloaded = offloaded_modules(device_map)  # left in full precision, for accelerate to offload
+        offloaded = offloaded_modules(device_map)
+        if self.quantization_config.skip_offloaded and not self.pre_quantized:  # left in full precision
             selected = [layer for layer in selected if not any(is_within(layer[0], m) for m in offloaded)]
         self.quantized_layers = [name for name, *_ in selected]
-        self._refuse_offloaded(self.quantized_layers, device_map)  # before any weight is read
+        self._refuse_offloaded(self.quantized_layers, offloaded)  # before any weight is read
         for name, module, weight, config in selected:
             layout, placeholders = quantize_layer(torch.empty(weight.shape, dtype=weight.dtype, device="meta"), config,
                                                   name, allow_meta=True)
