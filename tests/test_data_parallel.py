@@ -136,6 +136,33 @@ def test_copies_name_their_own_tensors_and_names_set_before_stay():
     assert list(held) == list(pickle.loads(pickle.dumps(held))) == ["model.embed_tokens.weight"]
 
 
+def _batch(rank):
+    return torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(rank))
+
+
+def _train(model, batches, steps):
+    """``steps`` of AdamW on the mean loss over ``batches`` (a rank's one batch, or every rank's)."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        (sum(model(input_ids=ids, labels=ids).loss for ids in batches) / len(batches)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def _assert_ranks_trained_as_one_process(results, fmt, steps):
+    """Each rank's adapters equal one process's trained on both ranks' batches at once (the mean of the
+    ranks' gradients, which DDP and FSDP take)."""
+    model = _qlora(qpass.quantize(tiny_llama(), fmt))
+    _train(model, [_batch(rank) for rank in range(2)], steps)
+    trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    for rank in range(2):
+        assert results[rank]["trained"].keys() == trainable.keys()
+        for name, param in trainable.items():
+            torch.testing.assert_close(results[rank]["trained"][name], param, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in trainable.items() if "lora_B" in n)  # it trained
+    return model
+
+
 def _train_ranks(rank, world_size, store, steps, results):
     """One rank of a QLoRA run: each rank trains on its own batch; DDP averages the gradients."""
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
@@ -144,12 +171,7 @@ def _train_ranks(rank, world_size, store, steps, results):
         model = _qlora(qpass.quantize(tiny_llama(), "nf4"))
         frozen = {name: t.clone() for name, t in model.state_dict().items() if "lora_" not in name}
         ddp = DDP(model)
-        optimizer = torch.optim.AdamW([p for p in ddp.parameters() if p.requires_grad], lr=1e-2)
-        ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(rank))
-        for _ in range(steps):
-            ddp(input_ids=ids, labels=ids).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
+        _train(ddp, [_batch(rank)], steps)
         results[rank] = {
             "broadcast": sorted(_broadcast_each_forward(ddp)),
             "trained": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
@@ -167,21 +189,10 @@ def test_two_ranks_train_the_same_adapters_as_one_process_on_both_batches(tmp_pa
     results = manager.dict()
     mp.spawn(_train_ranks, args=(2, tmp_path / "store", steps, results), nprocs=2)
 
-    model = _qlora(qpass.quantize(tiny_llama(), "nf4"))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    batches = [torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(rank)) for rank in range(2)]
-    for _ in range(steps):
-        (sum(model(input_ids=ids, labels=ids).loss for ids in batches) / 2).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-
+    _assert_ranks_trained_as_one_process(results, "nf4", steps)
     for rank in range(2):
         assert _bare_names(results[rank]["broadcast"]) <= ROTARY_BUFFERS
         assert results[rank]["frozen_kept"]
-        for name, param in model.named_parameters():
-            if param.requires_grad:
-                torch.testing.assert_close(results[rank]["trained"][name], param.detach(), rtol=1e-5, atol=1e-6)
-    assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in results[0]["trained"].items() if "lora_B" in n)
 
 
 # torch 2.11's fully_shard makes every parameter it shards require grad, which integer codes cannot (2.12
@@ -203,12 +214,7 @@ def _fsdp_train_ranks(rank, world_size, store, fmt, shard_quantized, steps, resu
         for layer in model.base_model.model.model.layers:
             fully_shard(layer, ignored_params=ignored)
         fully_shard(model, ignored_params=ignored)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(rank))
-        for _ in range(steps):
-            model(input_ids=ids, labels=ids).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
+        _train(model, [_batch(rank)], steps)
         held = dict(model.named_parameters())
         local, whole = ((lambda t: t.to_local()), (lambda t: t.full_tensor())) if shard_quantized else (
             (lambda t: t), (lambda t: t))
@@ -239,14 +245,7 @@ def test_fsdp2_trains_the_adapters_of_one_process_with_the_packed_weights_sharde
         return
     run()
 
-    model = _qlora(qpass.quantize(tiny_llama(), fmt))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    batches = [torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(rank)) for rank in range(2)]
-    for _ in range(steps):
-        (sum(model(input_ids=ids, labels=ids).loss for ids in batches) / 2).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-
+    model = _assert_ranks_trained_as_one_process(results, fmt, steps)
     total = results[0]["packed_bytes"]
     assert total == sum(layer.weight.nbytes for layer in model.modules() if isinstance(layer, QuantizedLinear))
     for rank in range(2):
@@ -255,9 +254,5 @@ def test_fsdp2_trains_the_adapters_of_one_process_with_the_packed_weights_sharde
         else:
             assert results[rank]["packed_bytes_held"] == total
         assert results[rank]["packed_kept"]
-        assert results[rank]["trained"].keys() == {n for n, p in model.named_parameters() if p.requires_grad}
-        for name, param in model.named_parameters():
-            if param.requires_grad:
-                torch.testing.assert_close(results[rank]["trained"][name], param.detach(), rtol=1e-5, atol=1e-6)
     if shard_quantized:
         assert results[0]["packed_bytes_held"] + results[1]["packed_bytes_held"] == total
