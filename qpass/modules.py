@@ -18,12 +18,13 @@ class QuantizedLinear(nn.Module):
 
     The quantized tensors are named after the format's tensors (``weight``, ``absmax``, ... for 4-bit;
     ``weight`` and ``SCB`` for int8), so ``state_dict`` keys follow bitsandbytes. ``weight``, the packed
-    codes (uint8 or int8) and all but a few percent of the bytes, is a frozen ``nn.Parameter``, as
-    bitsandbytes' ``Params4bit`` and ``Int8Params`` are: FSDP2 (``fully_shard``) shards it, and
-    ``model.parameters()`` lists it. The scales and code books are buffers. With a float ``quant_storage``
-    the packed weight is a buffer too: PEFT's ``prepare_model_for_kbit_training`` casts bf16/fp16
-    parameters to float32, which would corrupt codes held in a float dtype. The quantized tensors move
-    with the module between devices but never change dtype: ``model.half()`` casts only the bias.
+    codes (uint8 or int8: 89% of a 4-bit layer's bytes, 97% with double quantization, 99% of an int8
+    layer's from 400 input features on), is a frozen ``nn.Parameter``, as bitsandbytes' ``Params4bit``
+    and ``Int8Params`` are: FSDP2 (``fully_shard``) shards it, and ``model.parameters()`` lists it. The
+    scales and code books are buffers. With a float ``quant_storage`` the packed weight is a buffer
+    too: PEFT's ``prepare_model_for_kbit_training`` casts bf16/fp16 parameters to float32, which would
+    corrupt codes held in a float dtype. The quantized tensors move with the module between devices but
+    never change dtype: ``model.half()`` casts only the bias.
     """
 
     def __init__(self, layout: Layout, tensors: dict[str, torch.Tensor | None], bias: nn.Parameter | None,
