@@ -50,8 +50,9 @@ def _bare_names(names):
 
 
 def _packed_weights(model):
-    """Names of the packed weights of a PEFT-wrapped qpass model: frozen parameters."""
-    return {name for name, p in model.named_parameters() if name.endswith(".base_layer.weight")}
+    """Names of the packed weights of a qpass model: frozen parameters (``quantized_parameters``)."""
+    packed = quantized_parameters(model)
+    return {name for name, p in model.named_parameters() if p in packed}
 
 
 def _sent_when_ddp_starts(ddp):
@@ -204,20 +205,22 @@ def _fsdp_train_ranks(rank, world_size, store, fmt, shard_quantized, steps, resu
     """One rank of an FSDP2 QLoRA run: every decoder layer and the model wrapped with ``fully_shard``
     (the packed weights sharded, or left whole with ``ignored_params``), each rank on its own batch."""
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     torch.set_num_threads(1)
     try:
         model = _qlora(qpass.quantize(tiny_llama(), fmt))
-        packed = {name: p.detach().clone() for name, p in model.named_parameters() if p in quantized_parameters(model)}
+        names = _packed_weights(model)
+        packed = {name: p.detach().clone() for name, p in model.named_parameters() if name in names}
         ignored = None if shard_quantized else quantized_parameters(model)
         for layer in model.base_model.model.model.layers:
             fully_shard(layer, ignored_params=ignored)
         fully_shard(model, ignored_params=ignored)
         _train(model, [_batch(rank)], steps)
         held = dict(model.named_parameters())
-        local, whole = ((lambda t: t.to_local()), (lambda t: t.full_tensor())) if shard_quantized else (
-            (lambda t: t), (lambda t: t))
+        local = lambda t: t.to_local() if isinstance(t, DTensor) else t  # noqa: E731
+        whole = lambda t: t.full_tensor() if isinstance(t, DTensor) else t  # noqa: E731
         results[rank] = {
             "trained": {n: p.full_tensor().detach().clone() for n, p in held.items() if p.requires_grad},
             "packed_bytes": sum(t.nbytes for t in packed.values()),
