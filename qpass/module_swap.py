@@ -84,7 +84,7 @@ def quantize_module(model: nn.Module, plan: QPassConfig) -> nn.Module:
     for name, module, weight, config in selected_linears(model, plan):
         layout, tensors = quantize_layer(weight, config, name or type(module).__name__, allow_meta=skeleton)
         bias = module.bias if isinstance(module.bias, nn.Parameter) else None
-        quantized = QuantizedLinear.replacing(module, layout, tensors, bias)
+        quantized = QuantizedLinear.replacing(module, layout, tensors, bias, name)
         if not name:  # the model is itself a linear layer
             return quantized
         set_submodule(model, name, quantized)

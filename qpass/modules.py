@@ -24,12 +24,17 @@ class QuantizedLinear(nn.Module):
     scales and code books are buffers. With a float ``quant_storage`` the packed weight is a buffer
     too: PEFT's ``prepare_model_for_kbit_training`` casts bf16/fp16 parameters to float32, which would
     corrupt codes held in a float dtype. The quantized tensors move with the module between devices but
-    never change dtype: ``model.half()`` casts only the bias.
+    never change dtype: ``model.half()`` casts only the bias. A quantized tensor cast in place behind the
+    module's back (``tensor.data = tensor.to(dtype)``, as FSDP1's ``MixedPrecision(buffer_dtype=...)``
+    does to every float buffer) is refused by ``forward``, naming the layer, rather than computed with.
+
+    ``name`` (the layer's name in the model, as quantized) only names the layer in errors.
     """
 
     def __init__(self, layout: Layout, tensors: dict[str, torch.Tensor | None], bias: nn.Parameter | None,
-                 from_conv1d: bool = False):
+                 from_conv1d: bool = False, name: str = ""):
         super().__init__()
+        self.layer_name = name
         self.layout = layout
         self.in_features = layout.in_features
         self.out_features = layout.out_features
@@ -40,10 +45,10 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     def replacing(cls, module: nn.Module, layout: Layout, tensors: dict[str, torch.Tensor | None],
-                  bias: nn.Parameter | None) -> QuantizedLinear:
-        """The layer that replaces ``module``, an ``nn.Linear`` or a transformers ``Conv1D``, remembering
-        which (``qpass.dequantize`` gives the same kind back)."""
-        return cls(layout, tensors, bias, from_conv1d=not isinstance(module, nn.Linear))
+                  bias: nn.Parameter | None, name: str = "") -> QuantizedLinear:
+        """The layer that replaces ``module`` (named ``name``), an ``nn.Linear`` or a transformers
+        ``Conv1D``, remembering which (``qpass.dequantize`` gives the same kind back)."""
+        return cls(layout, tensors, bias, from_conv1d=not isinstance(module, nn.Linear), name=name)
 
     def set_quantized_tensor_(self, name: str, tensor: torch.Tensor | None) -> None:
         """Hold ``tensor`` as the quantized tensor ``name``: a frozen parameter for packed integer codes
@@ -78,8 +83,23 @@ class QuantizedLinear(nn.Module):
         return {name: getattr(self, name) for name in self.layout.tensor_names}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        op, args = self.layout.linear_call(x, self.quantized_tensors, self.bias)
+        tensors = self.quantized_tensors
+        for tensor_name, dtype in self.layout.tensor_dtypes().items():
+            if tensors[tensor_name].dtype != dtype:
+                self._refuse_cast_tensor(tensor_name, tensors[tensor_name].dtype, dtype)
+        op, args = self.layout.linear_call(x, tensors, self.bias)
         return op(*args)
+
+    def _refuse_cast_tensor(self, tensor_name: str, found: torch.dtype, expected: torch.dtype) -> None:
+        name, c = self.layer_name or type(self).__name__, self.layout.config
+        raise TypeError(
+            f"layer {name!r} ({c.format_name}, {self.out_features}x{self.in_features}): "
+            f"its quantized tensor {tensor_name!r} is {found}, but the format holds it as {expected}. Something cast "
+            "it in place after quantizing, and the layer would compute with corrupted codes or rounded scales. "
+            "FSDP1's MixedPrecision casts every float buffer to its buffer_dtype (accelerate sets buffer_dtype to "
+            "the mixed-precision dtype): pass MixedPrecision(param_dtype=..., reduce_dtype=...) with buffer_dtype "
+            "None, or shard with FSDP2 (fully_shard), which casts no buffer and no integer parameter. Quantize "
+            "again from the full-precision weights to recover the layer.")
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight ``[out_features, in_features]`` in full precision (compute dtype by default)."""
@@ -91,7 +111,7 @@ class QuantizedLinear(nn.Module):
         layer (``qpass.integrations.peft``). Lossy, as re-quantizing always is: one more rounding to the
         format. The layout stays the layer's: the weight's own dtype (float32 for a merge) is not
         recorded as the original's (``Layout4bit.source_dtype``). ``name`` names the layer in errors."""
-        name = name or type(self).__name__
+        name = name or self.layer_name or type(self).__name__
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(f"layer {name!r}: expected a weight of shape {(self.out_features, self.in_features)}, "
                              f"got {tuple(weight.shape)}")

@@ -107,6 +107,24 @@ def test_dtype_casts_do_not_touch_quantized_tensors():
     assert out.dtype == torch.float16 and not out.isnan().any()
 
 
+@pytest.mark.parametrize(("spec", "tensor_name", "cast_to"), [
+    ("nf4", "nested_absmax", torch.bfloat16),  # FSDP1's MixedPrecision(buffer_dtype=bf16) on the scales
+    (qpass.NF4Config(double_quant=False), "absmax", torch.float16),
+    (qpass.NF4Config(quant_storage=torch.bfloat16), "weight", torch.float16),  # codes held as bf16, cast
+    ("int8", "SCB", torch.bfloat16),
+])
+def test_a_quantized_tensor_cast_in_place_is_refused_naming_the_layer(spec, tensor_name, cast_to):
+    """``model.half()`` cannot cast the quantized tensors, but ``tensor.data = ...`` can, behind the
+    module's back: the layer then refuses to compute rather than use corrupted codes or rounded scales."""
+    model = qpass.quantize(tiny_llama(), spec)
+    tensor = getattr(model.model.layers[1].mlp.up_proj, tensor_name)
+    expected = tensor.dtype
+    tensor.data = tensor.to(cast_to)
+    with pytest.raises(TypeError, match=rf"layer 'model\.layers\.1\.mlp\.up_proj' \(\w+, 128x64\): its quantized "
+                                        rf"tensor '{tensor_name}' is {cast_to}, but the format holds it as {expected}"):
+        model(torch.randint(0, 128, (1, 5)))
+
+
 @pytest.mark.parametrize("spec", ["nf4", "int8"])
 def test_packed_weights_are_frozen_parameters_and_the_rest_buffers(spec):
     """As bitsandbytes' Params4bit / Int8Params: the packed codes are a frozen parameter (what FSDP2

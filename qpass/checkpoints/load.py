@@ -160,7 +160,7 @@ def _stored_layer(name, reader, suffixes, bnb_settings, listed, module, dtype) -
         layout, tensors = layer_from_bnb(name, read, suffixes, *bnb_settings)
     check_layer_shape(name, layout, *linear_weight(module).shape)
     # a Conv1D's weight is stored [out, in] like a Linear's (as bitsandbytes stores it)
-    return QuantizedLinear.replacing(module, layout, tensors, _bias(name, reader, module, dtype))
+    return QuantizedLinear.replacing(module, layout, tensors, _bias(name, reader, module, dtype), name)
 
 
 def _quantize_while_loading(name, reader, module, config, dtype) -> QuantizedLinear:
@@ -170,7 +170,7 @@ def _quantize_while_loading(name, reader, module, config, dtype) -> QuantizedLin
                               f"{tuple(module.weight.shape)} in the model")
     layout, tensors = quantize_layer(as_out_in(module, weight), config, name)
     del weight
-    return QuantizedLinear.replacing(module, layout, tensors, _bias(name, reader, module, dtype))
+    return QuantizedLinear.replacing(module, layout, tensors, _bias(name, reader, module, dtype), name)
 
 
 def _bias(name, reader, module, dtype) -> nn.Parameter | None:

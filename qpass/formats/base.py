@@ -49,6 +49,10 @@ class Layout(abc.ABC):
     def dequantize(self, tensors: Mapping[str, torch.Tensor | None], dtype: torch.dtype) -> torch.Tensor:
         """The weight ``[out_features, in_features]`` in ``dtype``."""
 
+    @abc.abstractmethod
+    def tensor_dtypes(self) -> dict[str, torch.dtype]:
+        """``{name: dtype}`` of each quantized tensor this layout holds (names it leaves None are absent)."""
+
 
 
 Quantizer = Callable[[torch.Tensor, Any], tuple[Layout, dict[str, torch.Tensor | None]]]

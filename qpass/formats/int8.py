@@ -32,6 +32,9 @@ class LayoutInt8(Layout):
     def nbytes(self) -> int:
         return self.out_features * self.in_features + 4 * self.out_features  # int8 CB, float32 SCB
 
+    def tensor_dtypes(self) -> dict[str, torch.dtype]:
+        return {"weight": torch.int8, "SCB": torch.float32}
+
     def dequantize(self, tensors: Mapping[str, torch.Tensor | None], dtype: torch.dtype) -> torch.Tensor:
         return torch.ops.qpass.dequantize_int8(tensors["weight"], tensors["SCB"], dtype)
 

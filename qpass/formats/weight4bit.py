@@ -54,6 +54,14 @@ class Layout4bit(Layout):
             books["nested_quant_map"] = 4 * 256
         return books
 
+    def tensor_dtypes(self) -> dict[str, torch.dtype]:
+        c = self.config
+        dtypes = {"weight": c.quant_storage, "quant_map": torch.float32,
+                  "absmax": torch.uint8 if c.double_quant else torch.float32}
+        if c.double_quant:
+            dtypes.update(nested_absmax=torch.float32, nested_quant_map=torch.float32, offset=torch.float32)
+        return dtypes
+
     def dequantize(self, tensors: Mapping[str, torch.Tensor | None], dtype: torch.dtype) -> torch.Tensor:
         c = self.config
         return torch.ops.qpass.dequantize_4bit(

@@ -206,7 +206,7 @@ class QPassHfQuantizer(HfQuantizer):
                 packed = placeholders["weight"]
                 self.packed_weight_bytes[f"{name}.weight"] = packed.numel() * packed.element_size()
                 placeholders = {**placeholders, "weight": torch.empty_like(module.weight, device="meta")}
-            layer = QuantizedLinear.replacing(module, layout, placeholders, module.bias)
+            layer = QuantizedLinear.replacing(module, layout, placeholders, module.bias, name)
             if ConversionOps is None and layer.packed_weight_parameter is not None:
                 # transformers 4.57 initialises GPT-2's c_proj weights through named_parameters before loading
                 # (normal_ on uint8 fails): the placeholder waits as a buffer, and create_quantized_param
