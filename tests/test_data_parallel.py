@@ -141,9 +141,9 @@ def _batch(rank):
     return torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(rank))
 
 
-def _train(model, batches, steps):
+def _train(model, batches, steps, optimizer=None):
     """``steps`` of AdamW on the mean loss over ``batches`` (a rank's one batch, or every rank's)."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    optimizer = optimizer or torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(steps):
         (sum(model(input_ids=ids, labels=ids).loss for ids in batches) / len(batches)).backward()
         optimizer.step()
@@ -201,10 +201,42 @@ def test_two_ranks_train_the_same_adapters_as_one_process_on_both_batches(tmp_pa
 FSDP2_SHARDS_INTEGER_PARAMETERS = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 12)
 
 
-def _fsdp_train_ranks(rank, world_size, store, fmt, shard_quantized, steps, results):
-    """One rank of an FSDP2 QLoRA run: every decoder layer and the model wrapped with ``fully_shard``
-    (the packed weights sharded, or left whole with ``ignored_params``), each rank on its own batch."""
+def _shard_with_fully_shard(model, shard_quantized):
+    """``fully_shard`` on every decoder layer and the model, the packed weights sharded or, with
+    ``ignored_params``, left whole (torch 2.11's way)."""
     from torch.distributed.fsdp import fully_shard
+
+    ignored = None if shard_quantized else quantized_parameters(model)
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer, ignored_params=ignored)
+    fully_shard(model, ignored_params=ignored)
+    return model
+
+
+def _shard_with_accelerate(model):
+    """``Accelerator.prepare`` with an FSDP2 plugin wrapping each decoder layer: the HF Trainer's path
+    with ``fsdp_config={"fsdp_version": 2}`` (accelerate's ``fsdp2_prepare_model``). accelerate allows
+    FSDP on accelerators only, so the test sets the distributed type a GPU launch would give; the rest
+    is accelerate's own code, its optimizer re-pointing included."""
+    import os
+
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    os.environ.update(RANK=str(dist.get_rank()), LOCAL_RANK=str(dist.get_rank()),
+                      WORLD_SIZE=str(dist.get_world_size()), LOCAL_WORLD_SIZE=str(dist.get_world_size()))
+    accelerator = Accelerator(cpu=True)
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["LlamaDecoderLayer"])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return model, optimizer
+
+
+def _fsdp_train_ranks(rank, world_size, store, fmt, wrapper, steps, results):
+    """One rank of an FSDP2 QLoRA run (``wrapper``: "sharded" or "ignored_params", ``fully_shard`` by
+    hand; "accelerate", accelerate's FSDP2), each rank on its own batch."""
     from torch.distributed.tensor import DTensor
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
@@ -213,11 +245,11 @@ def _fsdp_train_ranks(rank, world_size, store, fmt, shard_quantized, steps, resu
         model = _qlora(qpass.quantize(tiny_llama(), fmt))
         names = _packed_weights(model)
         packed = {name: p.detach().clone() for name, p in model.named_parameters() if name in names}
-        ignored = None if shard_quantized else quantized_parameters(model)
-        for layer in model.base_model.model.model.layers:
-            fully_shard(layer, ignored_params=ignored)
-        fully_shard(model, ignored_params=ignored)
-        _train(model, [_batch(rank)], steps)
+        if wrapper == "accelerate":
+            model, optimizer = _shard_with_accelerate(model)
+        else:
+            model, optimizer = _shard_with_fully_shard(model, wrapper == "sharded"), None
+        _train(model, [_batch(rank)], steps, optimizer)
         held = dict(model.named_parameters())
         local = lambda t: t.to_local() if isinstance(t, DTensor) else t  # noqa: E731
         whole = lambda t: t.full_tensor() if isinstance(t, DTensor) else t  # noqa: E731
@@ -231,17 +263,18 @@ def _fsdp_train_ranks(rank, world_size, store, fmt, shard_quantized, steps, resu
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("shard_quantized", [True, False], ids=["sharded", "ignored_params"])
-@pytest.mark.parametrize("fmt", ["nf4", "int8"])
-def test_fsdp2_trains_the_adapters_of_one_process_with_the_packed_weights_sharded(tmp_path, fmt, shard_quantized):
+@pytest.mark.parametrize(("fmt", "wrapper"), [("nf4", "sharded"), ("int8", "sharded"), ("nf4", "ignored_params"),
+                                             ("int8", "ignored_params"), ("nf4", "accelerate")])
+def test_fsdp2_trains_the_adapters_of_one_process_with_the_packed_weights_sharded(tmp_path, fmt, wrapper):
     """FSDP2 shards parameters only: the packed weight is one (a frozen ``nn.Parameter``), so each of two
     ranks holds half of the packed bytes (or all of them, given as ``ignored_params``, torch 2.11's
     way), and their adapters train to what one process gets from both batches (FSDP's mean of the ranks'
-    gradients)."""
+    gradients). accelerate's FSDP2 (the HF Trainer's ``fsdp_version: 2``) shards them the same way."""
     steps, manager = 3, mp.Manager()
     results = manager.dict()
+    shard_quantized = wrapper != "ignored_params"
     run = functools.partial(mp.spawn, _fsdp_train_ranks, nprocs=2,
-                            args=(2, tmp_path / "store", fmt, shard_quantized, steps, results))
+                            args=(2, tmp_path / "store", fmt, wrapper, steps, results))
     if shard_quantized and not FSDP2_SHARDS_INTEGER_PARAMETERS:  # what the README says of torch 2.11
         with pytest.raises(mp.ProcessRaisedException, match="only Tensors of floating point dtype can require grad"):
             run()
@@ -259,3 +292,48 @@ def test_fsdp2_trains_the_adapters_of_one_process_with_the_packed_weights_sharde
         assert results[rank]["packed_kept"]
     if shard_quantized:
         assert results[0]["packed_bytes_held"] + results[1]["packed_bytes_held"] == total
+
+
+def _fsdp1(model, **kwargs):
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    return FSDP(model, auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}), use_orig_params=True,
+                device_id=torch.device("cpu"), **kwargs)
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_fsdp1_takes_the_quantized_tensors_as_ignored_and_uncast_only(process_group, fmt):
+    """FSDP1 flattens parameters, which integer codes cannot be; given them as ``ignored_states`` it
+    runs, but its ``MixedPrecision(buffer_dtype=...)`` casts every float buffer in place, the scales
+    included: the layer refuses to compute with them, naming itself. With buffer_dtype None (the
+    README's recipe) the adapters train and the quantized tensors keep their bytes."""
+    from torch.distributed.fsdp import MixedPrecision
+
+    ids = _batch(0)
+    model = qpass.quantize(tiny_llama(), fmt)
+    with pytest.raises(ValueError, match="Cannot flatten integer dtype tensors"):
+        _fsdp1(copy.deepcopy(model))
+
+    copied = copy.deepcopy(model)
+    cast = _fsdp1(copied, ignored_states=quantized_parameters(copied),
+                  mixed_precision=MixedPrecision(torch.bfloat16, torch.bfloat16, buffer_dtype=torch.bfloat16))
+    # the first layer the forward reaches; the first of its tensors FSDP1 casts
+    cast_tensor = "quant_map" if fmt == "nf4" else "SCB"
+    with pytest.raises(TypeError, match=rf"layer 'model\.layers\.0\.self_attn\.q_proj' \({fmt}, 64x64\): its quantized "
+                                        rf"tensor '{cast_tensor}' is torch\.bfloat16, but the format holds it as "
+                                        r"torch\.float32.*buffer_dtype None"):
+        cast(input_ids=ids)
+
+    model = _qlora(model)
+    layers = [layer for layer in model.modules() if isinstance(layer, QuantizedLinear)]
+    before = [{name: t.clone() for name, t in layer.quantized_tensors.items() if t is not None} for layer in layers]
+    recipe = _fsdp1(model, ignored_states=quantized_parameters(model),
+                    mixed_precision=MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16))
+    _train(recipe, [ids], steps=1)
+    with type(recipe).summon_full_params(recipe):
+        assert any(p.abs().sum() > 0 for n, p in recipe.named_parameters() if "lora_B" in n)  # it trained
+    for layer, kept in zip(layers, before, strict=True):
+        for name, t in kept.items():
+            assert layer.quantized_tensors[name].dtype == t.dtype and torch.equal(layer.quantized_tensors[name], t)
