@@ -44,6 +44,7 @@ the file. Needs ``onnxscript`` (``pip install qpass[onnx]``); ONNX Runtime runs 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import tempfile
 from collections.abc import Iterator
@@ -185,17 +186,21 @@ TRANSLATIONS = {
 @contextlib.contextmanager
 def packed_as_uint8(model: nn.Module) -> Iterator[None]:
     """Within the block, 4-bit layers whose packed codes are held in another ``quant_storage`` dtype hold
-    the same bytes as uint8 ``[(n + 1) // 2, 1]``, as ``MatMulBnb4`` reads them; restored on exit."""
+    the same bytes as uint8 ``[(n + 1) // 2, 1]``, as ``MatMulBnb4`` reads them, and a layout that says
+    so (the layer refuses codes of another dtype than its layout's); restored on exit."""
     held = {}
     for layer in model.modules():
         packed = layer._buffers.get("weight") if isinstance(layer, QuantizedLinear) else None
         if packed is not None and "quant_map" in layer.layout.tensor_names and packed.dtype != torch.uint8:
-            held[layer] = packed
+            held[layer] = packed, layer.layout
+            config = dataclasses.replace(layer.layout.config, quant_storage=torch.uint8)
+            layer.layout = dataclasses.replace(layer.layout, config=config)
             layer.set_quantized_tensor_("weight", packed.reshape(-1).view(torch.uint8).unsqueeze(1))
     try:
         yield
     finally:
-        for layer, packed in held.items():
+        for layer, (packed, layout) in held.items():
+            layer.layout = layout
             layer.set_quantized_tensor_("weight", packed)
 
 
