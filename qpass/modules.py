@@ -28,7 +28,8 @@ class QuantizedLinear(nn.Module):
     module's back (``tensor.data = tensor.to(dtype)``, as FSDP1's ``MixedPrecision(buffer_dtype=...)``
     does to every float buffer) is refused by ``forward``, naming the layer, rather than computed with.
 
-    ``name`` (the layer's name in the model, as quantized) only names the layer in errors.
+    ``name`` (the layer's name in the model, as quantized; kept as ``layer_name``) only names the layer in
+    errors.
     """
 
     def __init__(self, layout: Layout, tensors: dict[str, torch.Tensor | None], bias: nn.Parameter | None,
