@@ -267,6 +267,18 @@ def test_shape_mismatch_is_named(tmp_path):
         qpass.from_pretrained(path)
 
 
+def test_dtype_mismatch_is_named_at_load(tmp_path):
+    """A stored absmax of the wrong dtype is refused by the loader, not left for the layer to refuse."""
+    path = _saved(tmp_path)
+    tensors = load_file(path / "model.safetensors")
+    absmax = "model.layers.0.mlp.up_proj.weight.absmax"
+    tensors[absmax] = tensors[absmax].to(torch.float16)  # uint8 codes with double quantization
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(qpass.CheckpointError, match=rf"{absmax}: dtype torch.float16, where a nf4 weight with "
+                                                    r"double quantization stores torch.uint8"):
+        qpass.from_pretrained(path)
+
+
 def test_pickle_is_never_loaded(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"not unpickled")
     (tmp_path / "config.json").write_text("{}")

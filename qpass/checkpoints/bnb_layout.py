@@ -103,6 +103,10 @@ def layer_from_bnb(name: str, read, suffixes: set[str], compute_dtype: torch.dty
             raise CheckpointError(f"{name}.{suffix}: shape {actual} does not match the quant state ({shape} for a "
                                   f"{out_features}x{in_features} {quant_type} weight, blocksize {blocksize})")
     layout = Layout4bit(out_features, in_features, config, dtype_from_name(state.get("dtype", "float32")))
+    absmax_dtype = layout.tensor_dtypes()["absmax"]  # the one tensor stored as it is read (the rest: .float())
+    if tensors["absmax"].dtype != absmax_dtype:
+        raise CheckpointError(f"{name}.weight.absmax: dtype {tensors['absmax'].dtype}, where a {quant_type} weight "
+                              f"{'with' if nested else 'without'} double quantization stores {absmax_dtype}")
     return layout, _share_code_books(tensors, quant_type)
 
 
