@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 
-import torch
 from torch._guards import detect_fake_mode
 from torch.export import ExportedProgram
 from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
@@ -21,6 +20,7 @@ from qpass.config import QPassConfig
 from qpass.formats import quantize_layer
 
 from .linear_patterns import find_linear_weights
+from .program_edit import copy_graph_module
 
 
 @dataclasses.dataclass
@@ -34,22 +34,11 @@ def _module_name(parameter_fqn: str) -> str:
     return parameter_fqn.removesuffix(".weight")
 
 
-def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A deep copy whose nodes keep their names (the graph signature refers to nodes by name, and
-    copying renames a placeholder called e.g. ``input`` to ``input_1``)."""
-    copied = copy.deepcopy(gm)
-    for old, new in zip(gm.graph.nodes, copied.graph.nodes):
-        if new.name != old.name:
-            new.name = old.name
-    copied.recompile()
-    return copied
-
-
 def quantize_exported_program(ep: ExportedProgram, plan: QPassConfig) -> tuple[ExportedProgram, QuantizedLinearReport]:
     """A new ``ExportedProgram`` with the selected linear layers quantized; ``ep`` is left unchanged.
     The plan's skip list is resolved for the program as for a module (``QPassConfig.for_model``)."""
     plan = plan.for_model(ep)
-    gm = _copy_graph_module(ep.graph_module)
+    gm = copy_graph_module(ep.graph_module)
     graph = gm.graph
     state_dict = dict(ep.state_dict)
     input_specs = list(ep.graph_signature.input_specs)

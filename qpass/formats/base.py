@@ -9,8 +9,9 @@ pass) go through ``quantize_weight`` and ``Layout.linear_call``, so they build i
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 
@@ -31,10 +32,17 @@ class Layout(abc.ABC):
     tensor_names: ClassVar[tuple[str, ...]]
     # Those of them that are code books: one tensor shared by every layer of the format.
     shared_tensor_names: ClassVar[tuple[str, ...]] = ()
+    # The torch.ops.qpass linear op of this layout, by name (``linear_call`` calls it).
+    linear_op_name: ClassVar[str]
 
     @abc.abstractmethod
     def linear_call(self, x: T, tensors: Mapping[str, T | None], bias: T | None) -> tuple[Callable, tuple]:
         """``(op, args)`` such that ``op(*args)`` is ``x @ W^T + bias``."""
+
+    @classmethod
+    @abc.abstractmethod
+    def parse_linear_args(cls, args: tuple) -> LinearCall:
+        """The inverse of ``linear_call``: the layout, input, tensors and bias of the op's ``args``."""
 
     @abc.abstractmethod
     def nbytes(self) -> int:
@@ -55,8 +63,26 @@ class Layout(abc.ABC):
 
 
 
+@dataclasses.dataclass(frozen=True)
+class LinearCall(Generic[T]):
+    """One call of a format's linear op, taken apart (``Layout.parse_linear_args``). The layout's
+    ``source_dtype``, which the op does not take, is left at its default."""
+
+    layout: Layout
+    x: T
+    tensors: dict[str, T | None]
+    bias: T | None
+
+
+def tensor_value(value) -> torch.Tensor:
+    """A tensor as it is, or the (fake) tensor an fx node stands for (its ``meta["val"]``): for the dtype
+    and shape of an op argument in both front-ends."""
+    return value if isinstance(value, torch.Tensor) else value.meta["val"]
+
+
 Quantizer = Callable[[torch.Tensor, Any], tuple[Layout, dict[str, torch.Tensor | None]]]
 _FORMATS: dict[type, tuple[type[Layout], Quantizer]] = {}
+_LAYOUTS_BY_OP: dict[str, type[Layout]] = {}
 
 
 def register_format(config_type: type[QuantConfig], layout_type: type[Layout]) -> Callable[[Quantizer], Quantizer]:
@@ -65,6 +91,7 @@ def register_format(config_type: type[QuantConfig], layout_type: type[Layout]) -
 
     def register(fn: Quantizer) -> Quantizer:
         _FORMATS[config_type] = (layout_type, fn)
+        _LAYOUTS_BY_OP[layout_type.linear_op_name] = layout_type
         return fn
 
     return register
@@ -80,6 +107,14 @@ def _lookup(config: QuantConfig) -> tuple[type[Layout], Quantizer]:
 def quantize_weight(weight: torch.Tensor, config: QuantConfig) -> tuple[Layout, dict[str, torch.Tensor | None]]:
     """Quantize a float weight ``[out_features, in_features]`` with ``config``."""
     return _lookup(config)[1](weight, config)
+
+
+def parse_linear_call(op, args: tuple) -> LinearCall | None:
+    """``op(*args)`` taken apart if ``op`` is a format's linear op (``torch.ops.qpass.linear_4bit.default``,
+    ...), else None. ``args`` may hold tensors or fx nodes, as ``Layout.linear_call`` builds them."""
+    namespace, _, rest = getattr(op, "name", lambda: "")().partition("::")
+    layout_type = _LAYOUTS_BY_OP.get(rest.partition(".")[0]) if namespace == "qpass" else None
+    return None if layout_type is None else layout_type.parse_linear_args(tuple(args))
 
 
 def layout_for(config: QuantConfig, out_features: int, in_features: int) -> Layout:

@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 
 from ..config import Int8Config
-from .base import Layout, register_format
+from .base import Layout, LinearCall, register_format, tensor_value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,11 +23,19 @@ class LayoutInt8(Layout):
     config: Int8Config
 
     tensor_names: ClassVar[tuple[str, ...]] = ("weight", "SCB")
+    linear_op_name: ClassVar[str] = "linear_int8"
 
     def linear_call(self, x, tensors, bias):
         c = self.config
         args = (x, tensors["weight"], tensors["SCB"], bias, float(c.threshold), c.compute_dtype)
         return torch.ops.qpass.linear_int8.default, args
+
+    @classmethod
+    def parse_linear_args(cls, args):
+        x, weight, scb, bias, threshold, compute_dtype = args
+        out_features, in_features = tensor_value(weight).shape
+        config = Int8Config(threshold=threshold, compute_dtype=compute_dtype)
+        return LinearCall(cls(int(out_features), int(in_features), config), x, {"weight": weight, "SCB": scb}, bias)
 
     def nbytes(self) -> int:
         return self.out_features * self.in_features + 4 * self.out_features  # int8 CB, float32 SCB

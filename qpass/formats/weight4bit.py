@@ -18,9 +18,11 @@ from typing import ClassVar
 
 import torch
 
-from ..config import Weight4bitConfig
+from ..config import FP4Config, NF4Config, Weight4bitConfig
 from ..kernels.codebooks import DOUBLE_QUANT_BLOCKSIZE, code_4bit, dynamic_code
-from .base import Layout, register_format
+from .base import Layout, LinearCall, register_format, tensor_value
+
+_CONFIG_BY_QUANT_TYPE = {cls.quant_type: cls for cls in (NF4Config, FP4Config)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,12 +36,22 @@ class Layout4bit(Layout):
     tensor_names: ClassVar[tuple[str, ...]] = (
         "weight", "quant_map", "absmax", "nested_absmax", "nested_quant_map", "offset")
     shared_tensor_names: ClassVar[tuple[str, ...]] = ("quant_map", "nested_quant_map")
+    linear_op_name: ClassVar[str] = "linear_4bit"
 
     def linear_call(self, x, tensors, bias):
         c = self.config
         args = (x, *(tensors[name] for name in self.tensor_names), bias)
         args += (self.out_features, self.in_features, c.blocksize, c.quant_type, c.compute_dtype)
         return torch.ops.qpass.linear_4bit.default, args
+
+    @classmethod
+    def parse_linear_args(cls, args):
+        x, *quantized, bias, out_features, in_features, blocksize, quant_type, compute_dtype = args
+        tensors = dict(zip(cls.tensor_names, quantized, strict=True))
+        config = _CONFIG_BY_QUANT_TYPE[quant_type](
+            blocksize=blocksize, double_quant=tensors["nested_absmax"] is not None, compute_dtype=compute_dtype,
+            quant_storage=tensor_value(tensors["weight"]).dtype)
+        return LinearCall(cls(out_features, in_features, config), x, tensors, bias)
 
     def nbytes(self) -> int:
         n = self.out_features * self.in_features

@@ -67,6 +67,7 @@ from torch.export import ExportedProgram
 from ..kernels.codebooks import DOUBLE_QUANT_BLOCKSIZE, code_4bit
 from ..kernels.reference_int8 import INT8_DEQUANT, INT8_SCALE_PRODUCT
 from ..modules import QuantizedLinear
+from ..passes.program_edit import input_tensors, quantized_linear_nodes
 
 MICROSOFT = Opset("com.microsoft", 1)
 MATMUL_BNB4_QUANT_TYPES = {"fp4": 0, "nf4": 1}  # MatMulBnb4's quant_type attribute
@@ -207,15 +208,12 @@ def packed_as_uint8(model: nn.Module) -> Iterator[None]:
 def check_code_books(program: ExportedProgram) -> None:
     """Raise ``ValueError`` naming the layer unless every ``linear_4bit`` node's code book is bitsandbytes'
     NF4 or FP4 one, the one ``MatMulBnb4`` has built in (a checkpoint may carry another ``quant_map``)."""
-    signature = program.graph_signature
-    names = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}  # the packed weight: either
-    values = {**program.state_dict, **program.constants}
-    for node in program.graph.nodes:
-        if node.target is not torch.ops.qpass.linear_4bit.default:
+    values = input_tensors(program)
+    for q in quantized_linear_nodes(program, program.graph):
+        if "quant_map" not in q.call.tensors:
             continue
-        packed, quant_map, quant_type = node.args[1], node.args[2], node.args[11]
-        layer = names.get(packed.name, packed.name).removesuffix(".weight")
-        code = values.get(names.get(quant_map.name))
+        layer, quant_type = q.layer, q.call.layout.config.quant_type
+        code = values.get(q.call.tensors["quant_map"].name)
         standard = code_4bit(quant_type)
         if code is None or code.dtype != standard.dtype or not torch.equal(code.cpu(), standard):
             raise ValueError(
