@@ -44,10 +44,18 @@ def quantize(model, spec, **plan_options):
     raise TypeError(f"qpass.quantize takes an nn.Module or a torch.export.ExportedProgram, got {type(model).__name__}")
 
 
-def dequantize(model: M, dtype: torch.dtype | None = None) -> M:
+@overload
+def dequantize(model: M, dtype: torch.dtype | None = None) -> M: ...
+@overload
+def dequantize(model: ExportedProgram, dtype: torch.dtype | None = None) -> ExportedProgram: ...
+
+
+def dequantize(model, dtype=None):
     """Replace the ``QuantizedLinear`` layers of ``model`` by full-precision ``nn.Linear`` (or transformers
     ``Conv1D``) layers holding the dequantized weights, in place; returns ``model`` (the new layer where
-    ``model`` is itself a ``QuantizedLinear``).
+    ``model`` is itself a ``QuantizedLinear``). For a ``torch.export.ExportedProgram``, returns a new
+    program in which each qpass linear op is ``aten.linear`` with its weight decoded into a parameter
+    named as the packed one (``[out, in]``; see ``qpass.passes.dequantize_exported_program``).
 
     The weights are the quantized ones decoded, not the originals: quantization error stays. What it is
     for: merging LoRA adapters without re-quantizing them away (``qpass.integrations.peft``), or handing a
@@ -57,10 +65,12 @@ def dequantize(model: M, dtype: torch.dtype | None = None) -> M:
     ``model.dequantize()`` does the same.
     """
     if isinstance(model, ExportedProgram):
-        raise TypeError("qpass.dequantize takes an nn.Module; for an exported program, dequantize the module and "
-                        "export it again")
+        from .passes import dequantize_exported_program
+
+        return dequantize_exported_program(model, dtype)
     if not isinstance(model, nn.Module):
-        raise TypeError(f"qpass.dequantize takes an nn.Module, got {type(model).__name__}")
+        raise TypeError(f"qpass.dequantize takes an nn.Module or a torch.export.ExportedProgram, "
+                        f"got {type(model).__name__}")
     if not any(isinstance(m, QuantizedLinear) for m in model.modules()):
         return model
     model = dequantize_module(model, dtype)
@@ -68,16 +78,28 @@ def dequantize(model: M, dtype: torch.dtype | None = None) -> M:
     return model
 
 
-def set_compute_dtype(model: M, dtype: torch.dtype) -> M:
+@overload
+def set_compute_dtype(model: M, dtype: torch.dtype) -> M: ...
+@overload
+def set_compute_dtype(model: ExportedProgram, dtype: torch.dtype) -> ExportedProgram: ...
+
+
+def set_compute_dtype(model, dtype):
     """Make every ``QuantizedLinear`` of ``model`` compute in ``dtype`` (bf16, fp16 or fp32), in place;
-    returns ``model``. The stored bytes are unchanged, so this is lossless and ``save_pretrained`` records
+    returns ``model``. For a ``torch.export.ExportedProgram``, returns a new program whose qpass linear
+    ops compute in ``dtype``. The stored bytes are unchanged, so this is lossless and ``save_pretrained`` records
     the new dtype. What it is for: a checkpoint saved with ``bnb_4bit_compute_dtype=bfloat16`` run in
     float32 (on CPUs without fast bf16, or for ONNX Runtime's CPU provider, ``qpass.export_onnx``), or
-    the reverse. Call it before ``torch.compile`` or export: traced graphs keep the dtype they saw.
-    Full-precision parameters are not cast: ``model.float()`` does that."""
+    the reverse. Call it on a module before ``torch.compile`` or export (traced graphs keep the dtype
+    they saw), or on the exported program. Full-precision parameters are not cast: ``model.float()``
+    does that."""
+    if isinstance(model, ExportedProgram):
+        from .passes import set_compute_dtype_exported_program
+
+        return set_compute_dtype_exported_program(model, dtype)
     if not isinstance(model, nn.Module):
-        raise TypeError(f"qpass.set_compute_dtype takes an nn.Module, got {type(model).__name__}; an exported "
-                        "program has its compute dtype in its graph: change the module's and export it again")
+        raise TypeError(f"qpass.set_compute_dtype takes an nn.Module or a torch.export.ExportedProgram, "
+                        f"got {type(model).__name__}")
     for name, layer in model.named_modules():
         if isinstance(layer, QuantizedLinear):
             try:

@@ -4,6 +4,7 @@ back (``dequantize_module``)."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -120,13 +121,18 @@ def dequantize_module(model: nn.Module, dtype: torch.dtype | None = None) -> nn.
 
 def _unquantized_parameter_dtype(model: nn.Module) -> torch.dtype | None:
     """The floating dtype holding most elements of the parameters outside ``QuantizedLinear`` layers."""
+    return majority_floating_dtype(
+        param for module in model.modules() if not isinstance(module, QuantizedLinear)
+        for param in module.parameters(recurse=False))
+
+
+def majority_floating_dtype(tensors: Iterable[torch.Tensor]) -> torch.dtype | None:
+    """The floating dtype holding most elements of ``tensors`` (None if none is floating): the dtype
+    a dequantized weight gets by default, in both front-ends."""
     elements: dict[torch.dtype, int] = {}
-    for module in model.modules():
-        if isinstance(module, QuantizedLinear):
-            continue
-        for param in module.parameters(recurse=False):
-            if param.is_floating_point():
-                elements[param.dtype] = elements.get(param.dtype, 0) + param.numel()
+    for tensor in tensors:
+        if tensor.is_floating_point():
+            elements[tensor.dtype] = elements.get(tensor.dtype, 0) + tensor.numel()
     return max(elements, key=elements.get) if elements else None
 
 

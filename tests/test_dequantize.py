@@ -166,10 +166,7 @@ def test_an_accelerate_hook_moves_to_the_new_layer():
 def test_what_cannot_be_dequantized_says_so():
     model = tiny_llama()
     assert qpass.dequantize(model) is model  # nothing quantized: left as it is
-    layer = qpass.quantize(torch.nn.Sequential(torch.nn.Linear(64, 64)), "nf4")
-    with pytest.raises(TypeError, match="export it again"):
-        qpass.dequantize(torch.export.export(layer, (torch.randn(2, 64),)))
-    with pytest.raises(TypeError, match="nn.Module"):
+    with pytest.raises(TypeError, match="nn.Module or a torch.export.ExportedProgram"):
         qpass.dequantize("model")
     model = qpass.quantize(tiny_llama(), "nf4")
     model.model.layers[1].mlp.to("meta")  # as offloaded weights are

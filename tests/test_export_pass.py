@@ -273,3 +273,105 @@ def test_nodes_kept_for_their_effect_survive_the_pass():
     ep_q = qpass.quantize(torch.export.export(VmapThenLinear(), (x,)), "nf4", skip_modules=[])
     assert torch.ops.qpass.linear_4bit.default in _ops(ep_q)
     assert torch.equal(ep_q.module()(x), qpass.quantize(VmapThenLinear(), "nf4", skip_modules=[])(x))
+
+
+# The way back, and the compute dtype, on exported programs (passes/dequantize_linears.py, compute_dtype.py).
+
+def _quantized_nodes(ep):
+    return qpass.passes.quantized_linear_nodes(ep, ep.graph)
+
+
+@pytest.mark.parametrize("spec", ["nf4", "fp4", "int8", qpass.NF4Config(quant_storage=torch.bfloat16)])
+def test_dequantizing_an_exported_program_matches_the_module_front_end(spec):
+    ids = torch.randint(0, 128, (2, 7))
+    ep_q = qpass.quantize(torch.export.export(CausalLMLogits(tiny_llama()), (ids,)), spec)
+    ep_d = qpass.dequantize(ep_q)
+    assert not _quantized_nodes(ep_d) and _ops(ep_d).count(torch.ops.aten.linear.default) == 15
+    assert len(_quantized_nodes(ep_q)) == 14  # the input program is left as it was
+
+    module_d = qpass.dequantize(qpass.quantize(CausalLMLogits(tiny_llama()), spec))
+    state = module_d.state_dict()
+    assert set(ep_d.state_dict) == set(state)  # the quantized tensors are gone; the weights take their names
+    for key, value in state.items():
+        assert same_bytes(ep_d.state_dict[key], value), key
+    weight = ep_d.state_dict["lm.model.layers.0.mlp.up_proj.weight"]
+    assert isinstance(weight, nn.Parameter) and not weight.requires_grad and weight.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.equal(ep_d.module()(ids), module_d(ids))
+
+
+def test_a_saved_quantized_program_dequantizes_after_loading_and_quantizes_again(tmp_path):
+    ids = torch.randint(0, 128, (1, 6))
+    ep_q = qpass.quantize(torch.export.export(CausalLMLogits(tiny_gpt2()), (ids,)), "int8")
+    torch.export.save(ep_q, tmp_path / "q.pt2")
+    ep_d = qpass.dequantize(torch.export.load(tmp_path / "q.pt2"))
+    # GPT-2's Conv1D layers come back as aten.linear, their weights [out, in]
+    assert ep_d.state_dict["lm.transformer.h.0.attn.c_attn.weight"].shape == (192, 64)
+    with torch.no_grad():
+        expected = qpass.dequantize(qpass.quantize(CausalLMLogits(tiny_gpt2()), "int8"))(ids)
+    torch.testing.assert_close(ep_d.module()(ids), expected, rtol=1e-6, atol=1e-6)
+    torch.export.save(ep_d, tmp_path / "d.pt2")
+    assert torch.equal(torch.export.load(tmp_path / "d.pt2").module()(ids), ep_d.module()(ids))
+    again = qpass.quantize(ep_d, "int8")  # the two passes compose
+    assert len(_quantized_nodes(again)) == len(_quantized_nodes(ep_q)) == 8
+    torch.testing.assert_close(again.module()(ids), ep_q.module()(ids), rtol=0, atol=0)
+
+
+def test_dequantizing_a_program_casts_where_its_dtypes_differ():
+    ids = torch.randint(0, 128, (2, 5))
+    plan = qpass.QPassConfig(qpass.NF4Config(compute_dtype=torch.float32))
+    ep_q = qpass.quantize(torch.export.export(CausalLMLogits(tiny_llama(dtype=torch.bfloat16)), (ids,)), plan)
+    default = qpass.dequantize(ep_q)  # the dtype of the other parameters: bf16, no casts
+    assert default.state_dict["lm.model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
+    assert torch.ops.aten._to_copy.default not in _ops(default)
+    in_float32 = qpass.dequantize(ep_q, torch.float32)  # the compute dtype: inputs cast, results cast back
+    assert in_float32.state_dict["lm.model.layers.0.mlp.up_proj.weight"].dtype == torch.float32
+    assert _ops(in_float32).count(torch.ops.aten._to_copy.default) == 2 * 14
+    logits = in_float32.module()(ids)
+    assert logits.dtype == torch.bfloat16
+    assert relative_error(logits, ep_q.module()(ids)) < 1e-2  # bf16 roundings of the same float32 sums
+
+
+def test_set_compute_dtype_of_an_exported_program():
+    ids = torch.randint(0, 128, (2, 5))
+    plan = qpass.QPassConfig("nf4", overrides={"*.self_attn.*": "int8"})
+    ep_q = qpass.quantize(torch.export.export(CausalLMLogits(tiny_llama()), (ids,)), plan)
+    ep_f = qpass.set_compute_dtype(ep_q, torch.float32)
+    assert {q.call.layout.config.compute_dtype for q in _quantized_nodes(ep_f)} == {torch.float32}
+    assert {q.call.layout.config.compute_dtype for q in _quantized_nodes(ep_q)} == {torch.bfloat16}
+    assert ep_f.state_dict.keys() == ep_q.state_dict.keys()
+    module = qpass.set_compute_dtype(qpass.quantize(CausalLMLogits(tiny_llama()), plan), torch.float32)
+    with torch.no_grad():
+        assert torch.equal(ep_f.module()(ids), module(ids))
+    with pytest.raises(ValueError, match=r"layer 'lm.model.layers.0.self_attn.q_proj': Int8Config: compute_dtype"):
+        qpass.set_compute_dtype(ep_q, torch.int8)
+
+
+def test_a_quantized_tensor_computed_in_the_graph_is_not_dequantized():
+    class ScaledAbsmax(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = qpass.quantize(nn.Linear(64, 8), qpass.NF4Config(double_quant=False))
+
+        def forward(self, x):
+            tensors = dict(self.layer.quantized_tensors, absmax=self.layer.absmax * 2)
+            op, args = self.layer.layout.linear_call(x, tensors, self.layer.bias)
+            return op(*args)
+
+    ep = torch.export.export(ScaledAbsmax(), (torch.randn(2, 64),))
+    with pytest.raises(ValueError, match="layer 'layer': its quantized tensor 'absmax' is computed in the graph"):
+        qpass.dequantize(ep)
+
+
+def test_a_packed_weight_read_by_another_op_is_not_dequantized():
+    class ReadsPackedWeight(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = qpass.quantize(nn.Linear(64, 8), "int8")
+
+        def forward(self, x):
+            return self.layer(x), self.layer.weight.sum()
+
+    ep = torch.export.export(ReadsPackedWeight(), (torch.randn(2, 64),))
+    with pytest.raises(ValueError, match="layer 'layer': its packed weight is also read by sum"):
+        qpass.dequantize(ep)
