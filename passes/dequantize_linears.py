@@ -64,18 +64,25 @@ def dequantize_exported_program(ep: ExportedProgram, dtype: torch.dtype | None =
             raise ValueError(f"layer {layer!r}: its packed weight is also read by {next(iter(packed.users))}, "
                              "not a qpass linear op; cannot dequantize this program")
 
-    # The quantized tensors no node reads now leave the program; the decoded weights take their names.
-    unread = {n for n in quantized_inputs if n.op == "placeholder" and not n.users}
+    # The quantized tensors no node reads now leave the program, under every name they had (export
+    # lifts a code book shared by many layers once per name, and only one of those is read); the
+    # decoded weights take the packed weights' names.
+    layer_tensors = {f"{q.layer}.{name}" for q in found for name in q.call.layout.tensor_names}
+    placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
+    unread = set()
+    for spec in ep.graph_signature.input_specs:
+        node = placeholders.get(getattr(spec.arg, "name", None))
+        if node is not None and (node in quantized_inputs or spec.target in layer_tensors) and not node.users:
+            unread.add(node.name)
     state_dict, constants = dict(ep.state_dict), dict(ep.constants)
     specs = []
     for spec in ep.graph_signature.input_specs:
-        if spec.arg.name in {n.name for n in unread}:
+        if spec.arg.name in unread:
             state_dict.pop(spec.target, None)
             constants.pop(spec.target, None)
+            graph.erase_node(placeholders[spec.arg.name])
         else:
             specs.append(spec)
-    for node in unread:
-        graph.erase_node(node)
     taken = {n.name for n in graph.nodes}
     for target, (node, weight) in new_params.items():
         state_dict[target] = torch.nn.Parameter(weight, requires_grad=False)

@@ -375,3 +375,18 @@ def test_a_packed_weight_read_by_another_op_is_not_dequantized():
     ep = torch.export.export(ReadsPackedWeight(), (torch.randn(2, 64),))
     with pytest.raises(ValueError, match="layer 'layer': its packed weight is also read by sum"):
         qpass.dequantize(ep)
+
+
+@pytest.mark.parametrize("spec", ["nf4", "int8"])
+def test_an_exported_quantized_module_dequantizes_as_the_module_does(spec):
+    """Exporting a module quantized by the module front-end: packed weights are parameters there, and
+    layers share one code book tensor, which export lifts once."""
+    ids = torch.randint(0, 128, (2, 7))
+    program = torch.export.export(qpass.quantize(CausalLMLogits(tiny_llama()), spec), (ids,))
+    ep_d = qpass.dequantize(program)
+    assert not _quantized_nodes(ep_d)
+    module_d = qpass.dequantize(qpass.quantize(CausalLMLogits(tiny_llama()), spec))
+    assert set(ep_d.state_dict) == set(module_d.state_dict())
+    assert set(ep_d.graph_signature.parameters) == set(module_d.state_dict())
+    with torch.no_grad():
+        assert torch.equal(ep_d.module()(ids), module_d(ids))
