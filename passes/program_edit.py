@@ -30,12 +30,8 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 def input_tensors(ep: ExportedProgram) -> dict[str, torch.Tensor]:
     """``{placeholder name: tensor}`` for the program's parameters, buffers (persistent ones are in
     ``ep.state_dict``, the others in ``ep.constants``) and lifted constant tensors."""
-    tensors = {}
-    for spec in ep.graph_signature.input_specs:
-        if spec.kind in _STATE_KINDS:
-            tensors[spec.arg.name] = ep.state_dict[spec.target] if spec.target in ep.state_dict else ep.constants[
-                spec.target]
-    return tensors
+    values = {**ep.constants, **ep.state_dict}
+    return {spec.arg.name: values[spec.target] for spec in ep.graph_signature.input_specs if spec.kind in _STATE_KINDS}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,8 +32,14 @@ class Layout(abc.ABC):
     tensor_names: ClassVar[tuple[str, ...]]
     # Those of them that are code books: one tensor shared by every layer of the format.
     shared_tensor_names: ClassVar[tuple[str, ...]] = ()
-    # The torch.ops.qpass linear op of this layout, by name (``linear_call`` calls it).
+    # The torch.ops.qpass linear op of this layout, by name (``linear_call`` calls it, and
+    # ``parse_linear_call`` finds the layout by it).
     linear_op_name: ClassVar[str]
+
+    @classmethod
+    def linear_op(cls):
+        """``torch.ops.qpass.<linear_op_name>.default``."""
+        return getattr(torch.ops.qpass, cls.linear_op_name).default
 
     @abc.abstractmethod
     def linear_call(self, x: T, tensors: Mapping[str, T | None], bias: T | None) -> tuple[Callable, tuple]:
@@ -60,7 +66,6 @@ class Layout(abc.ABC):
     @abc.abstractmethod
     def tensor_dtypes(self) -> dict[str, torch.dtype]:
         """``{name: dtype}`` of each quantized tensor this layout holds (names it leaves None are absent)."""
-
 
 
 @dataclasses.dataclass(frozen=True)

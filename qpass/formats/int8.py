@@ -28,7 +28,7 @@ class LayoutInt8(Layout):
     def linear_call(self, x, tensors, bias):
         c = self.config
         args = (x, tensors["weight"], tensors["SCB"], bias, float(c.threshold), c.compute_dtype)
-        return torch.ops.qpass.linear_int8.default, args
+        return self.linear_op(), args
 
     @classmethod
     def parse_linear_args(cls, args):

@@ -18,11 +18,9 @@ from typing import ClassVar
 
 import torch
 
-from ..config import FP4Config, NF4Config, Weight4bitConfig
+from ..config import FORMATS, Weight4bitConfig
 from ..kernels.codebooks import DOUBLE_QUANT_BLOCKSIZE, code_4bit, dynamic_code
 from .base import Layout, LinearCall, register_format, tensor_value
-
-_CONFIG_BY_QUANT_TYPE = {cls.quant_type: cls for cls in (NF4Config, FP4Config)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,13 +40,13 @@ class Layout4bit(Layout):
         c = self.config
         args = (x, *(tensors[name] for name in self.tensor_names), bias)
         args += (self.out_features, self.in_features, c.blocksize, c.quant_type, c.compute_dtype)
-        return torch.ops.qpass.linear_4bit.default, args
+        return self.linear_op(), args
 
     @classmethod
     def parse_linear_args(cls, args):
         x, *quantized, bias, out_features, in_features, blocksize, quant_type, compute_dtype = args
         tensors = dict(zip(cls.tensor_names, quantized, strict=True))
-        config = _CONFIG_BY_QUANT_TYPE[quant_type](
+        config = FORMATS[quant_type](  # a 4-bit format's name is its quant_type
             blocksize=blocksize, double_quant=tensors["nested_absmax"] is not None, compute_dtype=compute_dtype,
             quant_storage=tensor_value(tensors["weight"]).dtype)
         return LinearCall(cls(out_features, in_features, config), x, tensors, bias)
