@@ -9,13 +9,13 @@ import dataclasses
 import torch
 from torch.export import ExportedProgram
 
-from .program_edit import copy_graph_module, quantized_linear_nodes
+from .program_edit import ProgramEdit, quantized_linear_nodes
 
 
 def set_compute_dtype_exported_program(ep: ExportedProgram, dtype: torch.dtype) -> ExportedProgram:
     """A new ``ExportedProgram`` whose quantized linears compute in ``dtype``; ``ep`` is unchanged."""
-    gm = copy_graph_module(ep.graph_module)
-    for q in quantized_linear_nodes(ep, gm.graph):
+    edit = ProgramEdit(ep)
+    for q in quantized_linear_nodes(ep, edit.graph):
         try:
             config = dataclasses.replace(q.call.layout.config, compute_dtype=dtype)  # the config validates it
         except ValueError as err:
@@ -23,5 +23,4 @@ def set_compute_dtype_exported_program(ep: ExportedProgram, dtype: torch.dtype) 
         layout = dataclasses.replace(q.call.layout, config=config)
         q.node.args = layout.linear_call(q.call.x, q.call.tensors, q.call.bias)[1]
         q.node.kwargs = {}
-    gm.recompile()
-    return ep._update(gm, ep.graph_signature)
+    return edit.program()

@@ -14,13 +14,12 @@ import contextlib
 
 import torch
 from torch import fx
-from torch._guards import detect_fake_mode
 from torch.export import ExportedProgram
-from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
+from torch.export.graph_signature import InputKind
 
 from qpass.module_swap import majority_floating_dtype
 
-from .program_edit import QuantizedLinearNode, copy_graph_module, input_tensors, quantized_linear_nodes
+from .program_edit import ProgramEdit, QuantizedLinearNode, input_tensors, quantized_linear_nodes
 
 aten = torch.ops.aten
 
@@ -34,8 +33,8 @@ def dequantize_exported_program(ep: ExportedProgram, dtype: torch.dtype | None =
     bias has another dtype, it is cast to the weight's, and the result back to the input's dtype, as
     the quantized op did.
     """
-    gm = copy_graph_module(ep.graph_module)
-    graph = gm.graph
+    edit = ProgramEdit(ep)
+    graph = edit.graph
     found = quantized_linear_nodes(ep, graph)
     if not found:
         return ep
@@ -43,21 +42,16 @@ def dequantize_exported_program(ep: ExportedProgram, dtype: torch.dtype | None =
     quantized_inputs = {t for q in found for t in (*q.call.tensors.values(), q.call.bias) if t is not None}
     if dtype is None:
         params = ep.graph_signature.inputs_to_parameters
-        dtype = majority_floating_dtype(values[n.name] for n in graph.nodes
-                                        if n.op == "placeholder" and n.name in params and n not in quantized_inputs)
-    fake_mode = detect_fake_mode([n.meta.get("val") for n in graph.nodes if n.op == "placeholder"])
+        dtype = majority_floating_dtype(values[name] for name, node in edit.placeholders.items()
+                                        if name in params and node not in quantized_inputs)
 
     weights: dict[fx.Node, fx.Node] = {}  # packed weight placeholder -> decoded weight placeholder
-    new_params: dict[str, tuple[fx.Node, torch.Tensor]] = {}  # target -> (placeholder, decoded weight)
     for q in found:
         packed = q.call.tensors["weight"]
         if packed not in weights:
             weight = _decoded_weight(q, values, dtype)
-            with graph.inserting_before(next(iter(graph.nodes))):  # ordered with the others below
-                weights[packed] = graph.placeholder(_placeholder_name(q.layer))
-            weights[packed].meta["val"] = fake_mode.from_tensor(weight, static_shapes=True) if fake_mode else weight
-            new_params[f"{q.layer}.weight"] = weights[packed], weight
-        _replace_by_linear(q, weights[packed], graph, fake_mode)
+            weights[packed] = edit.add_input(InputKind.PARAMETER, f"{q.layer}.weight", weight)
+        _replace_by_linear(q, weights[packed], graph, edit.fake_mode)
     for packed in weights:  # its name goes to the decoded weight, so nothing else may read it
         if packed.users:
             layer = next(q.layer for q in found if q.call.tensors["weight"] is packed)
@@ -65,45 +59,13 @@ def dequantize_exported_program(ep: ExportedProgram, dtype: torch.dtype | None =
                              "not a qpass linear op; cannot dequantize this program")
 
     # The quantized tensors no node reads now leave the program, under every name they had (export
-    # lifts a code book shared by many layers once per name, and only one of those is read); the
-    # decoded weights take the packed weights' names.
+    # lifts a code book shared by many layers once per name, and only one of those is read).
     layer_tensors = {f"{q.layer}.{name}" for q in found for name in q.call.layout.tensor_names}
-    placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
-    unread = set()
     for spec in ep.graph_signature.input_specs:
-        node = placeholders.get(getattr(spec.arg, "name", None))
+        node = edit.placeholders.get(getattr(spec.arg, "name", None))
         if node is not None and (node in quantized_inputs or spec.target in layer_tensors) and not node.users:
-            unread.add(node.name)
-    state_dict, constants = dict(ep.state_dict), dict(ep.constants)
-    specs = []
-    for spec in ep.graph_signature.input_specs:
-        if spec.arg.name in unread:
-            state_dict.pop(spec.target, None)
-            constants.pop(spec.target, None)
-            graph.erase_node(placeholders[spec.arg.name])
-        else:
-            specs.append(spec)
-    taken = {n.name for n in graph.nodes}
-    for target, (node, weight) in new_params.items():
-        state_dict[target] = torch.nn.Parameter(weight, requires_grad=False)
-        if _placeholder_name(target.removesuffix(".weight")) not in taken:  # the packed weight's, if it had it
-            node.name = _placeholder_name(target.removesuffix(".weight"))
-
-    # New parameters go after the existing ones, as torch.export orders its inputs.
-    first_other = next((i for i, s in enumerate(specs) if s.kind != InputKind.PARAMETER), len(specs))
-    new_specs = [InputSpec(InputKind.PARAMETER, TensorArgument(node.name), target)
-                 for target, (node, _) in new_params.items()]
-    specs = specs[:first_other] + new_specs + specs[first_other:]
-    placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
-    _order_placeholders(graph, [placeholders[s.arg.name] for s in specs])
-    graph.lint()
-    gm.recompile()
-    signature = ExportGraphSignature(input_specs=specs, output_specs=list(ep.graph_signature.output_specs))
-    return ep._update(gm, signature, state_dict=state_dict, constants=constants)
-
-
-def _placeholder_name(layer: str) -> str:
-    return f"p_{layer.replace('.', '_')}_weight"  # torch.export's name for parameter <layer>.weight
+            edit.remove_input(node)
+    return edit.program()
 
 
 def _decoded_weight(q: QuantizedLinearNode, values: dict[str, torch.Tensor], dtype: torch.dtype | None):
@@ -146,9 +108,3 @@ def _call(graph: fx.Graph, op, args: tuple, kwargs: dict, like: fx.Node, fake_mo
         node.meta["val"] = op(*vals[0], **vals[1])
     return node
 
-
-def _order_placeholders(graph: fx.Graph, ordered: list[fx.Node]) -> None:
-    """Move the placeholders into ``ordered`` order (the signature's), before every other node."""
-    anchor = next(n for n in graph.nodes if n.op != "placeholder")
-    for node in ordered:
-        anchor.prepend(node)

@@ -1,5 +1,5 @@
-"""What the graph passes share: copying a program's graph, reading the tensors its inputs are bound to,
-and the layers its qpass linear ops compute."""
+"""What the graph passes share: an edit of a program's graph and lifted state (``ProgramEdit``), the
+tensors its inputs are bound to, and the layers its qpass linear ops compute."""
 
 from __future__ import annotations
 
@@ -9,14 +9,19 @@ import dataclasses
 import torch
 from torch import fx
 from torch.export import ExportedProgram
-from torch.export.graph_signature import InputKind
+from torch._guards import detect_fake_mode
+from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
 
 from qpass.formats import LinearCall, parse_linear_call
 
 _STATE_KINDS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
+# torch.export's order of a program's inputs, which a new input keeps: after the last one of its kind.
+_INPUT_ORDER = (InputKind.TOKEN, InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR,
+                InputKind.CUSTOM_OBJ, InputKind.USER_INPUT)
+_NAME_PREFIX = {InputKind.PARAMETER: "p", InputKind.BUFFER: "b"}
 
 
-def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A deep copy whose nodes keep their names (the graph signature refers to nodes by name, and
     copying renames a placeholder called e.g. ``input`` to ``input_1``)."""
     copied = copy.deepcopy(gm)
@@ -25,6 +30,77 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
             new.name = old.name
     copied.recompile()
     return copied
+
+
+class ProgramEdit:
+    """A copy of ``ep``'s graph to rewrite, with the parameters and buffers the rewrite adds and removes;
+    ``program()`` gives the new ``ExportedProgram`` (``ep`` is left unchanged).
+
+    Added inputs are persistent state, named as torch.export names them (placeholder ``p_<target>`` or
+    ``b_<target>``, dots as underscores, lower case) and placed after the last input of their kind, so
+    the program keeps torch.export's input order: parameters, buffers, constants, user inputs. A removed
+    input leaves the signature, the graph and the state dict; its target may then be taken by an added
+    one (a packed weight takes the name of the weight it replaces, and back)."""
+
+    def __init__(self, ep: ExportedProgram):
+        self.ep = ep
+        self.graph_module = _copy_graph_module(ep.graph_module)
+        self.graph = self.graph_module.graph
+        self.placeholders = {n.name: n for n in self.graph.nodes if n.op == "placeholder"}
+        self.fake_mode = detect_fake_mode([n.meta.get("val") for n in self.placeholders.values()])
+        self._added: list[tuple[InputKind, str, fx.Node, torch.Tensor]] = []
+        self._removed: set[str] = set()
+
+    def add_input(self, kind: InputKind, target: str, value: torch.Tensor) -> fx.Node:
+        """A placeholder for a new parameter or persistent buffer ``target`` bound to ``value``."""
+        if kind not in _NAME_PREFIX:
+            raise ValueError(f"a pass adds parameters and buffers, not {kind}")
+        with self.graph.inserting_before(next(iter(self.graph.nodes))):  # ordered in program()
+            node = self.graph.placeholder(_export_name(kind, target))
+        node.meta["val"] = self.fake_mode.from_tensor(value, static_shapes=True) if self.fake_mode else value
+        self._added.append((kind, target, node, value))
+        return node
+
+    def remove_input(self, node: fx.Node) -> None:
+        """Drop the input ``node`` (which nothing may read by then) from the program."""
+        self._removed.add(node.name)
+
+    def program(self) -> ExportedProgram:
+        graph, signature = self.graph, self.ep.graph_signature
+        state_dict, constants = dict(self.ep.state_dict), dict(self.ep.constants)
+        specs = []
+        for spec in signature.input_specs:
+            if getattr(spec.arg, "name", None) in self._removed:
+                state_dict.pop(spec.target, None)
+                constants.pop(spec.target, None)
+                graph.erase_node(self.placeholders[spec.arg.name])
+            else:
+                specs.append(spec)
+        taken = {n.name for n in graph.nodes}
+        for kind, target, node, value in self._added:
+            if node.name != _export_name(kind, target) and _export_name(kind, target) not in taken:
+                node.name = _export_name(kind, target)  # it was a removed input's name when node was made
+            is_parameter = kind == InputKind.PARAMETER
+            state_dict[target] = torch.nn.Parameter(value, requires_grad=False) if is_parameter else value
+            rank = _INPUT_ORDER.index(kind)
+            at = next((i for i in reversed(range(len(specs))) if _INPUT_ORDER.index(specs[i].kind) <= rank), -1) + 1
+            specs.insert(at, InputSpec(kind, TensorArgument(node.name), target,
+                                       persistent=True if kind == InputKind.BUFFER else None))
+        placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
+        anchor = next(n for n in graph.nodes if n.op != "placeholder")
+        for spec in specs:  # placeholders in the signature's order, before every other node
+            anchor.prepend(placeholders[spec.arg.name])
+        # No eliminate_dead_code: it would also drop nodes whose effect is not their output, which FX
+        # cannot tell from pure ones (transformers 4.57's masks call vmap, whose nesting level calls have
+        # no users; without them the program fails at run time). Each pass erases what it leaves unused.
+        graph.lint()
+        self.graph_module.recompile()
+        new_signature = ExportGraphSignature(input_specs=specs, output_specs=list(signature.output_specs))
+        return self.ep._update(self.graph_module, new_signature, state_dict=state_dict, constants=constants)
+
+
+def _export_name(kind: InputKind, target: str) -> str:
+    return f"{_NAME_PREFIX[kind]}_{target.replace('.', '_')}".lower()  # as FX and torch.export name it
 
 
 def input_tensors(ep: ExportedProgram) -> dict[str, torch.Tensor]:

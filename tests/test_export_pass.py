@@ -390,3 +390,33 @@ def test_an_exported_quantized_module_dequantizes_as_the_module_does(spec):
     assert set(ep_d.graph_signature.parameters) == set(module_d.state_dict())
     with torch.no_grad():
         assert torch.equal(ep_d.module()(ids), module_d(ids))
+
+
+def test_the_passes_keep_torch_exports_input_order_and_names():
+    """Inputs stay in torch.export's order (parameters, buffers, constants, user inputs), the graph's
+    placeholders in the signature's order, and a state input is named as export names it."""
+    from torch.export.graph_signature import InputKind
+
+    order = [InputKind.TOKEN, InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR,
+             InputKind.CUSTOM_OBJ, InputKind.USER_INPUT]
+    prefix = {InputKind.PARAMETER: "p_", InputKind.BUFFER: "b_"}
+    ids = torch.randint(0, 128, (2, 7))
+    ep = torch.export.export(CausalLMLogits(tiny_llama()), (ids,))
+    ep_q = qpass.quantize(ep, qpass.QPassConfig("nf4", overrides={"*.self_attn.*": "int8"}))
+    exported_module = torch.export.export(qpass.quantize(CausalLMLogits(tiny_llama()), "nf4"), (ids,))
+    programs = {"quantized": ep_q, "dequantized": qpass.dequantize(ep_q),
+                "float32 compute": qpass.set_compute_dtype(ep_q, torch.float32),
+                "dequantized module export": qpass.dequantize(exported_module)}
+    for what, program in programs.items():
+        specs = program.graph_signature.input_specs
+        kinds = [s.kind for s in specs]
+        assert kinds == sorted(kinds, key=order.index), what
+        assert InputKind.BUFFER in kinds and InputKind.USER_INPUT in kinds, what
+        placeholders = [n.name for n in program.graph.nodes if n.op == "placeholder"]
+        assert placeholders == [s.arg.name for s in specs], what
+        for spec in specs:
+            if spec.kind in prefix:
+                assert spec.arg.name == (prefix[spec.kind] + spec.target.replace(".", "_")).lower(), (what, spec)
+    assert list(programs["dequantized"].graph_signature.parameters) == [  # the round trip's parameters
+        *[p for p in ep.graph_signature.parameters if not p.endswith("_proj.weight")],
+        *[p for p in ep.graph_signature.parameters if p.endswith("_proj.weight")]]
