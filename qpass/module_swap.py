@@ -43,18 +43,35 @@ def as_out_in(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
     return weight.t() if conv1d else weight
 
 
+# torch modules that read a child linear layer's weight themselves rather than calling the layer:
+# nn.MultiheadAttention hands out_proj.weight to F.multi_head_attention_forward (and its fused fast
+# path); nn.TransformerEncoderLayer (and nn.TransformerEncoder, through its first layer) hands linear1's
+# and linear2's to one fused kernel in inference. A packed weight there would fail, so these layers stay
+# in full precision; the graph front-end sees their aten.linear calls and quantizes them.
+_WEIGHTS_READ_BY_OWNER = {nn.MultiheadAttention: ("out_proj",), nn.TransformerEncoderLayer: ("linear1", "linear2")}
+
+
+def _layers_read_by_owner(model: nn.Module) -> set[int]:
+    return {id(getattr(owner, name)) for owner in model.modules()
+            for owner_type, names in _WEIGHTS_READ_BY_OWNER.items() if isinstance(owner, owner_type)
+            for name in names}
+
+
 def linear_layers(model: nn.Module) -> list[tuple[str, nn.Module, torch.Tensor]]:
     """``(name, layer, [out, in] weight)`` of every linear layer a plan may quantize, in module order:
-    all but those whose weight is an input embedding's, and a transformers model's output layer while
-    its config ties it to the input embedding (a model just built, before ``tie_weights()``)."""
+    all but those whose weight is an input embedding's, a transformers model's output layer while
+    its config ties it to the input embedding (a model just built, before ``tie_weights()``), and the
+    layers whose torch owner reads their weight itself (``nn.MultiheadAttention.out_proj``,
+    ``nn.TransformerEncoderLayer.linear1``/``linear2``: ``_WEIGHTS_READ_BY_OWNER``)."""
     tied = embedding_weight_ids(model)
     config = getattr(model, "config", None)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     tie = getattr(text_config, "tie_word_embeddings", False) and hasattr(model, "get_output_embeddings")
     tied_output = model.get_output_embeddings() if tie else None
+    read_by_owner = _layers_read_by_owner(model)
     return [(name, module, weight) for name, module in model.named_modules()
             if (weight := linear_weight(module)) is not None and id(module.weight) not in tied
-            and module is not tied_output]
+            and module is not tied_output and id(module) not in read_by_owner]
 
 
 def selected_linears(model: nn.Module, plan: QPassConfig, resolve: bool = True

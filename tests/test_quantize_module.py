@@ -11,7 +11,7 @@ from torch import nn
 import qpass
 from qpass import QuantizedLinear
 
-from models import same_bytes, tiny_gpt2, tiny_llama
+from models import relative_error, same_bytes, tiny_gpt2, tiny_llama
 
 
 def _quantized(model):
@@ -48,6 +48,41 @@ def test_tied_output_embedding_is_left_alone():
     qpass.quantize(model, "nf4", skip_modules=[])
     assert isinstance(model.lm_head, nn.Linear)
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("spec", ["nf4", "int8"])
+def test_layers_whose_torch_owner_reads_their_weight_are_left_alone(spec):
+    """nn.MultiheadAttention hands out_proj.weight to F.multi_head_attention_forward, and
+    nn.TransformerEncoderLayer hands linear1's and linear2's to a fused kernel in inference, instead of
+    calling the layers: those stay nn.Linear, so the model runs in training and in inference (fused, or
+    with a padding mask through nn.TransformerEncoder's nested tensors); the decoder layer's feed-forward
+    layers, which it calls, are quantized. The graph front-end quantizes them all."""
+    torch.manual_seed(0)
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(64, 4, 128, batch_first=True), 2)
+    decoder = nn.TransformerDecoderLayer(64, 4, 128, batch_first=True)
+    x, memory = torch.randn(2, 5, 64), torch.randn(2, 3, 64)
+    padding = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    model = nn.ModuleDict({"encoder": encoder, "decoder": decoder}).eval()
+    with torch.no_grad():
+        expected = [encoder(x), encoder(x, src_key_padding_mask=padding), decoder(x, memory)]
+    program = torch.export.export(encoder, (x,))
+
+    qpass.quantize(model, spec, skip_modules=[])
+    quantized = {name for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    assert quantized == {"decoder.linear1", "decoder.linear2"}
+    with torch.no_grad():  # the fused inference paths
+        assert torch.equal(encoder(x), expected[0])
+        out = encoder(x, src_key_padding_mask=padding)
+        assert torch.equal(out[~padding], expected[1][~padding])
+        assert relative_error(decoder(x, memory), expected[2]) < 0.15
+    model.train()
+    encoder(x).sum().backward()  # the modules' own paths
+    assert encoder.layers[0].linear1.weight.grad is not None
+
+    program_q = qpass.quantize(program, spec, skip_modules=[])
+    assert {"layers.0.self_attn.out_proj.absmax" if spec == "nf4" else "layers.0.self_attn.out_proj.SCB",
+            f"layers.1.linear2.{'absmax' if spec == 'nf4' else 'SCB'}"} <= set(program_q.state_dict)
+    assert relative_error(program_q.module()(x), expected[0]) < 0.15
 
 
 def test_quantizing_twice_changes_nothing():
