@@ -170,6 +170,26 @@ def test_conv1d_models_through_transformers(tmp_path):
         assert torch.equal(model(ids).logits, qpass.quantize(tiny_gpt2(), "fp4")(ids).logits)
 
 
+def test_siglips_attention_pooling_head_loads_and_runs(tmp_path):
+    """SigLIP's pooling head is an nn.MultiheadAttention, which reads out_proj.weight itself
+    (bitsandbytes quantizes it and the forward fails: bitsandbytes#963); qpass leaves it in full
+    precision, as the module front-end does, and quantizes the rest."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    config = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    SiglipVisionModel(config).save_pretrained(tmp_path / "siglip")
+    model = SiglipVisionModel.from_pretrained(tmp_path / "siglip", quantization_config=qpass.QPassConfig("nf4"),
+                                              device_map="cpu", dtype=torch.float32)
+    assert type(model.head.attention.out_proj) is torch.nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert isinstance(model.head.mlp.fc1, qpass.QuantizedLinear)
+    pixels = torch.randn(2, 3, 32, 32)
+    expected = qpass.quantize(SiglipVisionModel.from_pretrained(tmp_path / "siglip", dtype=torch.float32), "nf4")
+    with torch.no_grad():
+        assert torch.equal(model(pixels).pooler_output, expected(pixels).pooler_output)
+
+
 def test_tied_output_layer_is_left_alone(tmp_path):
     tiny_llama(tie_word_embeddings=True).save_pretrained(tmp_path / "tied")
     plan = qpass.QPassConfig("nf4", skip_modules=[])
