@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from .codebooks import DOUBLE_QUANT_BLOCKSIZE
-from .triton_common import (INTERPRETED, chosen_config, dot, gemm_split, ieee_dot, m_bucket, mul_rn,
+from .triton_common import (INTERPRETED, autotuning, chosen_config, dot, gemm_split, ieee_dot, m_bucket, mul_rn,
                             prune_gemm_configs, split_evenly, sum_partials)
 
 # The GEMV repeats its lookups for each row of x (M x 4.2-5.8 instructions per weight), while the GEMM
@@ -509,16 +509,17 @@ def linear_4bit_triton(
     config: triton.Config | None = None, splits: int | None = None,
 ) -> torch.Tensor:
     """The 4-bit linear of a 2-D ``x``, in ``compute_dtype``. ``launch`` wraps each kernel before its
-    launch (``torch.library.wrap_triton`` inside a ``triton_op``). ``autotune=False`` runs each kernel's
-    first config; ``config`` runs that one (of the GEMV's or GEMM's kind, whichever M picks) and
-    ``splits`` sets the number of K splits instead of the heuristic: both for benchmarks and tests."""
+    launch (``torch.library.wrap_triton`` inside a ``triton_op``). ``autotune=False`` (or the
+    interpreter) runs each kernel's first config; ``config`` runs that one (of the GEMV's or GEMM's
+    kind, whichever M picks) and ``splits`` sets the number of K splits instead of the heuristic: both
+    for benchmarks and tests."""
     x = x.to(compute_dtype).contiguous()
     M, K, N = x.shape[0], in_features, out_features
     packed, quant_map, dq = _kernel_operands(packed, quant_map, absmax, nested_absmax, nested_code, offset)
     double_quant = nested_absmax is not None
     statics = dict(BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=DOUBLE_QUANT_BLOCKSIZE, DOUBLE_QUANT=double_quant,
                    ROW_ALIGNED=K % blocksize == 0)
-    tuned = autotune and config is None
+    tuned = autotuning(autotune, config)
     if M >= DEQUANT_MATMUL_MIN_M:
         weight = dequantize_4bit_triton(packed, quant_map, absmax, nested_absmax, nested_code, offset, N, K,
                                         blocksize, compute_dtype, launch)

@@ -44,6 +44,13 @@ def ieee_dot(compute_dtype: torch.dtype) -> bool:
     return compute_dtype == torch.float32 or INTERPRETED.value
 
 
+def autotuning(autotune: bool, config: triton.Config | None) -> bool:
+    """Whether a launcher runs its autotuned kernel: asked for, no config given, and on a GPU. The
+    interpreter (TRITON_INTERPRET=1) runs the first config: timing NumPy says nothing of a GPU, and
+    Triton 3.9's autotuner finds no benchmarker without a GPU driver ("0 active drivers")."""
+    return autotune and config is None and not INTERPRETED.value
+
+
 def chosen_config(configs: list[triton.Config], config: triton.Config | None, kernel: str) -> triton.Config:
     """``config`` if it is one of the kernel's kind (same parameters), else the first of ``configs``:
     what an untuned launch runs (benchmarks sweep configs through it)."""

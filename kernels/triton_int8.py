@@ -30,7 +30,8 @@ import triton
 import triton.language as tl
 
 from .reference_int8 import INT8_DEQUANT, INT8_SCALE_PRODUCT
-from .triton_common import chosen_config, dot, gemm_split, ieee_dot, m_bucket, mul_rn, prune_gemm_configs, sum_partials
+from .triton_common import (autotuning, chosen_config, dot, gemm_split, ieee_dot, m_bucket, mul_rn, prune_gemm_configs,
+                            sum_partials)
 
 # From this many rows of x on, cuBLAS multiplies the int8 matrices (torch._int_mm) and the GEMM kernel
 # runs as the epilogue over its int32 result, which costs one more pass over an int32 [M, N]. Below,
@@ -239,8 +240,9 @@ def linear_int8_triton(
     compute_dtype: torch.dtype, launch=lambda kernel: kernel, autotune: bool = True,
     config: triton.Config | None = None, splits: int | None = None,
 ) -> torch.Tensor:
-    """LLM.int8() linear of a 2-D ``x``, in ``compute_dtype``. ``autotune=False`` runs the GEMM's first
-    config, ``config`` that one (the fused GEMM at any M, also where cuBLAS would multiply); ``splits``
+    """LLM.int8() linear of a 2-D ``x``, in ``compute_dtype``. ``autotune=False`` (or the interpreter)
+    runs the GEMM's first config, ``config`` that one (the fused GEMM at any M, also where cuBLAS would
+    multiply); ``splits``
     sets the number of K splits instead of the heuristic (both for benchmarks and tests)."""
     x = x.to(compute_dtype).contiguous()
     M, K = x.shape
@@ -265,7 +267,7 @@ def linear_int8_triton(
     args = (ca, cb, ca, sca, scb, x, columns, count, bias if bias is not None else out, out,
             M, N, K, x.stride(0), N, m_bucket(M), k_per_split)
     statics.update(HAS_BIAS=bias is not None and split == 1, PRODUCT_GIVEN=False)
-    if autotune and config is None:
+    if autotuning(autotune, config):
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), split)  # noqa: E731
         launch(_int8_gemm_tuned)[grid](*args, **statics)
     else:
