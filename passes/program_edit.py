@@ -66,6 +66,7 @@ class ProgramEdit:
         self._removed.add(node.name)
 
     def program(self) -> ExportedProgram:
+        """The edited program: the new inputs in place, the removed ones gone, the graph checked."""
         graph, signature = self.graph, self.ep.graph_signature
         state_dict, constants = dict(self.ep.state_dict), dict(self.ep.constants)
         specs = []

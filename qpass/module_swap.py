@@ -52,7 +52,7 @@ _WEIGHTS_READ_BY_OWNER = {nn.MultiheadAttention: ("out_proj",), nn.TransformerEn
 
 
 def _layers_read_by_owner(model: nn.Module) -> set[int]:
-    return {id(getattr(owner, name)) for owner in model.modules()
+    return {id(getattr(owner, name, None)) for owner in model.modules()
             for owner_type, names in _WEIGHTS_READ_BY_OWNER.items() if isinstance(owner, owner_type)
             for name in names}
 
