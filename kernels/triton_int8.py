@@ -242,8 +242,8 @@ def linear_int8_triton(
 ) -> torch.Tensor:
     """LLM.int8() linear of a 2-D ``x``, in ``compute_dtype``. ``autotune=False`` (or the interpreter)
     runs the GEMM's first config, ``config`` that one (the fused GEMM at any M, also where cuBLAS would
-    multiply); ``splits``
-    sets the number of K splits instead of the heuristic (both for benchmarks and tests)."""
+    multiply); ``splits`` sets the number of K splits instead of the heuristic (both for benchmarks and
+    tests)."""
     x = x.to(compute_dtype).contiguous()
     M, K = x.shape
     N = cb.shape[0]

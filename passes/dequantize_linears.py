@@ -107,4 +107,3 @@ def _call(graph: fx.Graph, op, args: tuple, kwargs: dict, like: fx.Node, fake_mo
     with fake_mode if fake_mode is not None else contextlib.nullcontext():
         node.meta["val"] = op(*vals[0], **vals[1])
     return node
-

@@ -8,8 +8,8 @@ import dataclasses
 
 import torch
 from torch import fx
-from torch.export import ExportedProgram
 from torch._guards import detect_fake_mode
+from torch.export import ExportedProgram
 from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, TensorArgument
 
 from qpass.formats import LinearCall, parse_linear_call
