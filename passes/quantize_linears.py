@@ -19,7 +19,7 @@ from qpass.config import QPassConfig
 from qpass.formats import quantize_layer
 
 from .linear_patterns import find_linear_weights
-from .program_edit import ProgramEdit
+from .program_edit import ProgramEdit, quantized_linear_nodes
 
 
 @dataclasses.dataclass
@@ -40,7 +40,12 @@ def quantize_exported_program(ep: ExportedProgram, plan: QPassConfig) -> tuple[E
     edit = ProgramEdit(ep)
     parameter_names = dict(ep.graph_signature.inputs_to_parameters)
     report = QuantizedLinearReport()
-    for weight_node, matches in find_linear_weights(edit.graph, parameter_names).items():
+    linear_weights = find_linear_weights(edit.graph, parameter_names)
+    if plan.overrides:
+        layers = {_module_name(parameter_names[node.name]): None for node in linear_weights}
+        layers.update((q.layer, None) for q in quantized_linear_nodes(ep, edit.graph))  # quantized before
+        plan.warn_unmatched_overrides(layers, "this exported program")
+    for weight_node, matches in linear_weights.items():
         fqn = parameter_names[weight_node.name]
         module = _module_name(fqn)
         config = plan.config_for(module)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import ClassVar, Union
 
@@ -266,6 +267,28 @@ class QPassConfig:
             if _matches(module_name, pattern):
                 return config
         return self.default
+
+    def warn_unmatched_overrides(self, layers: Mapping[str, str | None], model_name: str) -> None:
+        """Warn of each override that names no layer qpass quantizes in ``model_name``, most likely a typo
+        that would leave its layers in the default format unnoticed. ``layers``: every linear layer of the
+        model by name, with None for one a plan may quantize (or already quantized), else why it stays in
+        full precision whatever the plan says. An override matching only layers that ``skip_modules``
+        leaves out is not warned of: the skip list wins by design."""
+        for pattern in self.overrides:
+            matched = [name for name in layers if _matches(name, pattern)]
+            if any(layers[name] is None for name in matched):
+                continue
+            if matched:
+                why = "; ".join(f"{name!r}: {layers[name]}" for name in matched[:3])
+                more = f" (and {len(matched) - 3} more)" if len(matched) > 3 else ""
+                message = (f"qpass: the override {pattern!r} has no effect on {model_name}: the layers it matches "
+                           f"stay in full precision whatever the plan says ({why}{more})")
+            else:
+                example = next((name for name, reason in layers.items() if reason is None), None)
+                hint = f", such as {example!r}" if example else ""
+                message = (f"qpass: the override {pattern!r} matches no linear layer of {model_name}; overrides "
+                           f"name layers by their full module name{hint}, or by a glob of it")
+            warnings.warn(message, UserWarning, stacklevel=2)
 
 
 def config_to_dict(config: QuantConfig | None) -> dict | None:

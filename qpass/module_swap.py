@@ -51,10 +51,20 @@ def as_out_in(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
 _WEIGHTS_READ_BY_OWNER = {nn.MultiheadAttention: ("out_proj",), nn.TransformerEncoderLayer: ("linear1", "linear2")}
 
 
-def _layers_read_by_owner(model: nn.Module) -> set[int]:
-    return {id(getattr(owner, name, None)) for owner in model.modules()
-            for owner_type, names in _WEIGHTS_READ_BY_OWNER.items() if isinstance(owner, owner_type)
-            for name in names}
+def _layers_left_out(model: nn.Module) -> dict[int, str]:
+    """``{id(layer): why}`` for the linear layers of ``model`` no plan may quantize (see ``linear_layers``)."""
+    read_by_owner = "{} reads its weight itself (quantizing the exported program quantizes it)"
+    left_out = {id(getattr(owner, name, None)): read_by_owner.format(type(owner).__name__)
+                for owner in model.modules() for owner_type, names in _WEIGHTS_READ_BY_OWNER.items()
+                if isinstance(owner, owner_type) for name in names}
+    tied = embedding_weight_ids(model)
+    left_out.update((id(module), "its weight is an input embedding's") for module in model.modules()
+                    if linear_weight(module) is not None and id(module.weight) in tied)
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text_config, "tie_word_embeddings", False) and hasattr(model, "get_output_embeddings"):
+        left_out[id(model.get_output_embeddings())] = "the config ties this output layer to the input embedding"
+    return left_out
 
 
 def linear_layers(model: nn.Module) -> list[tuple[str, nn.Module, torch.Tensor]]:
@@ -63,25 +73,33 @@ def linear_layers(model: nn.Module) -> list[tuple[str, nn.Module, torch.Tensor]]
     its config ties it to the input embedding (a model just built, before ``tie_weights()``), and the
     layers whose torch owner reads their weight itself (``nn.MultiheadAttention.out_proj``,
     ``nn.TransformerEncoderLayer.linear1``/``linear2``: ``_WEIGHTS_READ_BY_OWNER``)."""
-    tied = embedding_weight_ids(model)
-    config = getattr(model, "config", None)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    tie = getattr(text_config, "tie_word_embeddings", False) and hasattr(model, "get_output_embeddings")
-    tied_output = model.get_output_embeddings() if tie else None
-    read_by_owner = _layers_read_by_owner(model)
+    left_out = _layers_left_out(model)
     return [(name, module, weight) for name, module in model.named_modules()
-            if (weight := linear_weight(module)) is not None and id(module.weight) not in tied
-            and module is not tied_output and id(module) not in read_by_owner]
+            if (weight := linear_weight(module)) is not None and id(module) not in left_out]
+
+
+def warn_unmatched_overrides(model: nn.Module, plan: QPassConfig) -> None:
+    """``QPassConfig.warn_unmatched_overrides`` for ``model``: its linear layers, those already quantized
+    among them, and why ``linear_layers`` leaves the others out."""
+    if not plan.overrides:
+        return
+    left_out = _layers_left_out(model)
+    layers = {name: None if isinstance(module, QuantizedLinear) else left_out.get(id(module))
+              for name, module in model.named_modules()
+              if isinstance(module, QuantizedLinear) or linear_weight(module) is not None}
+    plan.warn_unmatched_overrides(layers, type(model).__name__)
 
 
 def selected_linears(model: nn.Module, plan: QPassConfig, resolve: bool = True
                      ) -> list[tuple[str, nn.Module, torch.Tensor, QuantConfig]]:
     """``(name, layer, [out, in] weight, format config)`` of each linear layer ``plan`` quantizes in
     ``model`` (``linear_layers``), with the plan's skip list resolved for the model
-    (``QPassConfig.for_model``) unless ``resolve`` is False: a checkpoint's ``quantization_config``
-    lists the layers it holds quantized, and is read as it is."""
+    (``QPassConfig.for_model``) and its overrides checked (``warn_unmatched_overrides``) unless
+    ``resolve`` is False: a checkpoint's ``quantization_config`` lists the layers it holds quantized,
+    and is read as it is."""
     if resolve:
         plan = plan.for_model(model)
+        warn_unmatched_overrides(model, plan)
     return [(name, module, weight, config) for name, module, weight in linear_layers(model)
             if (config := plan.config_for(name)) is not None]
 

@@ -156,8 +156,11 @@ def test_a_checkpoint_of_another_class_is_refused_with_what_to_do(fp_checkpoint)
 
 
 def test_quantize_while_loading_equals_quantizing_after(fp_checkpoint):
-    loaded = qpass.from_pretrained(fp_checkpoint, "nf4", overrides={"*.self_attn.*": "int8"})
-    after = qpass.quantize(tiny_llama(), "nf4", overrides={"*.self_attn.*": "int8"})
+    overrides = {"*.self_attn.*": "int8", "*.self_atn.*": "fp4"}  # the second, mistyped, is warned of
+    with pytest.warns(UserWarning, match=r"override '\*\.self_atn\.\*' matches no linear layer of LlamaForCausalLM"):
+        loaded = qpass.from_pretrained(fp_checkpoint, "nf4", overrides=overrides)
+    with pytest.warns(UserWarning, match="self_atn"):
+        after = qpass.quantize(tiny_llama(), "nf4", overrides=overrides)
     assert torch.equal(_logits(loaded), _logits(after))
 
 

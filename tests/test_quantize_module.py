@@ -2,6 +2,7 @@
 
 import gc
 import json
+import warnings
 import weakref
 
 import pytest
@@ -40,6 +41,35 @@ def test_overrides_by_glob_and_name_and_skip():
     assert "model.layers.1.mlp.down_proj" not in names
     # as in transformers, an explicit skip list replaces the default ["lm_head"]
     assert names["lm_head"] == "nf4"
+
+
+
+def test_an_override_that_quantizes_nothing_is_warned_of():
+    """A mistyped override would leave its layers in the default format unnoticed: each front-end warns,
+    naming the pattern and a real layer name, or, where the pattern matches only layers qpass cannot
+    quantize, why. Overrides that match, or match only skipped or already quantized layers, are silent."""
+    typo = {"*.self_atn.*": "int8", "*.mlp.*": "int8", "model.layers.0.self_attn.q_proj": None}
+    warning = r"override '\*\.self_atn\.\*' matches no linear layer of LlamaForCausalLM; .* such as 'model\.layers\.0\."
+    with pytest.warns(UserWarning, match=warning) as caught:
+        model = qpass.quantize(tiny_llama(), "nf4", overrides=typo)
+    assert sum("override" in str(w.message) for w in caught) == 1
+    assert _quantized(model)["model.layers.1.mlp.up_proj"] == "int8"
+    with pytest.warns(UserWarning, match="matches no linear layer of this exported program") as caught:
+        program = torch.export.export(tiny_llama(), (), {"input_ids": torch.tensor([[1, 2]]), "use_cache": False})
+        qpass.quantize(program, "nf4", overrides=typo)
+    assert sum("override" in str(w.message) for w in caught) == 1
+    with pytest.warns(UserWarning, match="matches no linear layer of LlamaForCausalLM"):
+        qpass.estimate(tiny_llama().config, "nf4", overrides=typo)
+
+    mha = nn.TransformerEncoderLayer(64, 4, 128, batch_first=True)
+    with pytest.warns(UserWarning, match=r"'\*\.out_proj' has no effect on TransformerEncoderLayer: .*"
+                                         r"'self_attn\.out_proj': MultiheadAttention reads its weight itself"):
+        qpass.quantize(mha, "nf4", overrides={"*.out_proj": "int8"})
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        qpass.quantize(model, "nf4", overrides={"*.mlp.*": "fp4"})  # quantized already
+        qpass.quantize(tiny_llama(), "nf4", overrides={"lm_head": "int8"})  # skipped by default
 
 
 def test_tied_output_embedding_is_left_alone():

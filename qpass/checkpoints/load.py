@@ -16,7 +16,7 @@ from torch import nn
 from ..config import QPASS_QUANT_METHOD, ConfigLike, QPassConfig, as_plan, format_from_bitsandbytes
 from ..data_parallel import ignore_quantized_tensors_in_ddp
 from ..formats import quantize_layer
-from ..module_swap import as_out_in, linear_layers, linear_weight, set_submodule
+from ..module_swap import as_out_in, linear_layers, linear_weight, set_submodule, warn_unmatched_overrides
 from ..modules import QuantizedLinear
 from .bnb_layout import check_layer_shape, is_quantized_layer, layer_from_bnb, listed_layer_from_bnb
 from .errors import CheckpointError
@@ -90,7 +90,9 @@ def from_pretrained(
                disable=not progress)
     consumed: set[str] = set()
     # linear_layers leaves out an output layer tied to the input embedding (tie_weights() runs after loading)
-    plan = plan.for_model(model) if plan is not None else None
+    if plan is not None:
+        plan = plan.for_model(model)
+        warn_unmatched_overrides(model, plan)
     for name, module, _ in linear_layers(model):
         suffixes = {k[len(name) + 1 :] for k in reader.keys() if k.startswith(name + ".")}
         if stored and (is_quantized_layer(suffixes) or (listed is not None and listed.config_for(name) is not None)):
