@@ -4,7 +4,8 @@ becomes ``aten.linear`` with its weight decoded into a parameter.
 For each packed weight, the pass decodes the layer's quantized tensors with the same
 ``Layout.dequantize`` the module front-end uses (``QuantizedLinear.dequantize``), binds the result to a
 new frozen parameter under the packed weight's name (``<module>.weight``, ``[out_features,
-in_features]``, also for a layer that was a transformers ``Conv1D``), replaces every call by
+in_features]``, also for a layer that was a transformers ``Conv1D``; a bare parameter gets its own name
+back, as ``nn.MultiheadAttention``'s ``in_proj_weight``), replaces every call by
 ``aten.linear(x, weight, bias)``, and drops the quantized tensors no other node reads.
 """
 
@@ -20,6 +21,7 @@ from torch.export.graph_signature import InputKind
 from qpass.module_swap import majority_floating_dtype
 
 from .program_edit import ProgramEdit, QuantizedLinearNode, input_tensors, quantized_linear_nodes
+from .quantize_linears import PARAMETER_NAME_KEY
 
 aten = torch.ops.aten
 
@@ -33,11 +35,11 @@ def dequantize_exported_program(ep: ExportedProgram, dtype: torch.dtype | None =
     bias has another dtype, it is cast to the weight's, and the result back to the input's dtype, as
     the quantized op did.
     """
+    if not quantized_linear_nodes(ep, ep.graph):
+        return ep
     edit = ProgramEdit(ep)
     graph = edit.graph
     found = quantized_linear_nodes(ep, graph)
-    if not found:
-        return ep
     values = input_tensors(ep)
     quantized_inputs = {t for q in found for t in (*q.call.tensors.values(), q.call.bias) if t is not None}
     if dtype is None:
@@ -50,7 +52,8 @@ def dequantize_exported_program(ep: ExportedProgram, dtype: torch.dtype | None =
         packed = q.call.tensors["weight"]
         if packed not in weights:
             weight = _decoded_weight(q, values, dtype)
-            weights[packed] = edit.add_input(InputKind.PARAMETER, f"{q.layer}.weight", weight)
+            name = q.node.meta.get("custom", {}).get(PARAMETER_NAME_KEY, f"{q.layer}.weight")
+            weights[packed] = edit.add_input(InputKind.PARAMETER, name, weight)
         _replace_by_linear(q, weights[packed], graph, edit.fake_mode)
     for packed in weights:  # its name goes to the decoded weight, so nothing else may read it
         if packed.users:
@@ -100,9 +103,13 @@ def _cast(graph: fx.Graph, value: fx.Node, dtype: torch.dtype, like: fx.Node, fa
 
 
 def _call(graph: fx.Graph, op, args: tuple, kwargs: dict, like: fx.Node, fake_mode) -> fx.Node:
-    """A node calling ``op``, with ``like``'s metadata (module stack, source) and its own value."""
+    """A node calling ``op``, with ``like``'s metadata (module stack, source; not the parameter name
+    the quantizing pass kept) and its own value."""
     node = graph.call_function(op, args, kwargs)
     node.meta = {k: v for k, v in like.meta.items() if k != "val"}
+    custom = {k: v for k, v in node.meta.pop("custom", {}).items() if k != PARAMETER_NAME_KEY}
+    if custom:
+        node.meta["custom"] = custom
     vals = fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])
     with fake_mode if fake_mode is not None else contextlib.nullcontext():
         node.meta["val"] = op(*vals[0], **vals[1])

@@ -3,7 +3,8 @@
 For every parameter that ``find_linear_weights`` reports and the plan selects, the pass quantizes the
 parameter with the same ``quantize_weight`` the module front-end uses, lifts the quantized tensors
 into the program as persistent buffers named ``<module>.<tensor>`` (``<module>.weight``,
-``<module>.absmax``, ... exactly the ``state_dict`` keys of ``QuantizedLinear``), replaces each use by
+``<module>.absmax``, ... exactly the ``state_dict`` keys of ``QuantizedLinear``; for a bare parameter
+``<name>`` not ending in ``.weight``, the layer is ``<name>``), replaces each use by
 the format's linear op, and drops the original parameter from the state dict and the signature.
 """
 
@@ -27,6 +28,12 @@ class QuantizedLinearReport:
     """What the pass changed: module name -> format name, for each quantized weight."""
 
     quantized: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+# Where the weight was a bare parameter (``nn.MultiheadAttention``'s ``in_proj_weight``: layer
+# ``self_attn.in_proj_weight``, tensors ``self_attn.in_proj_weight.weight``, ...), its name is kept in the
+# op node's ``meta["custom"]``, which torch.export saves and loads and ``run_decompositions`` keeps.
+PARAMETER_NAME_KEY = "qpass_parameter"
 
 
 def _module_name(parameter_fqn: str) -> str:
@@ -64,6 +71,8 @@ def quantize_exported_program(ep: ExportedProgram, plan: QPassConfig) -> tuple[E
                 op, args = layout.linear_call(match.x, tensor_nodes, match.bias)
                 quantized = edit.graph.call_function(op, args)
             quantized.meta = copy.copy(match.node.meta)
+            if fqn != f"{module}.weight":  # a bare parameter: dequantize_linears gives its name back
+                quantized.meta["custom"] = {**quantized.meta.get("custom", {}), PARAMETER_NAME_KEY: fqn}
             match.node.replace_all_uses_with(quantized)
             name = match.node.name
             edit.graph.erase_node(match.node)

@@ -1,5 +1,6 @@
 """The torch.export front-end: the graph pass, its equivalence with the module front-end, save/load."""
 
+import copy
 import subprocess
 import sys
 
@@ -298,6 +299,31 @@ def test_dequantizing_an_exported_program_matches_the_module_front_end(spec):
     assert isinstance(weight, nn.Parameter) and not weight.requires_grad and weight.dtype == torch.float32
     with torch.no_grad():
         assert torch.equal(ep_d.module()(ids), module_d(ids))
+
+
+
+def test_a_bare_parameter_gets_its_name_back_after_dequantizing(tmp_path):
+    """nn.MultiheadAttention multiplies by in_proj_weight, a bare parameter: the pass quantizes it as the
+    layer 'self_attn.in_proj_weight', and dequantizing gives the decoded weight its own name back, also
+    after torch.export save/load and run_decompositions, so the state dict loads into the module again."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 2, 64, batch_first=True).eval()
+    x = torch.randn(2, 5, 32)
+    ep = torch.export.export(layer, (x,))
+    ep_q = qpass.quantize(ep, "nf4", skip_modules=[])
+    assert {"self_attn.in_proj_weight.absmax", "self_attn.out_proj.absmax"} <= set(ep_q.state_dict)
+    torch.export.save(ep_q, tmp_path / "q.pt2")
+    loaded = torch.export.load(tmp_path / "q.pt2")
+    for program in (ep_q, loaded, loaded.run_decompositions()):
+        ep_d = qpass.dequantize(program)
+        assert set(ep_d.state_dict) == set(ep.state_dict)
+        assert not any(qpass.passes.PARAMETER_NAME_KEY in n.meta.get("custom", {}) for n in ep_d.graph.nodes)
+        decoded = copy.deepcopy(layer)
+        decoded.load_state_dict(ep_d.state_dict)
+        assert not torch.equal(decoded.self_attn.in_proj_weight, layer.self_attn.in_proj_weight)
+        with torch.no_grad():
+            torch.testing.assert_close(ep_d.module()(x), decoded(x), rtol=1e-5, atol=1e-5)
+    assert not any(qpass.passes.PARAMETER_NAME_KEY in n.meta.get("custom", {}) for n in ep.graph.nodes)
 
 
 def test_a_saved_quantized_program_dequantizes_after_loading_and_quantizes_again(tmp_path):
