@@ -4,8 +4,9 @@ becomes ``aten.linear`` with its weight decoded into a parameter.
 For each packed weight, the pass decodes the layer's quantized tensors with the same
 ``Layout.dequantize`` the module front-end uses (``QuantizedLinear.dequantize``), binds the result to a
 new frozen parameter under the packed weight's name (``<module>.weight``, ``[out_features,
-in_features]``, also for a layer that was a transformers ``Conv1D``; a bare parameter gets its own name
-back, as ``nn.MultiheadAttention``'s ``in_proj_weight``), replaces every call by
+in_features]``, also for a layer that was a transformers ``Conv1D``; a bare parameter, such as
+``nn.MultiheadAttention``'s ``in_proj_weight``, gets its own name back), in the place the quantizing
+pass took it from, replaces every call by
 ``aten.linear(x, weight, bias)``, and drops the quantized tensors no other node reads.
 """
 
@@ -21,7 +22,7 @@ from torch.export.graph_signature import InputKind
 from qpass.module_swap import majority_floating_dtype
 
 from .program_edit import ProgramEdit, QuantizedLinearNode, input_tensors, quantized_linear_nodes
-from .quantize_linears import PARAMETER_NAME_KEY
+from .quantize_linears import PARAMETER_KEY
 
 aten = torch.ops.aten
 
@@ -52,8 +53,9 @@ def dequantize_exported_program(ep: ExportedProgram, dtype: torch.dtype | None =
         packed = q.call.tensors["weight"]
         if packed not in weights:
             weight = _decoded_weight(q, values, dtype)
-            name = q.node.meta.get("custom", {}).get(PARAMETER_NAME_KEY, f"{q.layer}.weight")
-            weights[packed] = edit.add_input(InputKind.PARAMETER, name, weight)
+            original = q.node.meta.get("custom", {}).get(PARAMETER_KEY, {})  # none from a module's export
+            weights[packed] = edit.add_input(InputKind.PARAMETER, original.get("name", f"{q.layer}.weight"), weight,
+                                             before=original.get("before"))
         _replace_by_linear(q, weights[packed], graph, edit.fake_mode)
     for packed in weights:  # its name goes to the decoded weight, so nothing else may read it
         if packed.users:
@@ -107,7 +109,7 @@ def _call(graph: fx.Graph, op, args: tuple, kwargs: dict, like: fx.Node, fake_mo
     the quantizing pass kept) and its own value."""
     node = graph.call_function(op, args, kwargs)
     node.meta = {k: v for k, v in like.meta.items() if k != "val"}
-    custom = {k: v for k, v in node.meta.pop("custom", {}).items() if k != PARAMETER_NAME_KEY}
+    custom = {k: v for k, v in node.meta.pop("custom", {}).items() if k != PARAMETER_KEY}
     if custom:
         node.meta["custom"] = custom
     vals = fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])

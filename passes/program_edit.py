@@ -37,10 +37,11 @@ class ProgramEdit:
     ``program()`` gives the new ``ExportedProgram`` (``ep`` is left unchanged).
 
     Added inputs are persistent state, named as torch.export names them (placeholder ``p_<target>`` or
-    ``b_<target>``, dots as underscores, lower case) and placed after the last input of their kind, so
-    the program keeps torch.export's input order: parameters, buffers, constants, user inputs. A removed
-    input leaves the signature, the graph and the state dict; its target may then be taken by an added
-    one (a packed weight takes the name of the weight it replaces, and back)."""
+    ``b_<target>``, dots as underscores, lower case) and placed before the input the pass names, else
+    after the last input of their kind, so the program keeps torch.export's input order: parameters,
+    buffers, constants, user inputs. A removed input leaves the signature, the graph and the state dict;
+    its target may then be taken by an added one (a packed weight takes the name of the weight it
+    replaces, and back)."""
 
     def __init__(self, ep: ExportedProgram):
         self.ep = ep
@@ -48,17 +49,19 @@ class ProgramEdit:
         self.graph = self.graph_module.graph
         self.placeholders = {n.name: n for n in self.graph.nodes if n.op == "placeholder"}
         self.fake_mode = detect_fake_mode([n.meta.get("val") for n in self.placeholders.values()])
-        self._added: list[tuple[InputKind, str, fx.Node, torch.Tensor]] = []
+        self._added: list[_AddedInput] = []
         self._removed: set[str] = set()
 
-    def add_input(self, kind: InputKind, target: str, value: torch.Tensor) -> fx.Node:
-        """A placeholder for a new parameter or persistent buffer ``target`` bound to ``value``."""
+    def add_input(self, kind: InputKind, target: str, value: torch.Tensor, before: str | None = None) -> fx.Node:
+        """A placeholder for a new parameter or persistent buffer ``target`` bound to ``value``, placed
+        before the input ``before`` (a target) where the program has one of that kind, added or not;
+        otherwise after the last input of its kind."""
         if kind not in _NAME_PREFIX:
             raise ValueError(f"a pass adds parameters and buffers, not {kind}")
         with self.graph.inserting_before(next(iter(self.graph.nodes))):  # ordered in program()
             node = self.graph.placeholder(_export_name(kind, target))
         node.meta["val"] = self.fake_mode.from_tensor(value, static_shapes=True) if self.fake_mode else value
-        self._added.append((kind, target, node, value))
+        self._added.append(_AddedInput(kind, target, node, value, before))
         return node
 
     def remove_input(self, node: fx.Node) -> None:
@@ -78,13 +81,16 @@ class ProgramEdit:
             else:
                 specs.append(spec)
         taken = {n.name for n in graph.nodes}
-        for kind, target, node, value in self._added:
+        for added in _placing_order(self._added):
+            kind, target, node = added.kind, added.target, added.node
             if node.name != _export_name(kind, target) and _export_name(kind, target) not in taken:
                 node.name = _export_name(kind, target)  # it was a removed input's name when node was made
             is_parameter = kind == InputKind.PARAMETER
-            state_dict[target] = torch.nn.Parameter(value, requires_grad=False) if is_parameter else value
+            state_dict[target] = torch.nn.Parameter(added.value, requires_grad=False) if is_parameter else added.value
             rank = _INPUT_ORDER.index(kind)
-            at = next((i for i in reversed(range(len(specs))) if _INPUT_ORDER.index(specs[i].kind) <= rank), -1) + 1
+            at = next((i for i, spec in enumerate(specs) if spec.kind == kind and spec.target == added.before), None)
+            if at is None:
+                at = next((i for i in reversed(range(len(specs))) if _INPUT_ORDER.index(specs[i].kind) <= rank), -1) + 1
             specs.insert(at, InputSpec(kind, TensorArgument(node.name), target,
                                        persistent=True if kind == InputKind.BUFFER else None))
         placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
@@ -98,6 +104,31 @@ class ProgramEdit:
         self.graph_module.recompile()
         new_signature = ExportGraphSignature(input_specs=specs, output_specs=list(signature.output_specs))
         return self.ep._update(self.graph_module, new_signature, state_dict=state_dict, constants=constants)
+
+
+@dataclasses.dataclass(frozen=True)
+class _AddedInput:
+    kind: InputKind
+    target: str
+    node: fx.Node
+    value: torch.Tensor
+    before: str | None
+
+
+def _placing_order(added: list[_AddedInput]) -> list[_AddedInput]:
+    """``added``, each input after the added one it goes before, so that one is in place when it is
+    placed (``q.weight`` before ``k.weight`` before ``v.weight``: v first, then k, then q)."""
+    by_target = {(a.kind, a.target): a for a in added}
+    order: list[_AddedInput] = []
+    placed: set[int] = set()
+    for a in added:
+        chain: list[_AddedInput] = []
+        while a is not None and id(a) not in placed:
+            placed.add(id(a))
+            chain.append(a)
+            a = by_target.get((a.kind, a.before))
+        order.extend(reversed(chain))
+    return order
 
 
 def _export_name(kind: InputKind, target: str) -> str:

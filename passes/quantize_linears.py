@@ -30,10 +30,12 @@ class QuantizedLinearReport:
     quantized: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-# Where the weight was a bare parameter (``nn.MultiheadAttention``'s ``in_proj_weight``: layer
-# ``self_attn.in_proj_weight``, tensors ``self_attn.in_proj_weight.weight``, ...), its name is kept in the
-# op node's ``meta["custom"]``, which torch.export saves and loads and ``run_decompositions`` keeps.
-PARAMETER_NAME_KEY = "qpass_parameter"
+# The parameter a layer's op replaced, kept in the op node's ``meta["custom"]`` (which torch.export saves
+# and loads, and ``run_decompositions`` keeps) for dequantize_linears to put it back as it was:
+# ``{"name": its target, "before": the parameter that followed it in the program, or None}``. The name
+# matters for a bare parameter (``nn.MultiheadAttention``'s ``in_proj_weight``: the layer is
+# ``self_attn.in_proj_weight``, its tensors ``self_attn.in_proj_weight.weight``, ...).
+PARAMETER_KEY = "qpass_parameter"
 
 
 def _module_name(parameter_fqn: str) -> str:
@@ -46,6 +48,8 @@ def quantize_exported_program(ep: ExportedProgram, plan: QPassConfig) -> tuple[E
     plan = plan.for_model(ep)
     edit = ProgramEdit(ep)
     parameter_names = dict(ep.graph_signature.inputs_to_parameters)
+    parameters = list(ep.graph_signature.parameters)
+    following = dict(zip(parameters, parameters[1:]))
     report = QuantizedLinearReport()
     linear_weights = find_linear_weights(edit.graph, parameter_names)
     if plan.overrides:
@@ -71,8 +75,8 @@ def quantize_exported_program(ep: ExportedProgram, plan: QPassConfig) -> tuple[E
                 op, args = layout.linear_call(match.x, tensor_nodes, match.bias)
                 quantized = edit.graph.call_function(op, args)
             quantized.meta = copy.copy(match.node.meta)
-            if fqn != f"{module}.weight":  # a bare parameter: dequantize_linears gives its name back
-                quantized.meta["custom"] = {**quantized.meta.get("custom", {}), PARAMETER_NAME_KEY: fqn}
+            original = {"name": fqn, "before": following.get(fqn)}
+            quantized.meta["custom"] = {**quantized.meta.get("custom", {}), PARAMETER_KEY: original}
             match.node.replace_all_uses_with(quantized)
             name = match.node.name
             edit.graph.erase_node(match.node)

@@ -317,13 +317,14 @@ def test_a_bare_parameter_gets_its_name_back_after_dequantizing(tmp_path):
     for program in (ep_q, loaded, loaded.run_decompositions()):
         ep_d = qpass.dequantize(program)
         assert set(ep_d.state_dict) == set(ep.state_dict)
-        assert not any(qpass.passes.PARAMETER_NAME_KEY in n.meta.get("custom", {}) for n in ep_d.graph.nodes)
+        assert ep_d.graph_signature.parameters == ep.graph_signature.parameters  # in their places
+        assert not any(qpass.passes.PARAMETER_KEY in n.meta.get("custom", {}) for n in ep_d.graph.nodes)
         decoded = copy.deepcopy(layer)
         decoded.load_state_dict(ep_d.state_dict)
         assert not torch.equal(decoded.self_attn.in_proj_weight, layer.self_attn.in_proj_weight)
         with torch.no_grad():
             torch.testing.assert_close(ep_d.module()(x), decoded(x), rtol=1e-5, atol=1e-5)
-    assert not any(qpass.passes.PARAMETER_NAME_KEY in n.meta.get("custom", {}) for n in ep.graph.nodes)
+    assert not any(qpass.passes.PARAMETER_KEY in n.meta.get("custom", {}) for n in ep.graph.nodes)
 
 
 def test_a_saved_quantized_program_dequantizes_after_loading_and_quantizes_again(tmp_path):
@@ -420,7 +421,8 @@ def test_an_exported_quantized_module_dequantizes_as_the_module_does(spec):
 
 def test_the_passes_keep_torch_exports_input_order_and_names():
     """Inputs stay in torch.export's order (parameters, buffers, constants, user inputs), the graph's
-    placeholders in the signature's order, and a state input is named as export names it."""
+    placeholders in the signature's order, and a state input is named as export names it; dequantizing
+    puts each parameter back where the quantizing pass took it from."""
     from torch.export.graph_signature import InputKind
 
     order = [InputKind.TOKEN, InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR,
@@ -443,6 +445,5 @@ def test_the_passes_keep_torch_exports_input_order_and_names():
         for spec in specs:
             if spec.kind in prefix:
                 assert spec.arg.name == (prefix[spec.kind] + spec.target.replace(".", "_")).lower(), (what, spec)
-    assert list(programs["dequantized"].graph_signature.parameters) == [  # the round trip's parameters
-        *[p for p in ep.graph_signature.parameters if not p.endswith("_proj.weight")],
-        *[p for p in ep.graph_signature.parameters if p.endswith("_proj.weight")]]
+    # the round trip puts each parameter back where it was
+    assert programs["dequantized"].graph_signature.parameters == ep.graph_signature.parameters
