@@ -53,7 +53,7 @@ def dequantize_exported_program(ep: ExportedProgram, dtype: torch.dtype | None =
         packed = q.call.tensors["weight"]
         if packed not in weights:
             weight = _decoded_weight(q, values, dtype)
-            original = q.node.meta.get("custom", {}).get(PARAMETER_KEY, {})  # none from a module's export
+            original = (q.node.meta.get("custom") or {}).get(PARAMETER_KEY, {})  # none from a module's export
             weights[packed] = edit.add_input(InputKind.PARAMETER, original.get("name", f"{q.layer}.weight"), weight,
                                              before=original.get("before"))
         _replace_by_linear(q, weights[packed], graph, edit.fake_mode)
@@ -105,11 +105,11 @@ def _cast(graph: fx.Graph, value: fx.Node, dtype: torch.dtype, like: fx.Node, fa
 
 
 def _call(graph: fx.Graph, op, args: tuple, kwargs: dict, like: fx.Node, fake_mode) -> fx.Node:
-    """A node calling ``op``, with ``like``'s metadata (module stack, source; not the parameter name
-    the quantizing pass kept) and its own value."""
+    """A node calling ``op``, with ``like``'s metadata (module stack, source; not the replaced
+    parameter the quantizing pass kept) and its own value."""
     node = graph.call_function(op, args, kwargs)
     node.meta = {k: v for k, v in like.meta.items() if k != "val"}
-    custom = {k: v for k, v in node.meta.pop("custom", {}).items() if k != PARAMETER_KEY}
+    custom = {k: v for k, v in (node.meta.pop("custom", None) or {}).items() if k != PARAMETER_KEY}
     if custom:
         node.meta["custom"] = custom
     vals = fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])

@@ -76,7 +76,7 @@ def quantize_exported_program(ep: ExportedProgram, plan: QPassConfig) -> tuple[E
                 quantized = edit.graph.call_function(op, args)
             quantized.meta = copy.copy(match.node.meta)
             original = {"name": fqn, "before": following.get(fqn)}
-            quantized.meta["custom"] = {**quantized.meta.get("custom", {}), PARAMETER_KEY: original}
+            quantized.meta["custom"] = {**(quantized.meta.get("custom") or {}), PARAMETER_KEY: original}
             match.node.replace_all_uses_with(quantized)
             name = match.node.name
             edit.graph.erase_node(match.node)
