@@ -69,13 +69,13 @@ def quantize_exported_program(ep: ExportedProgram, plan: QPassConfig) -> tuple[E
         tensor_nodes = {name: None if tensors[name] is None
                         else edit.add_input(InputKind.BUFFER, f"{module}.{name}", tensors[name])
                         for name in layout.tensor_names}  # the packed weight takes over <module>.weight
+        original = {"name": fqn, "before": following.get(fqn)}
 
         for match in matches:
             with edit.graph.inserting_before(match.node):
                 op, args = layout.linear_call(match.x, tensor_nodes, match.bias)
                 quantized = edit.graph.call_function(op, args)
             quantized.meta = copy.copy(match.node.meta)
-            original = {"name": fqn, "before": following.get(fqn)}
             quantized.meta["custom"] = {**(quantized.meta.get("custom") or {}), PARAMETER_KEY: original}
             match.node.replace_all_uses_with(quantized)
             name = match.node.name

@@ -56,14 +56,16 @@ def _layers_left_out(model: nn.Module) -> dict[int, str]:
     read_by_owner = "{} reads its weight itself (quantizing the exported program quantizes it)"
     left_out = {id(getattr(owner, name, None)): read_by_owner.format(type(owner).__name__)
                 for owner in model.modules() for owner_type, names in _WEIGHTS_READ_BY_OWNER.items()
-                if isinstance(owner, owner_type) for name in names}
+                if isinstance(owner, owner_type) for name in names if getattr(owner, name, None) is not None}
     tied = embedding_weight_ids(model)
     left_out.update((id(module), "its weight is an input embedding's") for module in model.modules()
                     if linear_weight(module) is not None and id(module.weight) in tied)
     config = getattr(model, "config", None)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if getattr(text_config, "tie_word_embeddings", False) and hasattr(model, "get_output_embeddings"):
-        left_out[id(model.get_output_embeddings())] = "the config ties this output layer to the input embedding"
+    tie = getattr(text_config, "tie_word_embeddings", False) and hasattr(model, "get_output_embeddings")
+    tied_output = model.get_output_embeddings() if tie else None
+    if tied_output is not None:
+        left_out[id(tied_output)] = "the config ties this output layer to the input embedding"
     return left_out
 
 
