@@ -38,3 +38,24 @@ def test_wheel_installs_one_namespace_and_imports(tmp_path):
     out = subprocess.run([sys.executable, "-S", "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "torch.Size([2, 64])" in out.stdout
+
+
+def test_the_kernels_folder_imported_as_a_top_level_package_registers_nothing():
+    """With the repository root on sys.path, transformers imports the kernels/ folder as "kernels" (probing
+    for the Hugging Face package of that name). That must not register the qpass ops a second time, from
+    a second copy of their module: the op bodies would read that copy's globals, and patching
+    qpass.kernels.ops (as the tests do) would no longer reach them."""
+    code = (
+        "import sys, torch, qpass; from qpass.kernels import ops; from qpass.formats import quantize_weight\n"
+        "import transformers.models.bert.modeling_bert\n"  # probes for, and imports, "kernels"
+        "import kernels\n"  # the folder, whichever way it was reached
+        "assert kernels.__file__.startswith(%r), kernels.__file__\n"
+        "def consulted(x): raise LookupError('consulted')\n"
+        "ops.use_triton = consulted\n"
+        "layout, t = quantize_weight(torch.randn(8, 64), qpass.NF4Config())\n"
+        "op, args = layout.linear_call(torch.randn(2, 64), t, None)\n"
+        "try:\n    op(*args)\nexcept LookupError:\n    print('qpass.kernels.ops runs the op')\n"
+    ) % str(ROOT / "kernels")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)  # -c: root on path
+    assert out.returncode == 0, out.stderr
+    assert "qpass.kernels.ops runs the op" in out.stdout, out.stdout
