@@ -1,4 +1,7 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import torch
 
@@ -6,6 +9,13 @@ import torch
 # before any kernel is defined (imported), so it is set here, before the test modules are collected.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Inductor's on-disk caches key a compiled graph by the graph that holds a qpass op, not by the op's
+# body: after an edit to kernels/ops.py, a run could replay code compiled from the old body. Each test
+# session compiles into a cache of its own (still shared by the tests within it), removed at exit.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="qpass-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 import pytest  # noqa: E402
 
