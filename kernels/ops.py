@@ -28,7 +28,7 @@ from torch._subclasses.fake_tensor import is_fake
 from . import reference_4bit as ref4
 from . import reference_int8 as ref8
 from .codebooks import DOUBLE_QUANT_BLOCKSIZE
-from .reference_matmul import linear_fp32_accumulate
+from .reference_matmul import BLOCK_WEIGHTS, grad_input_by_row_blocks, linear_by_row_blocks, linear_fp32_accumulate
 
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -180,7 +180,9 @@ def linear_4bit(
     """``x @ W^T + bias`` with ``W`` the 4-bit weight ``[out_features, in_features]``.
 
     ``quant_map`` is the 16-value code book of ``quant_type`` ("nf4" / "fp4"). CUDA runs the fused
-    Triton kernels (``triton_4bit``); every other device the reference (dequantize, then matmul)."""
+    Triton kernels (``triton_4bit``); the CPU ``linear_4bit_cpu`` (or, compiled, for a few rows of a small
+    weight, a reduction Inductor fuses with the decoding); every other device the reference
+    (dequantize, then matmul)."""
     _check_input(x, in_features, "linear_4bit")
     x2d = x.reshape(-1, in_features)
     with _autocast_off(x.device.type):
@@ -191,32 +193,95 @@ def linear_4bit(
                 x2d, packed, quant_map, absmax, nested_absmax, nested_code, offset, bias,
                 out_features, in_features, blocksize, compute_dtype, launch=torch.library.wrap_triton,
             )
-        elif _fuse_dequantization(x2d, in_features, blocksize):
+        elif _fuse_dequantization(x2d, out_features, in_features, blocksize):
             scales = ref4.block_absmax(absmax, nested_absmax, nested_code, offset, DOUBLE_QUANT_BLOCKSIZE)
             out = ref4.linear_4bit_rows(x2d, packed, quant_map, scales, out_features, in_features, blocksize, bias,
                                         compute_dtype)
+        elif x.device.type == "cpu":
+            out = torch.ops.qpass.linear_4bit_cpu(x2d.to(compute_dtype), packed, quant_map, absmax, nested_absmax,
+                                                  nested_code, offset, bias, out_features, in_features, blocksize)
         else:
-            weight = _dequantize_weight_4bit(
-                packed, quant_map, absmax, nested_absmax, nested_code, offset, [out_features, in_features],
-                blocksize, compute_dtype,
-            )
-            out = linear_fp32_accumulate(x2d, weight, bias, compute_dtype)
+            out = _linear_4bit_reference(x2d, packed, quant_map, absmax, nested_absmax, nested_code, offset, bias,
+                                         out_features, in_features, blocksize, compute_dtype)
     return out.reshape(*x.shape[:-1], out_features).to(_output_dtype(x, compute_dtype))
 
 
-# Up to this many rows of x, the compiled reference decodes the 4-bit weight inside one reduction
-# (ref4.linear_4bit_rows) instead of writing it out for a matmul. Measured on 2 CPU cores (torch 2.13,
-# compiled, NF4, bf16 compute): 1536x576 at M=1 0.25 ms against 0.86 ms; 4096x4096 at M=1, 2, 4, 8
-# 33, 36, 42, 53 ms against 69, 73, 78, 76 ms.
+def _linear_4bit_reference(x2d, packed, quant_map, absmax, nested_absmax, nested_code, offset, bias, out_features,
+                           in_features, blocksize, compute_dtype):
+    weight = _dequantize_weight_4bit(packed, quant_map, absmax, nested_absmax, nested_code, offset,
+                                     [out_features, in_features], blocksize, compute_dtype)
+    return linear_fp32_accumulate(x2d, weight, bias, compute_dtype)
+
+
+@torch.library.custom_op("qpass::linear_4bit_cpu", mutates_args=(), device_types="cpu")
+def linear_4bit_cpu(
+    x: Tensor,
+    packed: Tensor,
+    quant_map: Tensor,
+    absmax: Tensor,
+    nested_absmax: Optional[Tensor],
+    nested_code: Optional[Tensor],
+    offset: Optional[Tensor],
+    bias: Optional[Tensor],
+    out_features: int,
+    in_features: int,
+    blocksize: int,
+) -> Tensor:
+    """``linear_4bit``'s CPU path for a 2-D ``x`` already in the compute dtype (the result's; no dtype
+    argument, as for ``linear_int8_cpu``). A weight of more than ``BLOCK_WEIGHTS`` weights is decoded a
+    block of rows at a time (``_decode_by_row_blocks``), a smaller one whole. An op of its own so that
+    ``torch.compile`` runs it as it is rather than Inductor's code for the whole decoding, which was
+    slower than this eager code on 2 CPU cores (benchmarks/README.md, "CPU path": 4096x4096 NF4 at
+    M = 16, 103 ms compiled before, 37 ms now)."""
+    with _autocast_off(x.device.type):  # also when called on its own
+        if _decode_by_row_blocks(out_features, in_features):
+            decoder = _row_decoder_4bit(packed, quant_map, absmax, nested_absmax, nested_code, offset, out_features,
+                                        in_features, blocksize, x.dtype)
+            return linear_by_row_blocks(x, decoder, bias, x.dtype)
+        return _linear_4bit_reference(x, packed, quant_map, absmax, nested_absmax, nested_code, offset, bias,
+                                      out_features, in_features, blocksize, x.dtype)
+
+
+@linear_4bit_cpu.register_fake
+def _(x, packed, quant_map, absmax, nested_absmax, nested_code, offset, bias, out_features, in_features, blocksize):
+    return x.new_empty((x.shape[0], out_features))
+
+
+# Up to this many rows of x and weights, the compiled CPU path decodes the 4-bit weight inside one
+# reduction (ref4.linear_4bit_rows) that Inductor generates, instead of calling linear_4bit_cpu. Measured
+# by hand on 2 CPU cores (torch 2.13, NF4, bf16 compute, one quantized nn.Linear compiled against the same
+# layer eager, which runs linear_4bit_cpu; best of 15, Inductor caches off): 1536x576 at M=1 0.35 against
+# 1.15 ms, at M=8 0.92 against 1.48 ms; 2048x2048 at M=1 2.6-2.9 against 3.4-6.5 ms; but 4096x2048 at
+# M=1 22.9 against 12.1 ms, and 4096x4096 48 against 14 ms.
 FUSED_DEQUANT_MAX_M = 8
+FUSED_DEQUANT_MAX_WEIGHTS = 2048 * 2048
 
 
-def _fuse_dequantization(x2d: Tensor, in_features: int, blocksize: int) -> bool:
+def _fuse_dequantization(x2d: Tensor, out_features: int, in_features: int, blocksize: int) -> bool:
     """Whether the reference computes the 4-bit linear as ``linear_4bit_rows``: when traced, not run
-    (``_traced``: Inductor traces this body), for a static number of rows up to ``FUSED_DEQUANT_MAX_M``,
-    and when no block crosses a row. Eagerly, dequantize-then-matmul is faster."""
+    (``_traced``: Inductor traces this body), for a static number of rows up to ``FUSED_DEQUANT_MAX_M``, a
+    weight of up to ``FUSED_DEQUANT_MAX_WEIGHTS``, and when no block crosses a row. Eagerly it would
+    materialise ``[rows, out, in]``."""
     rows = x2d.shape[0]
-    return isinstance(rows, int) and rows <= FUSED_DEQUANT_MAX_M and in_features % blocksize == 0 and _traced(x2d)
+    return (isinstance(rows, int) and rows <= FUSED_DEQUANT_MAX_M and out_features * in_features
+            <= FUSED_DEQUANT_MAX_WEIGHTS and in_features % blocksize == 0 and _traced(x2d))
+
+
+def _decode_by_row_blocks(out_features: int, in_features: int) -> bool:
+    """Whether the CPU path multiplies by a quantized weight decoded a block of rows at a time
+    (``reference_matmul.linear_by_row_blocks``) rather than whole: when it holds more than one block
+    (``BLOCK_WEIGHTS``). It never allocates the decoded weight (a float32 copy, several in passing),
+    and multiplies each block while it is in cache. Measured by hand on 2 CPU cores (torch 2.13, NF4,
+    bf16 compute, the op called eagerly, median of 9): 4096x4096 at M=1 13 against 132 ms, 11008x4096 65
+    against 411 ms; 2048x2048 at M=1 3.4 against 6.1 ms (best of 25); a weight of one block is 10-20%
+    faster decoded whole (576x576, 1536x576). benchmarks/README.md has the benchmark's figures."""
+    return out_features * in_features > BLOCK_WEIGHTS
+
+
+def _row_decoder_4bit(packed, quant_map, absmax, nested_absmax, nested_code, offset, out_features, in_features,
+                      blocksize, dtype) -> ref4.RowDecoder4bit:
+    scales = ref4.block_absmax(absmax, nested_absmax, nested_code, offset, DOUBLE_QUANT_BLOCKSIZE)
+    return ref4.RowDecoder4bit(packed, quant_map, scales, out_features, in_features, blocksize, dtype, BLOCK_WEIGHTS)
 
 
 def _traced(x: Tensor) -> bool:
@@ -237,7 +302,14 @@ def _backward_linear_4bit(ctx, grad_out):
     packed, quant_map, absmax, nested_absmax, nested_code, offset = ctx.saved_tensors
     x_dtype, bias_dtype, shape, blocksize, compute_dtype = ctx.meta
     grad_x = grad_bias = None
-    if ctx.needs_input_grad[0]:
+    if ctx.needs_input_grad[0] and grad_out.device.type == "cpu" and not _traced(grad_out) \
+            and _decode_by_row_blocks(*shape):
+        decoder = _row_decoder_4bit(packed, quant_map, absmax, nested_absmax, nested_code, offset, *shape, blocksize,
+                                    compute_dtype)
+        with _autocast_off(grad_out.device.type):
+            grad_2d = grad_input_by_row_blocks(grad_out.reshape(-1, shape[0]), decoder, compute_dtype)
+        grad_x = grad_2d.reshape(*grad_out.shape[:-1], shape[1]).to(x_dtype)
+    elif ctx.needs_input_grad[0]:
         weight = torch.ops.qpass.dequantize_4bit(
             packed, quant_map, absmax, nested_absmax, nested_code, offset, shape, blocksize, compute_dtype
         )

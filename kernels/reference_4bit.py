@@ -17,6 +17,8 @@ Layout of a quantized ``[out_features, in_features]`` weight ``W`` (n = out * in
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .codebooks import FP4_RANK_TO_CODE, code_4bit
@@ -158,6 +160,45 @@ def dequantize_4bit(
     pairs = torch.index_select(byte_pair_code(code), 0, packed_bytes(packed).int())
     values = _scale_blocks_(pairs.view(torch.float32)[:numel], absmax.float(), blocksize)
     return values.view(shape).to(dtype)
+
+
+
+class RowDecoder4bit:
+    """A 4-bit weight decoded a block of rows at a time, for the blocked matmuls of ``reference_matmul``
+    (a ``RowDecoder``): rows ``[start, stop)`` of ``dequantize_4bit(packed, code, scales, ...)`` rounded to
+    ``dtype``, as float32 ``[stop - start, in_features]``.
+
+    ``row_step`` rows hold about ``block_weights`` weights (``reference_matmul.BLOCK_WEIGHTS`` in the ops)
+    and a whole number of quantization blocks, so
+    each block of rows starts at a block's first weight, and so at a byte (block sizes are even). The
+    decoding is ``dequantize_4bit``'s (one 8-byte gather per packed byte, then the block scales), into
+    buffers allocated once and reused: the returned tensor is overwritten by the next call."""
+
+    def __init__(self, packed: torch.Tensor, code: torch.Tensor, scales: torch.Tensor, out_features: int,
+                 in_features: int, blocksize: int, dtype: torch.dtype, block_weights: int):
+        self.out_features, self.in_features, self.blocksize = out_features, in_features, blocksize
+        rows_per_whole_blocks = blocksize // math.gcd(in_features, blocksize)
+        rows = block_weights // max(in_features, 1) // rows_per_whole_blocks * rows_per_whole_blocks
+        self.row_step = max(1, min(out_features, max(rows_per_whole_blocks, rows)))
+        n_bytes = (self.row_step * in_features + 1) // 2
+        self._bytes = packed_bytes(packed)
+        self._table = byte_pair_code(code)
+        self._scales = scales.float()
+        self._index = torch.empty(n_bytes, dtype=torch.int32, device=packed.device)
+        self._pairs = torch.empty(n_bytes, dtype=torch.int64, device=packed.device)
+        self._rounded = None if dtype == torch.float32 else torch.empty(2 * n_bytes, dtype=dtype, device=packed.device)
+
+    def __call__(self, start: int, stop: int) -> torch.Tensor:
+        first, last = start * self.in_features, stop * self.in_features
+        first_byte, end_byte = first // 2, (last + 1) // 2
+        index = self._index[: end_byte - first_byte]
+        index.copy_(self._bytes[first_byte:end_byte])
+        pairs = torch.index_select(self._table, 0, index, out=self._pairs[: end_byte - first_byte])
+        values = pairs.view(torch.float32)[: last - first]
+        _scale_blocks_(values, self._scales[first // self.blocksize : -(-last // self.blocksize)], self.blocksize)
+        if self._rounded is not None:  # round to dtype in place: w.to(dtype).float()
+            values.copy_(self._rounded[: last - first].copy_(values))
+        return values.view(stop - start, self.in_features)
 
 
 def linear_4bit_rows(

@@ -41,27 +41,34 @@ def test_compile_counts_no_graph_breaks():
 
 
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_compiled_4bit_linear_of_few_rows_decodes_inside_its_reduction(compute_dtype):
-    """On CPU, compiled, up to FUSED_DEQUANT_MAX_M rows: no matmul and no weight written, the decoding
-    fused into the reduction (ref4.linear_4bit_rows), with eager's numbers up to summation order (and,
-    in bf16, the rounding Inductor does not emulate). More rows, or blocks that cross rows: the matmul."""
+def test_compiled_4bit_linear_of_few_rows_decodes_inside_its_reduction(compute_dtype, monkeypatch):
+    """On CPU, compiled, up to FUSED_DEQUANT_MAX_M rows and FUSED_DEQUANT_MAX_WEIGHTS weights: no matmul and
+    no weight written, the decoding fused into the reduction (ref4.linear_4bit_rows), with eager's numbers
+    up to summation order (and, in bf16, the rounding Inductor does not emulate). More rows, a larger
+    weight, or blocks that cross rows: a call to qpass::linear_4bit_cpu, eager's own path, bit for bit."""
     from torch._inductor.utils import run_and_get_code
 
-    from qpass.kernels.ops import FUSED_DEQUANT_MAX_M
+    from qpass.kernels import ops
 
+    monkeypatch.setattr(ops, "FUSED_DEQUANT_MAX_WEIGHTS", 48 * 256)
     config = qpass.NF4Config(compute_dtype=compute_dtype)
-    cases = [(256, 1, True), (256, FUSED_DEQUANT_MAX_M, True), (256, FUSED_DEQUANT_MAX_M + 1, False),
-             (96, 1, False)]  # 96 inputs: 64-weight blocks cross rows
-    for in_features, rows, fused in cases:
-        layer = qpass.quantize(torch.nn.Linear(in_features, 48), config)
+    cases = [(256, 48, 1, True), (256, 48, ops.FUSED_DEQUANT_MAX_M, True),
+             (256, 48, ops.FUSED_DEQUANT_MAX_M + 1, False), (256, 49, 1, False),
+             (96, 48, 1, False)]  # 96 inputs: 64-weight blocks cross rows
+    for in_features, out_features, rows, fused in cases:
+        layer = qpass.quantize(torch.nn.Linear(in_features, out_features), config)
         x = torch.randn(rows, in_features)
         torch._dynamo.reset()
         with torch.no_grad():
             out, code = run_and_get_code(torch.compile(layer, fullgraph=True), x)
             eager = layer(x)
-        calls_matmul = any(name in "".join(code) for name in ("extern_kernels.mm", "extern_kernels.addmm"))
-        assert calls_matmul != fused, (in_features, rows)
-        assert relative_error(out, eager) < (1e-6 if compute_dtype == torch.float32 else COMPILE_VS_EAGER_BF16)
+        code = "".join(code)
+        calls_cpu_op = "qpass.linear_4bit_cpu" in code
+        assert calls_cpu_op != fused and "extern_kernels.mm" not in code, (in_features, out_features, rows)
+        if fused:
+            assert relative_error(out, eager) < (1e-6 if compute_dtype == torch.float32 else COMPILE_VS_EAGER_BF16)
+        else:
+            assert torch.equal(out, eager)
 
 
 def test_op_bodies_know_they_are_traced_from_fake_tensors_alone():
@@ -75,8 +82,8 @@ def test_op_bodies_know_they_are_traced_from_fake_tensors_alone():
     with FakeTensorMode() as mode:
         fake = mode.from_tensor(real)
         assert not torch.compiler.is_compiling()
-        assert ops._traced(fake) and ops._fuse_dequantization(fake, 64, 64)
-    assert not ops._traced(real) and not ops._fuse_dequantization(real, 64, 64)
+        assert ops._traced(fake) and ops._fuse_dequantization(fake, 32, 64, 64)
+    assert not ops._traced(real) and not ops._fuse_dequantization(real, 32, 64, 64)
 
 
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16], ids=str)

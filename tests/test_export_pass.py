@@ -233,10 +233,12 @@ def test_sequential_chain_of_linears():
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="AOTInductor compiles the Triton kernels for a CUDA device"))])
-def test_aot_inductor_package_runs_the_quantized_program(tmp_path, device):
+@pytest.mark.parametrize("rows", [3, 9])
+def test_aot_inductor_package_runs_the_quantized_program(tmp_path, device, rows):
     """AOTInductor compiles the quantized program ahead of time into a .pt2 package (C++, with the qpass
-    kernels inside on CUDA) that runs without the model's Python code."""
-    x = torch.randn(3, 32, device=device)
+    kernels inside on CUDA) that runs without the model's Python code. On the CPU, 3 rows fuse the 4-bit
+    decoding into Inductor's code, 9 call qpass::linear_4bit_cpu through the proxy executor."""
+    x = torch.randn(rows, 32, device=device)
     plan = qpass.QPassConfig(qpass.NF4Config(compute_dtype=torch.float32),
                              overrides={"down": qpass.Int8Config(compute_dtype=torch.float32)}, skip_modules=[])
     ep_q = qpass.quantize(torch.export.export(make_block().to(device), (x,)), plan)
@@ -247,13 +249,14 @@ def test_aot_inductor_package_runs_the_quantized_program(tmp_path, device):
 
 
 def test_ops_aot_inductor_calls_on_the_cpu_take_no_dtype_argument():
-    """AOTInductor calls a CPU custom op that Inductor does not trace (qpass::linear_int8_cpu) through its
-    proxy executor, which in torch 2.11 hands a dtype argument to the kernel as another dtype (float32 as
-    float64: the package's int8 layers computed garbage); so that op takes none (the test above fails on
-    2.11 otherwise)."""
+    """AOTInductor calls a CPU custom op that Inductor does not trace (qpass::linear_int8_cpu and
+    linear_4bit_cpu) through its proxy executor, which in torch 2.11 hands a dtype argument to the kernel
+    as another dtype (float32 as float64: the package's int8 layers computed garbage); so those ops take
+    none (the test above fails on 2.11 otherwise)."""
     schema = torch.ops.qpass.linear_int8_cpu.default._schema
     assert [a.name for a in schema.arguments] == ["x", "cb", "scb", "bias", "threshold"]
     assert "ScalarType" not in str(schema) and "ScalarType" in str(torch.ops.qpass.linear_int8.default._schema)
+    assert "ScalarType" not in str(torch.ops.qpass.linear_4bit_cpu.default._schema)
 
 
 def test_nodes_kept_for_their_effect_survive_the_pass():

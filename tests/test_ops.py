@@ -99,6 +99,69 @@ def test_awkward_inputs(name, dtype):
                                _call(layout, tensors, non_contiguous.contiguous(), b))
 
 
+@pytest.mark.parametrize("blocksize", [32, 64, 4096])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_row_decoder_gives_the_rounded_dequantized_rows(blocksize, double_quant, dtype):
+    """Each block of rows RowDecoder4bit gives is the reference dequantization rounded to the compute
+    dtype, bit for bit, including blocks that cross rows (37 inputs) and a last short block."""
+    from qpass.kernels import ops
+    from qpass.kernels import reference_4bit as ref4
+
+    for out_features, in_features in ((48, 80), (70, 37), (7, 128)):
+        config = qpass.NF4Config(blocksize=blocksize, double_quant=double_quant, compute_dtype=dtype)
+        layout, t = quantize_weight(torch.randn(out_features, in_features), config)
+        expected = layout.dequantize(t, dtype).float()
+        scales = ref4.block_absmax(t["absmax"], t.get("nested_absmax"), t.get("nested_quant_map"), t.get("offset"),
+                                   ops.DOUBLE_QUANT_BLOCKSIZE)
+        decoder = ref4.RowDecoder4bit(t["weight"], t["quant_map"], scales, out_features, in_features, blocksize,
+                                      dtype, block_weights=300)
+        starts = range(0, out_features, decoder.row_step)
+        assert decoder.row_step * in_features % blocksize == 0 or decoder.row_step == out_features
+        assert blocksize == 4096 or len(starts) > 1
+        for start in starts:
+            stop = min(start + decoder.row_step, out_features)
+            assert torch.equal(decoder(start, stop), expected[start:stop]), (out_features, in_features, start)
+
+
+@pytest.mark.parametrize("name", ["nf4", "fp4", "nf4-fp32"])
+def test_cpu_path_decodes_a_large_weight_by_blocks_of_rows(name, monkeypatch):
+    """Eagerly on the CPU, a weight of more than BLOCK_WEIGHTS weights is decoded a block of rows at a time
+    (forward and input gradient) and never whole: the same sums as multiplying by the whole dequantized
+    weight, up to float32 summation order, then one rounding to the compute dtype."""
+    from qpass.kernels import ops
+    from qpass.kernels import reference_4bit as ref4
+
+    config = CONFIGS[name]
+    dtype = config.compute_dtype
+    layers = []
+    for out_features, in_features in ((48, 80), (70, 37)):  # 37 inputs: blocks cross rows
+        w, layout, tensors, b = _layer(config, out_features, in_features)
+        layers.append((layout, tensors, b, layout.dequantize(tensors, dtype).float()))
+    monkeypatch.setattr(ops, "BLOCK_WEIGHTS", 512)
+    calls = []
+    decode = ref4.RowDecoder4bit.__call__
+    monkeypatch.setattr(ref4.RowDecoder4bit, "__call__", lambda self, *a: calls.append(a) or decode(self, *a))
+    monkeypatch.setattr(ref4, "dequantize_4bit", lambda *a: pytest.fail("decoded the whole weight"))
+    for layout, tensors, b, weight in layers:
+        out_features, in_features = weight.shape
+        # float32 sums in another order (at most max(in, out) roundings each), then one rounding
+        bound = torch.finfo(dtype).eps + max(in_features, out_features) * torch.finfo(torch.float32).eps
+        for rows in (0, 1, 7):
+            calls.clear()
+            x = torch.randn(2, rows, in_features, requires_grad=True)
+            out = _call(layout, tensors, x, b)
+            assert len(calls) > 1 and out.shape == (2, rows, out_features)
+            grad_out = torch.randn_like(out)
+            out.backward(grad_out)
+            assert len(calls) > 2  # the backward decoded too
+            x_r, g_r = x.detach().to(dtype).float(), grad_out.to(dtype).float()
+            expected = (x_r @ weight.T + b.to(dtype).float()).to(dtype)
+            assert ((out.float() - expected.float()).abs() <= bound * (x_r.abs() @ weight.abs().T + b.abs())).all()
+            expected_grad = (g_r @ weight).to(dtype)
+            assert ((x.grad.float() - expected_grad.float()).abs() <= bound * (g_r.abs() @ weight.abs())).all()
+
+
 def test_wrong_input_width_names_the_shape():
     _, layout, tensors, b = _layer(CONFIGS["nf4"])
     with pytest.raises(RuntimeError, match=r"in_features=80"):
