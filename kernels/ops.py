@@ -284,6 +284,21 @@ def _row_decoder_4bit(packed, quant_map, absmax, nested_absmax, nested_code, off
     return ref4.RowDecoder4bit(packed, quant_map, scales, out_features, in_features, blocksize, dtype, BLOCK_WEIGHTS)
 
 
+def _grad_input_by_row_blocks_wanted(grad_out: Tensor, out_features: int, in_features: int) -> bool:
+    """Whether an eager CPU backward computes the input gradient a block of rows of the weight at a time
+    (``_decode_by_row_blocks``) rather than from the whole dequantized weight. Traced, the dequantize
+    op and the matmul are left to the compiler."""
+    return grad_out.device.type == "cpu" and not _traced(grad_out) and _decode_by_row_blocks(out_features,
+                                                                                            in_features)
+
+
+def _grad_input_by_row_blocks(grad_out: Tensor, decoder, compute_dtype: torch.dtype, x_dtype: torch.dtype) -> Tensor:
+    """``_grad_input`` with the weight given by a ``RowDecoder``, never held whole."""
+    with _autocast_off(grad_out.device.type):
+        grad_2d = grad_input_by_row_blocks(grad_out.reshape(-1, decoder.out_features), decoder, compute_dtype)
+    return grad_2d.reshape(*grad_out.shape[:-1], decoder.in_features).to(x_dtype)
+
+
 def _traced(x: Tensor) -> bool:
     """Whether this op body is being traced (``torch.compile``, ``torch.export``) rather than run. torch 2.13
     and 2.15 set ``torch.compiler.is_compiling()`` while Inductor traces a ``triton_op``'s body; torch 2.11
@@ -302,13 +317,10 @@ def _backward_linear_4bit(ctx, grad_out):
     packed, quant_map, absmax, nested_absmax, nested_code, offset = ctx.saved_tensors
     x_dtype, bias_dtype, shape, blocksize, compute_dtype = ctx.meta
     grad_x = grad_bias = None
-    if ctx.needs_input_grad[0] and grad_out.device.type == "cpu" and not _traced(grad_out) \
-            and _decode_by_row_blocks(*shape):
+    if ctx.needs_input_grad[0] and _grad_input_by_row_blocks_wanted(grad_out, *shape):
         decoder = _row_decoder_4bit(packed, quant_map, absmax, nested_absmax, nested_code, offset, *shape, blocksize,
                                     compute_dtype)
-        with _autocast_off(grad_out.device.type):
-            grad_2d = grad_input_by_row_blocks(grad_out.reshape(-1, shape[0]), decoder, compute_dtype)
-        grad_x = grad_2d.reshape(*grad_out.shape[:-1], shape[1]).to(x_dtype)
+        grad_x = _grad_input_by_row_blocks(grad_out, decoder, compute_dtype, x_dtype)
     elif ctx.needs_input_grad[0]:
         weight = torch.ops.qpass.dequantize_4bit(
             packed, quant_map, absmax, nested_absmax, nested_code, offset, shape, blocksize, compute_dtype
@@ -401,7 +413,10 @@ def _backward_linear_int8(ctx, grad_out):
     cb, scb = ctx.saved_tensors
     x_dtype, bias_dtype, compute_dtype = ctx.meta
     grad_x = grad_bias = None
-    if ctx.needs_input_grad[0]:
+    if ctx.needs_input_grad[0] and _grad_input_by_row_blocks_wanted(grad_out, *cb.shape):
+        decoder = ref8.RowDecoderInt8(cb, scb, compute_dtype, BLOCK_WEIGHTS)
+        grad_x = _grad_input_by_row_blocks(grad_out, decoder, compute_dtype, x_dtype)
+    elif ctx.needs_input_grad[0]:
         weight = torch.ops.qpass.dequantize_int8(cb, scb, compute_dtype)
         with _autocast_off(grad_out.device.type):
             grad_x = _grad_input(grad_out, weight, compute_dtype, x_dtype)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference_matmul import linear_fp32_accumulate
+from .reference_matmul import BLOCK_WEIGHTS, linear_fp32_accumulate, row_blocks
 
 INT8_SCALE_PRODUCT = 6.200124e-05  # 1/127² as bitsandbytes writes it (int8_mm_dequant)
 INT8_DEQUANT = 7.874015718698502e-3  # 1/127 as bitsandbytes writes it (int8_vectorwise_dequant)
@@ -48,17 +48,47 @@ def dequantize_int8(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> 
     return (cb.float() * scb.float().unsqueeze(-1) * INT8_DEQUANT).to(dtype)
 
 
+class RowDecoderInt8:
+    """An int8 weight decoded a block of rows at a time, for the blocked matmuls of ``reference_matmul``
+    (a ``RowDecoder``): rows ``[start, stop)`` as float32 ``[stop - start, in_features]``, into one buffer
+    allocated once and overwritten by the next call.
+
+    With ``scb``, the rows of ``dequantize_int8(cb, scb, dtype)`` as float32 (bit for bit); with
+    ``scb=None``, the codes ``CB`` themselves (exact in float32). ``row_step`` rows hold about
+    ``block_weights`` weights."""
+
+    def __init__(self, cb: torch.Tensor, scb: torch.Tensor | None, dtype: torch.dtype, block_weights: int):
+        self.out_features, self.in_features = cb.shape
+        self.row_step = max(1, min(self.out_features, block_weights // max(self.in_features, 1)))
+        self._cb = cb
+        self._scales = None if scb is None else scb.float().unsqueeze(-1)
+        self._values = torch.empty(self.row_step, self.in_features, dtype=torch.float32, device=cb.device)
+        self._rounded = None if dtype == torch.float32 or scb is None else torch.empty_like(self._values, dtype=dtype)
+
+    def __call__(self, start: int, stop: int) -> torch.Tensor:
+        values = self._values[: stop - start]
+        values.copy_(self._cb[start:stop])
+        if self._scales is not None:  # dequantize_int8's arithmetic: (CB * SCB) * (1 / 127), then rounded
+            values.mul_(self._scales[start:stop]).mul_(INT8_DEQUANT)
+            if self._rounded is not None:
+                values.copy_(self._rounded[: stop - start].copy_(values))
+        return values
+
+
 def int8_matmul_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """int32 ``a @ b^T`` of int8 ``[m, k]`` and ``[n, k]`` on any device, exactly.
 
-    Sums float32 products over chunks of 1024 along k, each exact, and adds the chunks in int32.
+    Multiplies float32 codes, ``b`` a block of rows at a time (``RowDecoderInt8``, about
+    ``BLOCK_WEIGHTS`` codes, so each block is multiplied while in cache and ``b`` is never converted
+    whole), summing over chunks of ``_EXACT_K`` along k, each exact, and adding the chunks in int32.
     """
-    out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.int32, device=a.device)
-    for start in range(0, a.shape[1], _EXACT_K):
-        chunk_a = a[:, start : start + _EXACT_K].float()
-        chunk_b = b[:, start : start + _EXACT_K].float()
-        out += (chunk_a @ chunk_b.T).to(torch.int32)
-    return out
+    a32 = a.float()
+    out_t = torch.zeros(b.shape[0], a.shape[0], dtype=torch.int32, device=a.device)  # b @ a^T, row blocks contiguous
+    for start, stop, rows in row_blocks(RowDecoderInt8(b, None, torch.float32, BLOCK_WEIGHTS)):
+        for first in range(0, a.shape[1], _EXACT_K):
+            chunk = torch.mm(rows[:, first : first + _EXACT_K], a32[:, first : first + _EXACT_K].t())
+            out_t[start:stop] += chunk.to(torch.int32)
+    return out_t.t().contiguous()
 
 
 def linear_int8(

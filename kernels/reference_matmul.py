@@ -49,7 +49,8 @@ class RowDecoder(Protocol):
     def __call__(self, start: int, stop: int) -> torch.Tensor: ...
 
 
-def _row_blocks(decoder: RowDecoder):
+def row_blocks(decoder: RowDecoder):
+    """``(start, stop, rows)`` for each block of ``decoder.row_step`` rows, from row 0."""
     for start in range(0, decoder.out_features, decoder.row_step):
         stop = min(start + decoder.row_step, decoder.out_features)
         yield start, stop, decoder(start, stop)
@@ -62,7 +63,7 @@ def linear_by_row_blocks(
     output is the same sum as there, over all of ``in_features`` in one matmul."""
     x32 = x.to(dtype).float()
     out_t = x32.new_empty(decoder.out_features, x32.shape[0])  # W @ x^T: each block of rows is contiguous
-    for start, stop, rows in _row_blocks(decoder):
+    for start, stop, rows in row_blocks(decoder):
         torch.mm(rows, x32.t(), out=out_t[start:stop])
     out = out_t.t()
     if bias is not None:
@@ -75,6 +76,6 @@ def grad_input_by_row_blocks(grad_out: torch.Tensor, decoder: RowDecoder, dtype:
     over the blocks of rows, one rounding; ``W`` never held whole."""
     grad32 = grad_out.to(dtype).float()
     grad_x = grad32.new_zeros(grad32.shape[0], decoder.in_features)
-    for start, stop, rows in _row_blocks(decoder):
+    for start, stop, rows in row_blocks(decoder):
         grad_x.addmm_(grad32[:, start:stop], rows)
     return grad_x.to(dtype)

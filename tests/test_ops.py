@@ -162,6 +162,80 @@ def test_cpu_path_decodes_a_large_weight_by_blocks_of_rows(name, monkeypatch):
             assert ((x.grad.float() - expected_grad.float()).abs() <= bound * (g_r.abs() @ weight.abs())).all()
 
 
+def test_int8_matmul_is_exact_over_blocks_of_rows(monkeypatch):
+    """int8_matmul_exact multiplies the weight a block of rows at a time, in float32 chunks of k: the
+    result is the exact integer product, also where k is past the chunk (whose float32 sums would no
+    longer be exact in one piece) and the last block of rows is short."""
+    from qpass.kernels import reference_int8 as ref8
+
+    generator = torch.Generator().manual_seed(5)
+    monkeypatch.setattr(ref8, "BLOCK_WEIGHTS", 7 * 2100)  # 7 rows a block: 45 rows -> 7 blocks, the last of 3
+    a = torch.randint(-127, 128, (6, 2100), dtype=torch.int8, generator=generator)
+    b = torch.randint(-127, 128, (45, 2100), dtype=torch.int8, generator=generator)
+    # Row 0 of each: sums of up to 2100 * 127² = 33.9M with odd terms, past float32's 2^24 of exact integers.
+    a[0] = 127
+    b[0] = torch.randint(121, 128, (2100,), dtype=torch.int8, generator=generator)
+    calls = []
+    decode = ref8.RowDecoderInt8.__call__
+    monkeypatch.setattr(ref8.RowDecoderInt8, "__call__", lambda self, *a: calls.append(a) or decode(self, *a))
+    out = ref8.int8_matmul_exact(a, b)
+    assert out.dtype == torch.int32 and len(calls) == 7
+    assert torch.equal(out, (a.long() @ b.long().T).int())
+    assert out[0, 0] == 127 * b[0].long().sum() > 2**24
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_int8_row_decoder_gives_the_rounded_dequantized_rows(dtype):
+    """Each block of rows RowDecoderInt8 gives is dequantize_int8 (CB * SCB / 127 in the compute dtype)
+    as float32, bit for bit, the last block short."""
+    from qpass.kernels import reference_int8 as ref8
+
+    layout, t = quantize_weight(torch.randn(50, 80), qpass.Int8Config(compute_dtype=dtype))
+    expected = ref8.dequantize_int8(t["weight"], t["SCB"], dtype).float()
+    decoder = ref8.RowDecoderInt8(t["weight"], t["SCB"], dtype, block_weights=12 * 80)
+    assert decoder.row_step == 12
+    for start in range(0, 50, decoder.row_step):
+        stop = min(start + decoder.row_step, 50)
+        assert torch.equal(decoder(start, stop), expected[start:stop]), start
+
+
+@pytest.mark.parametrize("name", ["int8", "int8-no-outliers"])
+def test_int8_cpu_backward_decodes_a_large_weight_by_blocks_of_rows(name, monkeypatch):
+    """Eagerly on the CPU, the input gradient of an int8 layer of more than BLOCK_WEIGHTS weights is
+    computed a block of dequantized rows at a time, never from the whole dequantized weight: the same
+    sums up to float32 summation order, then one rounding to the compute dtype."""
+    from qpass.kernels import ops
+    from qpass.kernels import reference_int8 as ref8
+
+    config = CONFIGS[name]
+    dtype = config.compute_dtype
+    _, layout, tensors, b = _layer(config, 70, 37)
+    weight = layout.dequantize(tensors, dtype).float()
+    monkeypatch.setattr(ops, "BLOCK_WEIGHTS", 512)
+    monkeypatch.setattr(ops.torch.ops.qpass, "dequantize_int8",
+                        lambda *a: pytest.fail("dequantized the whole weight"), raising=False)
+    dequantized_blocks = []  # blocks of CB * SCB / 127; the forward's exact matmul decodes CB alone
+    decode = ref8.RowDecoderInt8.__call__
+
+    def record(self, start, stop):
+        if self._scales is not None:
+            dequantized_blocks.append((start, stop))
+        return decode(self, start, stop)
+
+    monkeypatch.setattr(ref8.RowDecoderInt8, "__call__", record)
+    bound = torch.finfo(dtype).eps + 70 * torch.finfo(torch.float32).eps
+    for rows in (0, 1, 7):
+        dequantized_blocks.clear()
+        x = torch.randn(2, rows, 37, requires_grad=True)
+        out = _call(layout, tensors, x, b)
+        grad_out = torch.randn_like(out)
+        out.backward(grad_out)
+        assert len(dequantized_blocks) == 6  # 512 // 37 = 13 rows a block: 70 rows in 6 blocks
+        g_r = grad_out.to(dtype).float()
+        expected_grad = (g_r @ weight).to(dtype)
+        assert ((x.grad.float() - expected_grad.float()).abs() <= bound * (g_r.abs() @ weight.abs())).all()
+
+
 def test_wrong_input_width_names_the_shape():
     _, layout, tensors, b = _layer(CONFIGS["nf4"])
     with pytest.raises(RuntimeError, match=r"in_features=80"):
