@@ -5,9 +5,10 @@ It is the package ``qpass.kernels``; imported under any other name it registers 
 """
 
 if __name__ == "qpass.kernels":
-    from . import codebooks, ops  # noqa: F401  (importing ops registers torch.ops.qpass.*)
+    from . import codebooks, compile_cache, ops  # noqa: F401  (importing ops registers torch.ops.qpass.*)
 
-    __all__ = ["codebooks", "ops"]
+    compile_cache.tag_compile_caches()  # torch.compile's caches keyed by these op bodies (compile_cache)
+    __all__ = ["codebooks", "compile_cache", "ops"]
 else:
     # This folder is also a top-level package named "kernels" wherever the repository root is on
     # sys.path (`python -m pytest` there, a REPL in a checkout), and transformers imports "kernels" while

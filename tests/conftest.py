@@ -10,9 +10,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Inductor's on-disk caches key a compiled graph by the graph that holds a qpass op, not by the op's
-# body: after an edit to kernels/ops.py, a run could replay code compiled from the old body. Each test
-# session compiles into a cache of its own (still shared by the tests within it), removed at exit.
+# Each test session compiles into a cache of its own (still shared by the tests within it), removed at
+# exit: a test run neither reads nor fills the user's torch.compile caches. (Code compiled from an older
+# op body is not replayed in any case: kernels/compile_cache.py keys the caches by the op sources.)
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="qpass-inductor-")
     atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
