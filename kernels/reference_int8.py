@@ -78,13 +78,16 @@ class RowDecoderInt8:
 def int8_matmul_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """int32 ``a @ b^T`` of int8 ``[m, k]`` and ``[n, k]`` on any device, exactly.
 
-    Multiplies float32 codes, ``b`` a block of rows at a time (``RowDecoderInt8``, about
-    ``BLOCK_WEIGHTS`` codes, so each block is multiplied while in cache and ``b`` is never converted
-    whole), summing over chunks of ``_EXACT_K`` along k, each exact, and adding the chunks in int32.
+    Multiplies float32 codes, ``b`` a block of rows at a time (``RowDecoderInt8``; ``b`` is never
+    converted whole), summing over chunks of ``_EXACT_K`` along k, each exact, and adding the chunks in
+    int32. On the CPU a block holds about ``BLOCK_WEIGHTS`` codes, so it is multiplied while in cache; on
+    other devices (a GPU without the Triton kernels) as many as ``_EXACT_K`` columns of every row, so
+    that the launches stay few.
     """
     a32 = a.float()
     out_t = torch.zeros(b.shape[0], a.shape[0], dtype=torch.int32, device=a.device)  # b @ a^T, row blocks contiguous
-    for start, stop, rows in row_blocks(RowDecoderInt8(b, None, torch.float32, BLOCK_WEIGHTS)):
+    block_weights = BLOCK_WEIGHTS if b.device.type == "cpu" else b.shape[0] * _EXACT_K
+    for start, stop, rows in row_blocks(RowDecoderInt8(b, None, torch.float32, block_weights)):
         for first in range(0, a.shape[1], _EXACT_K):
             chunk = torch.mm(rows[:, first : first + _EXACT_K], a32[:, first : first + _EXACT_K].t())
             out_t[start:stop] += chunk.to(torch.int32)

@@ -182,6 +182,8 @@ def test_int8_matmul_is_exact_over_blocks_of_rows(monkeypatch):
     assert out.dtype == torch.int32 and len(calls) == 7
     assert torch.equal(out, (a.long() @ b.long().T).int())
     assert out[0, 0] == 127 * b[0].long().sum() > 2**24
+    calls.clear()  # off the CPU, a block is as many codes as 1024 columns of every row: 45 * 1024 // 2100 = 21 rows
+    assert ref8.int8_matmul_exact(a.to("meta"), b.to("meta")).shape == (6, 45) and len(calls) == 3
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
