@@ -8,11 +8,12 @@
 #   bash benchmarks/gpu_session.sh bench --part layers --shapes 4096x4096,11008x4096 --tag a
 #   bash benchmarks/gpu_session.sh bench --part layers --shapes 4096x11008,28672x8192 --tag b
 #   bash benchmarks/gpu_session.sh bench --part e2e --e2e-variants bf16,"qpass nf4" --tag c
+#   bash benchmarks/gpu_session.sh host --ms 1,16                 # eager host time per layer call
 #
 # Each call installs the carried wheels and qpass (the machine starts bare), then writes its logs and
 # results to $OUT, which the device tool brings back. See benchmarks/README.md for the wheels to carry.
 set -uo pipefail
-step=${1:?usage: gpu_session.sh tests|report|sweep|bench [arguments]}
+step=${1:?usage: gpu_session.sh tests|report|sweep|bench|host [arguments]}
 shift
 OUT=${OUT:-results}
 mkdir -p "$OUT"
@@ -34,5 +35,7 @@ case "$step" in
     python3 benchmarks/sweep_configs.py --out "$OUT" "$@" 2>&1 | tee "$OUT/sweep.log" ;;
   bench)
     python3 benchmarks/quantized_linears.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" ;;
-  *) echo "unknown step $step: tests, report, sweep or bench" >&2; exit 2 ;;
+  host)
+    python3 benchmarks/host_overhead.py --device cuda --out "$OUT" "$@" 2>&1 | tee "$OUT/host.log" ;;
+  *) echo "unknown step $step: tests, report, sweep, bench or host" >&2; exit 2 ;;
 esac

@@ -44,8 +44,8 @@ import triton
 import triton.language as tl
 
 from .codebooks import DOUBLE_QUANT_BLOCKSIZE
-from .triton_common import (INTERPRETED, autotuning, chosen_config, dot, gemm_split, ieee_dot, m_bucket, mul_rn,
-                            prune_gemm_configs, split_evenly, sum_partials)
+from .triton_common import (INTERPRETED, autotuning, cdiv, chosen_config, dot, gemm_split, ieee_dot, m_bucket,
+                            mul_rn, prune_gemm_configs, split_evenly, sum_partials)
 
 # The GEMV repeats its lookups for each row of x (M x 4.2-5.8 instructions per weight), while the GEMM
 # dequantizes a weight tile once for up to 16 rows (~6-7 instructions per weight): by the compile
@@ -469,7 +469,7 @@ def gemv_split(out_features: int, in_features: int, blocksize: int, wanted: int 
     blocks_per_row = in_features // blocksize
     if wanted is not None:
         return split_evenly(blocks_per_row, wanted, most=blocks_per_row)
-    wanted = triton.cdiv(GEMV_TARGET_PROGRAMS, triton.cdiv(out_features, GEMV_ROWS_PER_PROGRAM))
+    wanted = cdiv(GEMV_TARGET_PROGRAMS, cdiv(out_features, GEMV_ROWS_PER_PROGRAM))
     return split_evenly(blocks_per_row, wanted, most=blocks_per_row // GEMV_MIN_BLOCKS_PER_SPLIT)
 
 
@@ -493,7 +493,7 @@ def dequantize_4bit_triton(
     packed, quant_map, dq = _kernel_operands(packed, quant_map, absmax, nested_absmax, nested_code, offset)
     double_quant = nested_absmax is not None
     out = torch.empty((N, K), device=packed.device, dtype=dtype)
-    grid = (triton.cdiv(N, DEQUANT_CONFIG.kwargs["BLOCK_N"]), triton.cdiv(K, DEQUANT_CONFIG.kwargs["BLOCK_K"]))
+    grid = (cdiv(N, DEQUANT_CONFIG.kwargs["BLOCK_N"]), cdiv(K, DEQUANT_CONFIG.kwargs["BLOCK_K"]))
     launch(_dequant_kernel)[grid](
         packed, quant_map, absmax, *dq, out, N, K, BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=DOUBLE_QUANT_BLOCKSIZE,
         DOUBLE_QUANT=double_quant, ROW_ALIGNED=K % blocksize == 0, **DEQUANT_CONFIG.kwargs,
@@ -532,11 +532,11 @@ def linear_4bit_triton(
         args = (x, packed, quant_map, absmax, *dq, partial, N, K, blocks_per_split, x.stride(0))
         gemv_statics = {name: value for name, value in statics.items() if name != "ROW_ALIGNED"}
         if tuned:
-            grid = lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]), split)  # noqa: E731
+            grid = lambda meta: (M, cdiv(N, meta["BLOCK_N"]), split)  # noqa: E731
             launch(_gemv_tuned)[grid](*args, **gemv_statics)
         else:
             config = chosen_config(_gemv_configs(), config, "4-bit GEMV")
-            launch(_gemv_kernel)[(M, triton.cdiv(N, config.kwargs["BLOCK_N"]), split)](
+            launch(_gemv_kernel)[(M, cdiv(N, config.kwargs["BLOCK_N"]), split)](
                 *args, **gemv_statics, **config.kwargs, num_warps=config.num_warps)
         return sum_partials(partial, bias, compute_dtype)
     split, k_per_split = gemm_split(M, N, K, splits)
@@ -548,11 +548,11 @@ def linear_4bit_triton(
     gemm_statics = dict(HAS_BIAS=bias is not None and split == 1, IEEE_DOT=ieee_dot(compute_dtype))
     args = (x, packed, quant_map, absmax, *dq, bias_arg, out, M, N, K, x.stride(0), N, m_bucket(M), k_per_split)
     if tuned:
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), split)  # noqa: E731
+        grid = lambda meta: (cdiv(M, meta["BLOCK_M"]), cdiv(N, meta["BLOCK_N"]), split)  # noqa: E731
         launch(_gemm_tuned)[grid](*args, **statics, **gemm_statics)
     else:
         config = chosen_config(_gemm_configs(), config, "4-bit GEMM")
-        grid = (triton.cdiv(M, config.kwargs["BLOCK_M"]), triton.cdiv(N, config.kwargs["BLOCK_N"]), split)
+        grid = (cdiv(M, config.kwargs["BLOCK_M"]), cdiv(N, config.kwargs["BLOCK_N"]), split)
         launch(_gemm_kernel)[grid](*args, **statics, **gemm_statics, **config.kwargs, num_warps=config.num_warps,
                                    num_stages=config.num_stages)
     return sum_partials(out, bias, compute_dtype) if split > 1 else out

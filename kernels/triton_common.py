@@ -38,6 +38,13 @@ def dot(x, w, acc, IEEE_DOT: tl.constexpr):
     return tl.dot(x, tl.trans(w), acc)
 
 
+def cdiv(a, b):
+    """``ceil(a / b)`` for the host side of a launch (grids, splits): ``triton.cdiv``'s formula without
+    its constexpr wrapper, which costs about 3 us a call on the host (a launch computes several) against
+    0.1 us. Works on a ``torch.SymInt`` too (torch.compile with dynamic shapes)."""
+    return (a + b - 1) // b
+
+
 def ieee_dot(compute_dtype: torch.dtype) -> bool:
     """Whether ``tl.dot`` must take float32 operands with IEEE products: for float32 compute (Triton
     would use tf32 otherwise), and under ``TRITON_INTERPRET=1``, whose bf16 ``tl.dot`` is unusable."""
@@ -97,8 +104,8 @@ def split_evenly(length: int, wanted: int, most: int, step: int = 1) -> tuple[in
     splits = max(1, min(most, wanted))
     if splits == 1:
         return 1, length
-    per_split = triton.cdiv(triton.cdiv(length, splits), step) * step
-    return triton.cdiv(length, per_split), per_split
+    per_split = cdiv(cdiv(length, splits), step) * step
+    return cdiv(length, per_split), per_split
 
 
 def gemm_split(m: int, out_features: int, in_features: int, wanted: int | None = None) -> tuple[int, int]:
@@ -109,7 +116,7 @@ def gemm_split(m: int, out_features: int, in_features: int, wanted: int | None =
         return split_evenly(in_features, wanted, most=max(1, in_features // GEMM_SPLIT_STEP), step=GEMM_SPLIT_STEP)
     if m == 0 or m > GEMM_SPLIT_MAX_M:
         return 1, in_features
-    wanted = triton.cdiv(GEMM_TARGET_PROGRAMS, triton.cdiv(out_features, 128))
+    wanted = cdiv(GEMM_TARGET_PROGRAMS, cdiv(out_features, 128))
     return split_evenly(in_features, wanted, most=in_features // 512, step=GEMM_SPLIT_STEP)
 
 

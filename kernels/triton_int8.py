@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 
 from .reference_int8 import INT8_DEQUANT, INT8_SCALE_PRODUCT
-from .triton_common import (autotuning, chosen_config, dot, gemm_split, ieee_dot, m_bucket, mul_rn, prune_gemm_configs,
-                            sum_partials)
+from .triton_common import (autotuning, cdiv, chosen_config, dot, gemm_split, ieee_dot, m_bucket, mul_rn,
+                            prune_gemm_configs, sum_partials)
 
 # From this many rows of x on, cuBLAS multiplies the int8 matrices (torch._int_mm) and the GEMM kernel
 # runs as the epilogue over its int32 result, which costs one more pass over an int32 [M, N]. Below,
@@ -210,7 +210,7 @@ def int8_vectorwise_quant_triton(x: torch.Tensor, threshold: float, launch=lambd
     single_row = M == 1 and has_outliers  # the row kernel writes the whole mask
     mask = (torch.empty if single_row else torch.zeros)(K, device=x.device, dtype=torch.int32)
     if has_outliers and M > 0 and not single_row:
-        grid = (triton.cdiv(M, 32), triton.cdiv(K, 128))
+        grid = (cdiv(M, 32), cdiv(K, 128))
         launch(_outlier_columns_kernel)[grid](x, mask, M, K, x.stride(0), threshold, BLOCK_M=32, BLOCK_K=128)
     ca = torch.empty((M, K), device=x.device, dtype=torch.int8)
     sca = torch.empty((M,), device=x.device, dtype=torch.float32)
@@ -230,7 +230,7 @@ def int_mm_applies(m: int, out_features: int, in_features: int) -> bool:
 
 def _launch(launch, config: triton.Config, M: int, N: int, split: int, args: tuple, statics: dict) -> None:
     """``_int8_gemm_kernel`` with one config (untuned, or the epilogue's) over its M x N tiles and splits."""
-    grid = (triton.cdiv(M, config.kwargs["BLOCK_M"]), triton.cdiv(N, config.kwargs["BLOCK_N"]), split)
+    grid = (cdiv(M, config.kwargs["BLOCK_M"]), cdiv(N, config.kwargs["BLOCK_N"]), split)
     launch(_int8_gemm_kernel)[grid](*args, **statics, **config.kwargs, num_warps=config.num_warps,
                                     num_stages=config.num_stages)
 
@@ -268,7 +268,7 @@ def linear_int8_triton(
             M, N, K, x.stride(0), N, m_bucket(M), k_per_split)
     statics.update(HAS_BIAS=bias is not None and split == 1, PRODUCT_GIVEN=False)
     if autotuning(autotune, config):
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), split)  # noqa: E731
+        grid = lambda meta: (cdiv(M, meta["BLOCK_M"]), cdiv(N, meta["BLOCK_N"]), split)  # noqa: E731
         launch(_int8_gemm_tuned)[grid](*args, **statics)
     else:
         _launch(launch, chosen_config(_gemm_configs(), config, "int8 GEMM"), M, N, split, args, statics)

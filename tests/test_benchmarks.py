@@ -99,3 +99,16 @@ def test_switched_variants_take_the_other_path_for_one_call():
         fused = switched.forced > before
         assert [m for m in (1, 16, 17, before - 1, before, 2 * before) if switched.differs_at(m)] == (
             [before, 2 * before] if fused else [17, before - 1]), name
+
+
+def test_host_overhead_benchmark_times_each_launcher(tmp_path):
+    """The eager host-time benchmark runs the CUDA launchers' Python on the CPU (launches stubbed out) and
+    counts their Triton launches: the GEMV alone for NF4 at M = 1; the row quantization and the GEMM for
+    int8, with the outlier-column pass before them from two rows on."""
+    import host_overhead
+
+    host_overhead.main(["--shape", "256x256", "--ms", "1,16", "--calls", "3", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "host_overhead_cpu.json").read_text())
+    launches = {(r["format"], r["M"]): r["kernel_launches"] for r in saved["rows"]}
+    assert launches == {("nf4", 1): 1, ("nf4", 16): 1, ("int8", 1): 2, ("int8", 16): 3}
+    assert all(r["launcher_us"] > 0 and r["shape"] == "256x256" for r in saved["rows"])

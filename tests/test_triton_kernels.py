@@ -346,7 +346,7 @@ def test_launch_parameters_take_a_symbolic_m():
     """Under torch.compile with dynamic shapes the op bodies see M as a SymInt: picking the kernel,
     the split and the autotune bucket must not specialize on M (one guard, M <= 128, at most)."""
     from qpass.kernels.triton_4bit import _gemm_configs
-    from qpass.kernels.triton_common import m_bucket, prune_gemm_configs
+    from qpass.kernels.triton_common import cdiv, m_bucket, prune_gemm_configs
     from torch._dynamo.source import ConstantSource
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 
@@ -357,7 +357,17 @@ def test_launch_parameters_take_a_symbolic_m():
     assert gemm_split(m, 4096, 4096) == (8, 512)
     assert m_bucket(m) is m and m_bucket(24) == 32
     assert len(prune_gemm_configs(_gemm_configs(), {"M_BUCKET": m})) == len(_gemm_configs())
+    tiles = cdiv(m, 16)  # a grid's row tiles stay symbolic: no guard
+    assert isinstance(tiles, torch.SymInt) and tiles.node.hint == 2
     assert [str(guard.expr) for guard in env.guards] == [f"{m.node.expr} <= 128"]
+
+
+def test_host_cdiv_is_tritons():
+    """The launchers' grids and splits use triton_common.cdiv (triton.cdiv costs ~3 us a call on the host)."""
+    from qpass.kernels.triton_common import cdiv
+
+    pairs = [(a, b) for a in range(0, 300) for b in (1, 2, 3, 16, 64, 127, 128)] + [(28672 * 8192, 4096)]
+    assert [cdiv(a, b) for a, b in pairs] == [triton.cdiv(a, b) for a, b in pairs]
 
 
 @pytest.mark.parametrize("k, blocksize", [(256, 64), (100, 64), (41, 32)], ids=str)
