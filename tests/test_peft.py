@@ -1,5 +1,7 @@
 """QLoRA with PEFT on qpass models (qpass.integrations.peft)."""
 
+import warnings
+
 import pytest
 import torch
 import peft
@@ -252,6 +254,18 @@ def test_merge_into_a_bf16_model_keeps_the_layers_original_dtype():
     assert layer.layout == layout and layer.layout.source_dtype == torch.bfloat16
     with torch.no_grad():
         assert torch.isfinite(merged(torch.randint(0, 128, (1, 5))).logits).all()
+
+
+def test_merging_a_whole_model_warns_once():
+    """The re-quantization warning names the adapter, not the layer, so Python's default filter shows
+    it once for a merge_and_unload over every layer (SmolLM2 has 210), not once per layer."""
+    peft_model = qpass_peft.get_peft_model(qpass.quantize(tiny_llama(), "nf4"),
+                                           LoraConfig(r=4, target_modules="all-linear"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        peft_model.merge_and_unload()
+    merged = [w for w in caught if "re-quantizes" in str(w.message)]
+    assert len(merged) == 1 and "'default'" in str(merged[0].message), [str(w.message) for w in caught]
 
 
 def test_unmerge_subtracts_the_delta_again():

@@ -102,10 +102,12 @@ class QuantizedLoraLinear(LoraLinear):
             if adapter not in self.lora_A:
                 continue
             if isinstance(self.get_base_layer(), QuantizedLinear):
-                warnings.warn(f"merging LoRA adapter {adapter!r} into {self.layer_name!r} re-quantizes its weight: "
-                              "changes smaller than the format's step are rounded away (examples/qlora.py measures how "
-                              "much); keep adapters unmerged, or qpass.dequantize the model first, to keep all "
-                              "they learned", stacklevel=2)
+                # One message per adapter, not per layer: Python's default filter then shows it once for a
+                # whole merge_and_unload rather than once for each of a model's hundreds of layers.
+                warnings.warn(f"merging LoRA adapter {adapter!r} into qpass-quantized layers re-quantizes their "
+                              "weights: changes smaller than the format's step are rounded away (examples/qlora.py "
+                              "measures how much); keep adapters unmerged, or qpass.dequantize the model first, to "
+                              "keep all they learned", stacklevel=2)
             self._add_to_base(adapter, sign=1.0)
             self.merged_adapters.append(adapter)
 
