@@ -1,5 +1,6 @@
 """The wheel: one ``qpass`` namespace (kernels/ and passes/ install as qpass.kernels and qpass.passes)."""
 
+import importlib.metadata
 import subprocess
 import sys
 import sysconfig
@@ -40,22 +41,41 @@ def test_wheel_installs_one_namespace_and_imports(tmp_path):
     assert "torch.Size([2, 64])" in out.stdout
 
 
-def test_the_kernels_folder_imported_as_a_top_level_package_registers_nothing():
-    """With the repository root on sys.path, transformers imports the kernels/ folder as "kernels" (probing
-    for the Hugging Face package of that name). That must not register the qpass ops a second time, from
-    a second copy of their module: the op bodies would read that copy's globals, and patching
-    qpass.kernels.ops (as the tests do) would no longer reach them."""
+def test_the_kernels_folder_imported_as_a_top_level_package_stands_aside_for_the_installed_one():
+    """With the repository root on sys.path (``python -m pytest``, ``python -c`` in a checkout), the kernels/
+    folder is a top-level package "kernels", the name of the Hugging Face package that transformers
+    (>= 5.25) requires and imports. ``import kernels`` must give the installed package, so transformers
+    loads, and must not register the qpass ops a second time, from a second copy of their module: the op
+    bodies would read that copy's globals, and patching qpass.kernels.ops (as the tests do) would no
+    longer reach them."""
+    installed = str(importlib.metadata.distribution("kernels").locate_file("kernels/__init__.py"))
+    assert Path(installed).is_file() and Path(installed).parent != ROOT / "kernels", installed
     code = (
         "import sys, torch, qpass; from qpass.kernels import ops; from qpass.formats import quantize_weight\n"
-        "import transformers.models.bert.modeling_bert\n"  # probes for, and imports, "kernels"
-        "import kernels\n"  # the folder, whichever way it was reached
-        "assert kernels.__file__.startswith(%r), kernels.__file__\n"
+        "import transformers.models.bert.modeling_bert\n"  # transformers >= 5.25: from kernels import ...
+        "import kernels\n"
+        "assert kernels.__file__ == %r, kernels.__file__\n"
         "def consulted(x): raise LookupError('consulted')\n"
         "ops.use_triton = consulted\n"
         "layout, t = quantize_weight(torch.randn(8, 64), qpass.NF4Config())\n"
         "op, args = layout.linear_call(torch.randn(2, 64), t, None)\n"
         "try:\n    op(*args)\nexcept LookupError:\n    print('qpass.kernels.ops runs the op')\n"
-    ) % str(ROOT / "kernels")
+    ) % installed
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)  # -c: root on path
     assert out.returncode == 0, out.stderr
     assert "qpass.kernels.ops runs the op" in out.stdout, out.stdout
+
+
+def test_the_kernels_folder_imported_as_a_top_level_package_is_empty_when_no_other_is_installed():
+    """With no other "kernels" to be found (site-packages left off sys.path), ``import kernels`` in a
+    checkout gives the folder itself, as an empty package that registers no op."""
+    code = (
+        "import sys; sys.path[:] = [p for p in sys.path if 'site-packages' not in p]\n"
+        "import kernels\n"
+        "assert kernels.__file__ == %r, kernels.__file__\n"
+        "assert kernels.__all__ == [] and 'kernels.ops' not in sys.modules and 'torch' not in sys.modules\n"
+        "print('empty')\n"
+    ) % str(ROOT / "kernels" / "__init__.py")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)  # -c: root on path
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "empty", out.stdout
