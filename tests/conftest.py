@@ -40,3 +40,21 @@ def minilm_weights():
     linears = {k: v for k, v in tensors.items() if k.endswith(".weight") and v.dim() == 2 and "embeddings" not in k}
     assert len(linears) >= 30
     return dict(list(linears.items())[:8])
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _bitsandbytes_portable_4bit_path():
+    """bitsandbytes' 4-bit layers compute as on a GPU, whatever this CPU has: the reference qpass is
+    compared with. On a CPU with AVX512-BF16, bitsandbytes 0.50's ``Linear4bit`` otherwise re-packs its
+    weight on the first inference call (``weight`` becomes ``[N, K/2]`` in a CPU layout) and multiplies
+    in bf16 with its scales rounded to bf16: logits 0.3-0.5% from its own portable path (dequantize,
+    then ``F.linear``), which qpass matches to 1e-6. Each layer reads the flag when built, so this takes
+    effect for layers that transformers builds too."""
+    try:
+        import bitsandbytes.nn.modules as bnb_modules
+    except ImportError:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bnb_modules, "has_avx512bf16", lambda: False)
+        yield
