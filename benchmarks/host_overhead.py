@@ -37,7 +37,6 @@ import qpass
 from qpass.formats import Layout4bit
 
 
-
 class _NoLaunch:
     """Stands in for ``wrap_triton(kernel)``: ``[grid](*args)`` returns at once, counted in ``launches``."""
 
