@@ -82,7 +82,7 @@ class QuantizedLinear(nn.Module):
     @property
     def quantized_tensors(self) -> dict[str, torch.Tensor | None]:
         # Read from the module's own dicts, where set_quantized_tensor_ (and accelerate's hooks) put them:
-        # nn.Module.__getattr__ costs about 1 us a name, and every eager forward reads all of them.
+        # nn.Module.__getattr__ costs about 0.75 us a name, and every eager forward reads all of them.
         parameters, buffers = self._parameters, self._buffers
         return {name: parameters[name] if name in parameters else buffers[name] for name in self.layout.tensor_names}
 
