@@ -54,8 +54,8 @@ class QuantizedLinear(nn.Module):
     def set_quantized_tensor_(self, name: str, tensor: torch.Tensor | None) -> None:
         """Hold ``tensor`` as the quantized tensor ``name``: a frozen parameter for packed integer codes
         (``weight``; a parameter given is kept as it is, as FSDP2 needs), a buffer otherwise (see the
-        class docstring). Setting a quantized tensor as an attribute (transformers' loading does) comes
-        here too."""
+        class docstring). Setting a quantized tensor as an attribute (transformers' loading does, and
+        ``nn.DataParallel``'s ``replicate`` on the bare copy of each module) comes here too."""
         self._parameters.pop(name, None)
         self._buffers.pop(name, None)
         if name == PACKED_WEIGHT and tensor is not None and not tensor.is_floating_point():

@@ -1,11 +1,14 @@
-"""DistributedDataParallel over quantized models (qpass.data_parallel), on CPU with the gloo backend:
-DDP leaves the quantized tensors out of the buffers it broadcasts before every forward, and still
-synchronises everything that trains."""
+"""Data-parallel training of quantized models, on CPU: DistributedDataParallel (qpass.data_parallel,
+gloo backend) leaves the quantized tensors out of the buffers it broadcasts before every forward and
+still synchronises everything that trains; nn.DataParallel's replicas compute with their own copies;
+FSDP2 shards the packed weights, FSDP1 takes them as ignored."""
 
 import copy
 import functools
 import gc
+import importlib
 import pickle
+from unittest import mock
 
 import peft
 import pytest
@@ -194,6 +197,52 @@ def test_two_ranks_train_the_same_adapters_as_one_process_on_both_batches(tmp_pa
     for rank in range(2):
         assert _bare_names(results[rank]["broadcast"]) <= ROTARY_BUFFERS
         assert results[rank]["frozen_kept"]
+
+
+
+def _broadcast_as_clones(tensors, devices, detach=False):
+    """What ``replicate``'s CUDA broadcast gives, one copy of each tensor per device, as CPU clones: a
+    copy keeps autograd to the original unless ``detach`` (gradients of the replicas add up there)."""
+    return [[t.detach().clone() if detach else t.clone() for t in tensors] for _ in devices]
+
+
+@pytest.mark.parametrize("spec", ["nf4", "int8", qpass.NF4Config(quant_storage=torch.bfloat16)],
+                         ids=["nf4", "int8", "nf4-bf16-storage"])
+def test_data_parallel_replicas_compute_with_their_own_copies_and_train_the_adapters(spec):
+    """``nn.DataParallel`` (what the HF Trainer wraps a model in when one process sees several GPUs;
+    it leaves bitsandbytes models unwrapped) copies the model to each GPU with ``replicate``, which sets
+    each copied tensor on a bare copy of each module with ``setattr``. A ``QuantizedLinear`` copy must
+    then compute with its own copies (on a GPU, the tensors on its device), and the replicas' gradients
+    must add up on the adapters. The CUDA broadcast is replaced by clones on the CPU."""
+    model = _qlora(qpass.quantize(tiny_llama(), spec))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1, generator=torch.Generator().manual_seed(len(name)))
+    ids = torch.cat([_batch(0), _batch(1)])
+    adapters = {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+    model(input_ids=ids).logits.square().sum().backward()
+    one_process = {name: p.grad.clone() for name, p in adapters.items()}
+    model.zero_grad()
+
+    replicate_module = importlib.import_module("torch.nn.parallel.replicate")
+    with mock.patch.object(replicate_module, "_broadcast_coalesced_reshape", _broadcast_as_clones):
+        replicas = replicate_module.replicate(model, [0, 1])
+    sum(replica(input_ids=half).logits.square().sum() for replica, half in zip(replicas, ids.chunk(2))).backward()
+
+    for name, grad in one_process.items():
+        torch.testing.assert_close(adapters[name].grad, grad, rtol=1e-4, atol=1e-6, msg=name)
+    originals = dict(model.named_modules())
+    for replica in replicas:
+        layers = {name: m for name, m in replica.named_modules() if isinstance(m, QuantizedLinear)}
+        assert len(layers) == 14
+        for name, layer in layers.items():
+            for tensor_name, tensor in layer.quantized_tensors.items():
+                original = originals[name].quantized_tensors[tensor_name]
+                assert tensor.data_ptr() != original.data_ptr(), (name, tensor_name)
+                # compared as bytes: codes held in a float quant_storage include NaN patterns
+                as_bytes = [t.flatten().view(torch.uint8) for t in (tensor, original)]
+                assert torch.equal(*as_bytes), (name, tensor_name)
 
 
 # torch 2.11's fully_shard makes every parameter it shards require grad, which integer codes cannot (2.12
