@@ -11,7 +11,11 @@ measured.
 One process, the same inputs for every variant. For each (N x K weight, M rows of input): the median
 time, the speedup over bf16 ``F.linear``, and the fraction of the limit
 ``max(bytes / bandwidth, 2*M*N*K / peak)`` reached, with the bandwidth (device-to-device copy) and the
-bf16 matmul peak measured in the same run. Then a Llama-3-8B-shaped ``LlamaForCausalLM`` (random
+bf16 matmul peak measured in the same run. Each variant's output is also checked, so that no time
+is reported for a wrong result: its relative error against the unquantized bf16 layer computed in
+float64 (the format's own error, on one scale for every library), and for qpass against its plain-torch
+reference op on the same weights (the kernels' own error: about the compute dtype's rounding). Then a
+Llama-3-8B-shaped ``LlamaForCausalLM`` (random
 weights; a tiny one with --quick) decodes with a static KV cache, compiled: tokens/s at batch 1 and 16
 and peak memory. Results go to a JSON file, a Markdown table and a PNG plot (speedup vs M per shape).
 Peers that are not installed or do not run on the device are recorded as such, not silently dropped.
@@ -34,6 +38,7 @@ import torch
 from torch import nn
 
 import qpass
+from qpass.evaluation import relative_error
 
 sys.path.insert(0, str(Path(__file__).parent))
 from peers import bitsandbytes_4bit  # noqa: E402
@@ -236,6 +241,28 @@ def weight_bytes(name: str, n: int, k: int) -> float:
     return 2 * n * k
 
 
+QPASS_FORMATS = ("nf4", "fp4", "int8")
+
+
+def reference_output(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What a qpass layer computes for ``x`` through its ops' plain-torch reference (``qpass.kernels.ops``
+    on the CPU), on ``x``'s own device: the result its kernels are held to."""
+    ops = importlib.import_module("qpass.kernels.ops")
+    use_triton = ops.use_triton
+    ops.use_triton = lambda tensor: False
+    try:
+        with torch.no_grad():
+            return layer(x)
+    finally:
+        ops.use_triton = use_triton
+
+
+def qpass_format(variant: str) -> str | None:
+    """The qpass format a variant runs ("qpass nf4 compiled" -> "nf4"), None for bf16 and the peers."""
+    words = variant.split()
+    return words[1] if words[0] == "qpass" else None
+
+
 def bench_layers(device: str, shapes, ms, ceilings, on_progress=lambda rows: None) -> list[dict]:
     rows = []
     for n, k in shapes:
@@ -244,6 +271,8 @@ def bench_layers(device: str, shapes, ms, ceilings, on_progress=lambda rows: Non
         for m in ms:
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
             x16 = x.half()
+            unquantized = nn.functional.linear(x.double(), weight.double())
+            references = {fmt: reference_output(variants[f"qpass {fmt}"], x) for fmt in QPASS_FORMATS}
             base = None
             for name, fn in variants.items():
                 row = {"N": n, "K": k, "M": m, "variant": name}
@@ -256,7 +285,11 @@ def bench_layers(device: str, shapes, ms, ceilings, on_progress=lambda rows: Non
                 inp = x16 if name.startswith("bnb int8") else x
                 try:
                     with torch.no_grad():
-                        fn(inp)
+                        out = fn(inp)
+                        errors = {"error_vs_unquantized": relative_error(out, unquantized)}
+                        if qpass_format(name):
+                            errors["error_vs_reference"] = relative_error(out, references[qpass_format(name)])
+                        del out
                         t = median_ms(lambda: fn(inp), device, cuda_graph=name.endswith(" compiled"))
                 except Exception as err:  # a peer failing at one shape is recorded, the run goes on
                     rows.append({**row, "skipped": f"failed: {type(err).__name__}: {str(err)[:120]}"})
@@ -266,9 +299,9 @@ def bench_layers(device: str, shapes, ms, ceilings, on_progress=lambda rows: Non
                 flops = 2 * m * n * k
                 limit_ms = max(moved / ceilings["bandwidth_bytes_per_s"], flops / ceilings["matmul_flops_per_s"]) * 1e3
                 rows.append({**row, "ms": t, "speedup_vs_bf16": base / t if base else None,
-                             "fraction_of_limit": limit_ms / t})
+                             "fraction_of_limit": limit_ms / t, **errors})
                 print(f"{n:>6}x{k:<6} M={m:<5} {name:<22} {t:9.4f} ms  x{(base or t) / t:5.2f}  "
-                      f"{100 * limit_ms / t:5.1f}% of limit", flush=True)
+                      f"{100 * limit_ms / t:5.1f}% of limit  error {_errors_text(errors)}", flush=True)
             on_progress(rows)  # per M: a device call cut off at its time limit keeps what it timed
         del variants
     return rows
@@ -386,12 +419,19 @@ def bench_end_to_end(device: str, quick: bool, on_progress=lambda rows: None, va
 # ---------------------------------------------------------------------------------------------------
 
 
+def _errors_text(row: dict) -> str:
+    """The row's relative errors: against the unquantized layer, then (qpass) against the reference op."""
+    text = f"{row['error_vs_unquantized']:.1e}"
+    return text + (f" / {row['error_vs_reference']:.1e}" if "error_vs_reference" in row else "")
+
+
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| N x K | M | variant | ms | speedup vs bf16 | % of limit |", "|---|---|---|---|---|---|"]
+    lines = ["| N x K | M | variant | ms | speedup vs bf16 | % of limit | error vs unquantized / vs reference |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         if "ms" in r:
             lines.append(f"| {r['N']} x {r['K']} | {r['M']} | {r['variant']} | {r['ms']:.4f} | "
-                         f"{r['speedup_vs_bf16']:.2f} | {100 * r['fraction_of_limit']:.0f}% |")
+                         f"{r['speedup_vs_bf16']:.2f} | {100 * r['fraction_of_limit']:.0f}% | {_errors_text(r)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,4 +1,5 @@
-"""Perplexity of a causal LM on a token stream, and the offline English text qpass evaluates on."""
+"""How close a quantized model stays: perplexity of a causal LM on a token stream, the offline English
+text qpass evaluates on, and the relative error of an output."""
 
 from __future__ import annotations
 
@@ -6,6 +7,11 @@ import math
 
 import torch
 from torch import nn
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``||actual - expected|| / ||expected||`` over all elements, in float64 (NaN if ``actual`` holds one)."""
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
 
 
 def pydoc_text(max_chars: int | None = None) -> str:

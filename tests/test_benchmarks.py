@@ -23,6 +23,16 @@ def test_kernel_benchmark_writes_json_table_and_plot(tmp_path, monkeypatch):
         assert {(variant, 1), (variant, 16)} <= timed, variant
     # peers that cannot run here are listed with the reason, not dropped
     assert all("ms" in r or r["skipped"] for r in saved["layers"])
+    # every timed output is checked: qpass' within two bf16 roundings of its reference op, and each
+    # format's error against the unquantized layer that of its bitsandbytes twin (the same bytes)
+    rows = {(r["variant"], r["M"]): r for r in saved["layers"] if "ms" in r}
+    assert all(0 <= r["error_vs_unquantized"] < 0.5 for r in rows.values())
+    qpass_rows = [r for (variant, _), r in rows.items() if variant.startswith("qpass")]
+    assert len(qpass_rows) == 12 and all(r["error_vs_reference"] < 8e-3 for r in qpass_rows)
+    for m in (1, 16):
+        twins = rows[("qpass nf4", m)]["error_vs_unquantized"], rows[("bnb nf4+dq", m)]["error_vs_unquantized"]
+        assert 0.02 < twins[0] < 0.2 and abs(twins[0] - twins[1]) < 0.02 * twins[0], twins
+        assert rows[("bf16", m)]["error_vs_unquantized"] < 4e-3  # its output's rounding alone
     # torchao (a test dependency): int8 weight-only runs on CPU, eager and compiled; NF4 needs more than
     # 64 x 256 weights and int4 (tinygemm) CUDA, so here they are rows with the reason
     assert {("torchao int8 w-only", 1), ("torchao int8 w-only compiled", 16)} <= timed
@@ -33,7 +43,8 @@ def test_kernel_benchmark_writes_json_table_and_plot(tmp_path, monkeypatch):
     e2e = {(r["variant"], r["batch"]) for r in saved["end_to_end"] if "tokens_per_s" in r}
     assert {("bf16", 1), ("qpass nf4", 16), ("qpass int8", 1), ("bnb nf4+dq", 1)} <= e2e
     assert (tmp_path / "kernels_cpu.png").stat().st_size > 0
-    assert "| 64 x 128 | 1 | qpass nf4 |" in (tmp_path / "kernels_cpu.md").read_text()
+    table = (tmp_path / "kernels_cpu.md").read_text()
+    assert "| 64 x 128 | 1 | qpass nf4 |" in table and "error vs unquantized / vs reference" in table
     assert report["device"]
 
 
