@@ -13,8 +13,10 @@ GEMM's (those the autotuner would consider for that M); from ``DEQUANT_MATMUL_MI
 cuBLAS, which has nothing to sweep. int8 (threshold 6.0): the fused int8 GEMM's configs at any M; from
 ``INT_MM_MIN_M`` on, the op's own choice is cuBLAS's int8 product with the kernel as epilogue. On CUDA
 each variant is timed as a replayed CUDA graph (no launch overhead), so the split-K reduction and the
-int8 activation quantization count but Python does not. Rows go to ``sweep_<format>_<tag>.json``,
-rewritten after every config.
+int8 activation quantization count but Python does not. Each row also has its output's relative error
+against the op's plain-torch reference (``error_vs_reference``), and each M's summary line says
+"WRONG RESULTS" if any is above ``WRONG_ERROR``: the fastest config is worth nothing if it is wrong.
+Rows go to ``sweep_<format>_<tag>.json``, rewritten after every config.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import qpass
+from qpass.evaluation import relative_error
 from qpass.formats import quantize_weight
 from qpass.kernels import triton_4bit, triton_int8
 from qpass.kernels.triton_4bit import DEQUANT_MATMUL_MIN_M, gemv_applies, gemv_split, linear_4bit_triton
@@ -38,7 +41,7 @@ from qpass.kernels.triton_common import gemm_split, m_bucket, prune_gemm_configs
 from qpass.kernels.triton_int8 import int_mm_applies, linear_int8_triton
 
 sys.path.insert(0, str(Path(__file__).parent))
-from quantized_linears import median_ms  # noqa: E402
+from quantized_linears import WRONG_ERROR, is_wrong, median_ms, with_reference_ops  # noqa: E402
 
 DEFAULT_SPLITS = [1, 2, 4, 8, 16, 32]
 
@@ -52,6 +55,7 @@ class Layer:
     kernels: Callable[[int], tuple[str, list]]  # M -> (kernel name, the configs the autotuner would try)
     split_of: Callable[[str, int, int | None], tuple[int, int]]  # (kernel, M, wanted) -> (splits, per split)
     op_path: Callable[[int], str]  # M -> what the op itself runs (the swept kernel, or cuBLAS + epilogue)
+    reference: Callable[[torch.Tensor], torch.Tensor]  # x -> the op's plain-torch reference output
 
 
 def _nf4_layer(weight: torch.Tensor) -> Layer:
@@ -68,7 +72,16 @@ def _nf4_layer(weight: torch.Tensor) -> Layer:
         return gemv_split(n, k, config.blocksize, wanted) if kernel == "gemv" else gemm_split(m, n, k, wanted)
 
     kernels = lambda m: _4bit_configs(m, k, config.blocksize, t["weight"])  # noqa: E731
-    return Layer(layout.dequantize(t, torch.bfloat16), call, kernels, split_of, lambda m: kernels(m)[0])
+    return Layer(layout.dequantize(t, torch.bfloat16), call, kernels, split_of, lambda m: kernels(m)[0],
+                 _reference(layout, t))
+
+
+def _reference(layout, tensors) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> the layer's output through its op's plain-torch reference: what every swept config must give."""
+    def reference(x):
+        op, args = layout.linear_call(x, tensors, None)
+        return with_reference_ops(op, *args)
+    return reference
 
 
 def _4bit_configs(m: int, k: int, blocksize: int, packed: torch.Tensor) -> tuple[str, list]:
@@ -92,7 +105,8 @@ def _int8_layer(weight: torch.Tensor) -> Layer:
     return Layer(layout.dequantize(t, torch.bfloat16), call,
                  lambda m: ("int8 gemm", _tuner_candidates(triton_int8._gemm_configs(), m)),
                  lambda kernel, m, wanted=None: gemm_split(m, n, k, wanted),
-                 lambda m: "torch._int_mm + int8 epilogue" if int_mm_applies(m, n, k) else "int8 gemm")
+                 lambda m: "torch._int_mm + int8 epilogue" if int_mm_applies(m, n, k) else "int8 gemm",
+                 _reference(layout, t))
 
 
 LAYERS = {"nf4": _nf4_layer, "int8": _int8_layer}
@@ -111,25 +125,32 @@ def sweep(fmt: str, n: int, k: int, ms: list[int], splits: list[int], device: st
         heuristic = layer.split_of(kernel, m, None)[0]
         bf16_ms = median_ms(lambda: F.linear(x, layer.dense), device, cuda_graph)
         rows.append({"M": m, "variant": "bf16 F.linear", "ms": bf16_ms})
+        expected = layer.reference(x)
         tuned = device == "cuda"  # the interpreter has no benchmarker: it runs the first config
-        layer.call(x, autotune=tuned)  # tunes outside the timing (a CUDA graph cannot capture tuning)
+        # the first call tunes outside the timing (a CUDA graph cannot capture tuning)
+        error = relative_error(layer.call(x, autotune=tuned), expected)
         path = layer.op_path(m)
         choice = f"op's choice ({path}, {'autotuned' if tuned else 'first config'}, {heuristic} splits)"
-        rows.append({"M": m, "variant": choice, "kernel": path, "splits": heuristic,
+        rows.append({"M": m, "variant": choice, "kernel": path, "splits": heuristic, "error_vs_reference": error,
                      "ms": median_ms(lambda: layer.call(x, autotune=tuned), device, cuda_graph)})
         for candidate in (c for c in configs if match is None or re.search(match, str(c))):
             for split in sorted({*splits, heuristic}):
                 if layer.split_of(kernel, m, split)[0] != split:  # more splits than K allows
                     continue
+                error = relative_error(layer.call(x, config=candidate, splits=split), expected)
                 ms_ = median_ms(lambda: layer.call(x, config=candidate, splits=split), device, cuda_graph)
                 rows.append({"M": m, "variant": str(candidate), "kernel": kernel, "config": candidate.kwargs,
                              "num_warps": candidate.num_warps, "num_stages": candidate.num_stages, "splits": split,
-                             "ms": ms_})
+                             "error_vs_reference": error, "ms": ms_})
             on_progress(rows)  # a call stopped at its time limit keeps every config timed so far
         timed = [r for r in rows if r["M"] == m and "kernel" in r]
         best = min(timed[1:], key=lambda r: r["ms"], default=None)
         best_text = (f"best {best['ms'] * 1e3:8.1f} us: {best['variant']}, {best['splits']} splits" if best
                      else "no config matched")
+        if any(is_wrong(r["error_vs_reference"]) for r in timed):
+            best_text += f" | WRONG RESULTS (error > {WRONG_ERROR}): see error_vs_reference in the rows"
+        else:
+            best_text += f" | largest error vs reference {max(r['error_vs_reference'] for r in timed):.1e}"
         print(f"M={m:<5} bf16 {bf16_ms * 1e3:8.1f} us | op's choice {timed[0]['ms'] * 1e3:8.1f} us | {best_text}",
               flush=True)
         on_progress(rows)
