@@ -39,6 +39,7 @@ from torch import nn
 
 import qpass
 from qpass.evaluation import relative_error
+from qpass.kernels.ops import reference_kernels
 
 sys.path.insert(0, str(Path(__file__).parent))
 from peers import bitsandbytes_4bit  # noqa: E402
@@ -257,14 +258,8 @@ def is_wrong(error_vs_reference: float) -> bool:
 def with_reference_ops(fn: Callable[..., torch.Tensor], *args) -> torch.Tensor:
     """``fn(*args)`` (a qpass layer, or one of the ``torch.ops.qpass`` ops) computed by the ops' plain-torch
     reference, as on the CPU, on the arguments' own device: the result the Triton kernels are held to."""
-    ops = importlib.import_module("qpass.kernels.ops")
-    use_triton = ops.use_triton
-    ops.use_triton = lambda tensor: False
-    try:
-        with torch.no_grad():
-            return fn(*args)
-    finally:
-        ops.use_triton = use_triton
+    with reference_kernels(), torch.no_grad():
+        return fn(*args)
 
 
 def qpass_format(variant: str) -> str | None:

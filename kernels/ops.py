@@ -62,6 +62,20 @@ def use_triton(x: Tensor) -> bool:
     return HAS_TRITON and not ON_ROCM and x.device.type == "cuda"
 
 
+@contextlib.contextmanager
+def reference_kernels():
+    """Within this block the ops run their plain-torch reference on every device, CUDA included: what the
+    Triton kernels are tested and benchmarked against. Eager calls only: a graph compiled before keeps
+    what it traced."""
+    global use_triton
+    triton_where_it_runs = use_triton
+    use_triton = lambda x: False  # noqa: E731
+    try:
+        yield
+    finally:
+        use_triton = triton_where_it_runs
+
+
 def _autocast_off(device_type: str):
     """A context in which autocast is off for ``device_type``, if it was on. The linear ops compute in their
     compute dtype whatever autocast says: it has no rule for qpass' ops, but the matmuls of an op's body

@@ -93,12 +93,8 @@ def test_4bit_kernels(shape, dtype, config, has_bias):
 
 def _reference(op, args):
     """The op's reference path, whatever the device."""
-    original = ops.use_triton
-    ops.use_triton = lambda x: False
-    try:
+    with ops.reference_kernels():
         return op(*args)
-    finally:
-        ops.use_triton = original
 
 
 def test_4bit_blocks_straddling_rows():
