@@ -28,7 +28,8 @@ from torch._subclasses.fake_tensor import is_fake
 from . import reference_4bit as ref4
 from . import reference_int8 as ref8
 from .codebooks import DOUBLE_QUANT_BLOCKSIZE
-from .reference_matmul import BLOCK_WEIGHTS, grad_input_by_row_blocks, linear_by_row_blocks, linear_fp32_accumulate
+from .reference_matmul import (BLOCK_WEIGHTS, dequantize_by_row_blocks, grad_input_by_row_blocks, linear_by_row_blocks,
+                               linear_fp32_accumulate)
 
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -165,12 +166,17 @@ def dequantize_4bit(
     """The weight of ``shape`` in ``dtype``; absmax is uint8 when double-quantized (with nested_*).
 
     CUDA runs one Triton pass (``triton_4bit.dequantize_4bit_triton``, bit for bit the reference);
-    every other device the reference, which Inductor fuses into its consumer under torch.compile."""
+    every other device the reference, which Inductor fuses into its consumer under torch.compile, and
+    which an eager CPU call runs a block of rows at a time (``dequantize_by_row_blocks``, the same bits)."""
     if use_triton(packed) and len(shape) == 2:
         from .triton_4bit import dequantize_4bit_triton
 
         return dequantize_4bit_triton(packed, quant_map, absmax, nested_absmax, nested_code, offset, shape[0], shape[1],
                                       blocksize, dtype, launch=torch.library.wrap_triton)
+    if len(shape) == 2 and _by_row_blocks_eagerly(packed, *shape):
+        decoder = _row_decoder_4bit(packed, quant_map, absmax, nested_absmax, nested_code, offset, *shape, blocksize,
+                                    torch.float32)
+        return dequantize_by_row_blocks(decoder, dtype, packed.device)
     return _dequantize_weight_4bit(packed, quant_map, absmax, nested_absmax, nested_code, offset, shape, blocksize,
                                    dtype)
 
@@ -298,12 +304,11 @@ def _row_decoder_4bit(packed, quant_map, absmax, nested_absmax, nested_code, off
     return ref4.RowDecoder4bit(packed, quant_map, scales, out_features, in_features, blocksize, dtype, BLOCK_WEIGHTS)
 
 
-def _grad_input_by_row_blocks_wanted(grad_out: Tensor, out_features: int, in_features: int) -> bool:
-    """Whether an eager CPU backward computes the input gradient a block of rows of the weight at a time
-    (``_decode_by_row_blocks``) rather than from the whole dequantized weight. Traced, the dequantize
-    op and the matmul are left to the compiler."""
-    return grad_out.device.type == "cpu" and not _traced(grad_out) and _decode_by_row_blocks(out_features,
-                                                                                            in_features)
+def _by_row_blocks_eagerly(t: Tensor, out_features: int, in_features: int) -> bool:
+    """Whether an eager CPU call (a dequantization, or a backward's input gradient) handles the weight a
+    block of rows at a time (``_decode_by_row_blocks``) rather than decoding it whole. Traced, the
+    decoding is left to the compiler, which fuses it into its consumer."""
+    return t.device.type == "cpu" and not _traced(t) and _decode_by_row_blocks(out_features, in_features)
 
 
 def _grad_input_by_row_blocks(grad_out: Tensor, decoder, compute_dtype: torch.dtype, x_dtype: torch.dtype) -> Tensor:
@@ -331,7 +336,7 @@ def _backward_linear_4bit(ctx, grad_out):
     packed, quant_map, absmax, nested_absmax, nested_code, offset = ctx.saved_tensors
     x_dtype, bias_dtype, shape, blocksize, compute_dtype = ctx.meta
     grad_x = grad_bias = None
-    if ctx.needs_input_grad[0] and _grad_input_by_row_blocks_wanted(grad_out, *shape):
+    if ctx.needs_input_grad[0] and _by_row_blocks_eagerly(grad_out, *shape):
         decoder = _row_decoder_4bit(packed, quant_map, absmax, nested_absmax, nested_code, offset, *shape, blocksize,
                                     compute_dtype)
         grad_x = _grad_input_by_row_blocks(grad_out, decoder, compute_dtype, x_dtype)
@@ -372,7 +377,10 @@ def _(x, threshold):
 
 @_triton_op("qpass::dequantize_int8")
 def dequantize_int8(cb: Tensor, scb: Tensor, dtype: torch.dtype) -> Tensor:
-    """``CB * SCB / 127`` as ``dtype``: the int8 weight ``[out, in]`` in full precision."""
+    """``CB * SCB / 127`` as ``dtype``: the int8 weight ``[out, in]`` in full precision. An eager CPU call
+    decodes it a block of rows at a time (``dequantize_by_row_blocks``, the same bits)."""
+    if _by_row_blocks_eagerly(cb, *cb.shape):
+        return dequantize_by_row_blocks(ref8.RowDecoderInt8(cb, scb, torch.float32, BLOCK_WEIGHTS), dtype, cb.device)
     return ref8.dequantize_int8(cb, scb, dtype)
 
 
@@ -427,7 +435,7 @@ def _backward_linear_int8(ctx, grad_out):
     cb, scb = ctx.saved_tensors
     x_dtype, bias_dtype, compute_dtype = ctx.meta
     grad_x = grad_bias = None
-    if ctx.needs_input_grad[0] and _grad_input_by_row_blocks_wanted(grad_out, *cb.shape):
+    if ctx.needs_input_grad[0] and _by_row_blocks_eagerly(grad_out, *cb.shape):
         decoder = ref8.RowDecoderInt8(cb, scb, compute_dtype, BLOCK_WEIGHTS)
         grad_x = _grad_input_by_row_blocks(grad_out, decoder, compute_dtype, x_dtype)
     elif ctx.needs_input_grad[0]:

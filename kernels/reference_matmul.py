@@ -71,6 +71,16 @@ def linear_by_row_blocks(
     return out.to(dtype, memory_format=torch.contiguous_format)
 
 
+def dequantize_by_row_blocks(decoder: RowDecoder, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``W`` in ``dtype``, ``[out_features, in_features]``: each block of rows decoded and written into the
+    result while in cache, the copy rounding it to ``dtype`` (so give a decoder made for float32, which
+    does not round its rows first). The result is the only weight-sized tensor allocated."""
+    weight = torch.empty(decoder.out_features, decoder.in_features, dtype=dtype, device=device)
+    for start, stop, rows in row_blocks(decoder):
+        weight[start:stop].copy_(rows)
+    return weight
+
+
 def grad_input_by_row_blocks(grad_out: torch.Tensor, decoder: RowDecoder, dtype: torch.dtype) -> torch.Tensor:
     """``round_dtype(round_dtype(grad_out) @ W)`` for a 2-D ``grad_out``: float32 operands, a float32 sum
     over the blocks of rows, one rounding; ``W`` never held whole."""

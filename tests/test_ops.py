@@ -162,6 +162,38 @@ def test_cpu_path_decodes_a_large_weight_by_blocks_of_rows(name, monkeypatch):
             assert ((x.grad.float() - expected_grad.float()).abs() <= bound * (g_r.abs() @ weight.abs())).all()
 
 
+@pytest.mark.parametrize("name", ["nf4", "fp4", "nf4-fp32", "nf4-fp16-storage", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_eager_cpu_dequantization_of_a_large_weight_goes_by_blocks_of_rows(name, dtype, monkeypatch):
+    """Eagerly on the CPU, the dequantize ops decode a weight of more than BLOCK_WEIGHTS weights a block of
+    rows at a time into the result, never through the whole-weight reference: the reference's bits,
+    blocks that cross rows (37 or 38 inputs) and a short last block of rows included. Traced, the op keeps the
+    whole-weight reference, which Inductor fuses into its consumer."""
+    from qpass.kernels import ops
+    from qpass.kernels import reference_4bit as ref4
+    from qpass.kernels import reference_int8 as ref8
+
+    config = CONFIGS.get(name) or qpass.NF4Config(quant_storage=torch.float16)
+    decoder = ref8.RowDecoderInt8 if isinstance(config, qpass.Int8Config) else ref4.RowDecoder4bit
+    whole = (ref8, "dequantize_int8") if decoder is ref8.RowDecoderInt8 else (ref4, "dequantize_4bit")
+    odd = 38 if name.endswith("storage") else 37  # fp16 storage needs an even number of packed bytes
+    for out_features, in_features in ((48, 80), (70, odd)):
+        _, layout, tensors, _ = _layer(config, out_features, in_features, bias=False)
+        expected = layout.dequantize(tensors, dtype)  # one block: the whole-weight reference
+        with monkeypatch.context() as patch:
+            patch.setattr(ops, "BLOCK_WEIGHTS", 512)
+            calls = []
+            decode = decoder.__call__
+            patch.setattr(decoder, "__call__", lambda self, *a: calls.append(a) or decode(self, *a))
+            patch.setattr(*whole, lambda *a: pytest.fail("decoded the whole weight"))
+            blocked = layout.dequantize(tensors, dtype)
+            assert len(calls) > 1 and calls[-1][1] == out_features
+            assert blocked.dtype == dtype and blocked.shape == (out_features, in_features)
+            assert torch.equal(blocked, expected), (out_features, in_features)
+            with pytest.raises(pytest.fail.Exception, match="decoded the whole weight"):
+                torch.compile(lambda t: layout.dequantize(t, dtype), backend="aot_eager")(tensors)
+
+
 def test_int8_matmul_is_exact_over_blocks_of_rows(monkeypatch):
     """int8_matmul_exact multiplies the weight a block of rows at a time, in float32 chunks of k: the
     result is the exact integer product, also where k is past the chunk (whose float32 sums would no
