@@ -9,12 +9,13 @@
 #   bash benchmarks/gpu_session.sh bench --part layers --shapes 4096x11008,28672x8192 --tag b
 #   bash benchmarks/gpu_session.sh bench --part e2e --e2e-variants bf16,"qpass nf4" --tag c
 #   bash benchmarks/gpu_session.sh host --ms 1,16                 # eager host time per layer call
+#   bash benchmarks/gpu_session.sh dequant                        # whole-weight decoding vs the peers
 #   bash benchmarks/gpu_session.sh first                          # all a 15-minute device budget allows
 #
 # Each call installs the carried wheels and qpass (the machine starts bare), then writes its logs and
 # results to $OUT, which the device tool brings back. See benchmarks/README.md for the wheels to carry.
 set -uo pipefail
-step=${1:?usage: gpu_session.sh tests|report|sweep|bench|host|first [arguments]}
+step=${1:?usage: gpu_session.sh tests|report|sweep|bench|host|dequant|first [arguments]}
 shift
 OUT=${OUT:-results}
 mkdir -p "$OUT"
@@ -38,6 +39,8 @@ case "$step" in
     python3 benchmarks/quantized_linears.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" ;;
   host)
     python3 benchmarks/host_overhead.py --device cuda --out "$OUT" "$@" 2>&1 | tee "$OUT/host.log" ;;
+  dequant)
+    python3 benchmarks/dequantize.py --out "$OUT" "$@" 2>&1 | tee "$OUT/dequantize.log" ;;
   first)
     # One call of at most 10 minutes, for a session whose device time (15 minutes, the machine's start
     # included) allows no more: the kernels on CUDA first (none has run on a GPU since 63fd4f4), then the
@@ -46,5 +49,5 @@ case "$step" in
     timeout 170 python3 -P -m pytest -q -p no:cacheprovider --maxfail=10 tests/test_triton_kernels.py "$@" 2>&1 | tee "$OUT/tests.log"
     timeout 330 python3 benchmarks/quantized_linears.py --out "$OUT" --part layers --shapes 28672x8192 \
       --ms 1,16,128,2048 --tag first 2>&1 | tee "$OUT/bench.log" ;;
-  *) echo "unknown step $step: tests, report, sweep, bench, host or first" >&2; exit 2 ;;
+  *) echo "unknown step $step: tests, report, sweep, bench, host, dequant or first" >&2; exit 2 ;;
 esac

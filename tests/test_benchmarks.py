@@ -125,3 +125,25 @@ def test_host_overhead_benchmark_times_each_launcher(tmp_path):
     launches = {(r["format"], r["M"]): r["kernel_launches"] for r in saved["rows"]}
     assert launches == {("nf4", 1): 1, ("nf4", 16): 1, ("int8", 1): 2, ("int8", 16): 3}
     assert all(r["launcher_us"] > 0 and r["shape"] == "256x256" for r in saved["rows"])
+
+
+def test_dequantize_benchmark_times_every_library_and_checks_qpass_against_bitsandbytes(tmp_path, monkeypatch):
+    """benchmarks/dequantize.py decodes a whole weight with qpass (eager, through the blocks of rows
+    here, and compiled), bitsandbytes and torchao, beside a bf16 copy, and records that qpass' result is
+    bitsandbytes' bit for bit (the same bytes decoded)."""
+    import dequantize
+
+    from qpass.kernels import ops
+
+    monkeypatch.setattr(ops, "BLOCK_WEIGHTS", 64 * 512)  # 256 x 512: 4 blocks of 64 rows
+    dequantize.main(["--device", "cpu", "--shapes", "256x512", "--out", str(tmp_path)])
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "dequantize_cpu.json").read_text())["rows"]}
+    for fmt in ("nf4", "int8"):
+        for variant in (f"qpass {fmt}", f"qpass {fmt} compiled"):
+            assert rows[variant]["ms"] > 0 and rows[variant]["equal_to_bitsandbytes"] is True, variant
+        assert rows[f"bnb {fmt}"]["ms"] > 0 and rows[f"torchao {fmt}"]["ms"] > 0
+        # NF4's widest half step is 0.14 of a block's absmax (under 0.1 here); int8's is 0.5/127 of a row's
+        assert 0 < rows[f"qpass {fmt}"]["max_abs_error"] < (0.03 if fmt == "nf4" else 1e-3)
+    assert rows["bf16 copy"]["max_abs_error"] == 0
+    table = (tmp_path / "dequantize_cpu.md").read_text()
+    assert "| 256 x 512 | qpass nf4 |" in table and "| yes |" in table and "NO" not in table
