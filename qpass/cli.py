@@ -135,8 +135,9 @@ def _copy_tokenizer(src: Path, out: Path) -> None:
 def _summary(fp) -> str:
     by_format = ", ".join(f"{fmt}: {weights:,} weights at {8 * nbytes / weights:.3f} bits"
                           for fmt, (weights, nbytes) in fp.by_format().items())
-    return (f"{len(fp.layers)} layers quantized ({by_format}); model {fp.total_bytes / 2**20:.1f} MiB, "
-            f"{fp.fp16_bytes / fp.total_bytes:.2f}x smaller than fp16, {fp.fp32_bytes / fp.total_bytes:.2f}x than fp32")
+    # "against", not "x smaller": a model whose unquantized weights are float32 can be larger than in fp16
+    return (f"{len(fp.layers)} layers quantized ({by_format}); model {fp.total_bytes / 2**20:.1f} MiB, against "
+            f"{fp.fp16_bytes / 2**20:.1f} MiB in fp16 and {fp.fp32_bytes / 2**20:.1f} MiB in fp32")
 
 
 def cmd_inspect(args) -> None:

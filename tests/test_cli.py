@@ -27,6 +27,9 @@ def test_quantize_inspect_estimate(fp_checkpoint, tmp_path, capsys):
     assert cli.main(args) == 0
     printed = capsys.readouterr().out
     assert "14 layers quantized" in printed and f"wrote {out}" in printed
+    footprint = qpass.footprint(qpass.from_pretrained(out))
+    assert (f"model {footprint.total_bytes / 2**20:.1f} MiB, against {footprint.fp16_bytes / 2**20:.1f} MiB in fp16 "
+            f"and {footprint.fp32_bytes / 2**20:.1f} MiB in fp32") in printed
     assert isinstance(qpass.from_pretrained(out).model.layers[0].self_attn.q_proj, qpass.QuantizedLinear)
     assert cli.main(["inspect", str(out)]) == 0
     table = capsys.readouterr().out
