@@ -18,6 +18,7 @@ from torch.export.graph_signature import InputKind
 
 from qpass.config import QPassConfig
 from qpass.formats import quantize_layer
+from qpass.fused_experts import warn_unquantized_experts
 
 from .linear_patterns import find_linear_weights
 from .program_edit import ProgramEdit, quantized_linear_nodes
@@ -56,6 +57,7 @@ def quantize_exported_program(ep: ExportedProgram, plan: QPassConfig) -> tuple[E
         layers = {_module_name(parameter_names[node.name]): None for node in linear_weights}
         layers.update((q.layer, None) for q in quantized_linear_nodes(ep, edit.graph))  # quantized before
         plan.warn_unmatched_overrides(layers, "this exported program")
+    warn_unquantized_experts(ep.state_dict.items(), "this exported program")
     for weight_node, matches in linear_weights.items():
         fqn = parameter_names[weight_node.name]
         module = _module_name(fqn)

@@ -12,6 +12,7 @@ from torch import nn
 from .config import QPassConfig, QuantConfig
 from .data_parallel import ignore_quantized_tensors_in_ddp
 from .formats import quantize_layer
+from .fused_experts import warn_unquantized_experts
 from .modules import QuantizedLinear
 
 
@@ -96,12 +97,14 @@ def selected_linears(model: nn.Module, plan: QPassConfig, resolve: bool = True
                      ) -> list[tuple[str, nn.Module, torch.Tensor, QuantConfig]]:
     """``(name, layer, [out, in] weight, format config)`` of each linear layer ``plan`` quantizes in
     ``model`` (``linear_layers``), with the plan's skip list resolved for the model
-    (``QPassConfig.for_model``) and its overrides checked (``warn_unmatched_overrides``) unless
+    (``QPassConfig.for_model``), its overrides checked (``warn_unmatched_overrides``) and its fused
+    mixture-of-experts weights, which no format quantizes, warned of (``warn_unquantized_experts``) unless
     ``resolve`` is False: a checkpoint's ``quantization_config`` lists the layers it holds quantized,
     and is read as it is."""
     if resolve:
         plan = plan.for_model(model)
         warn_unmatched_overrides(model, plan)
+        warn_unquantized_experts(model.named_parameters(), type(model).__name__)
     return [(name, module, weight, config) for name, module, weight in linear_layers(model)
             if (config := plan.config_for(name)) is not None]
 

@@ -52,6 +52,20 @@ def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
 
+def keyed_as_transformers_saves(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``checkpoint_tensors`` under the keys transformers' own ``save_pretrained`` writes, which undoes
+    (transformers >= 5, ``revert_weight_conversion``) the conversions it applies while loading: a
+    mixture-of-experts model's fused experts (``mlp.experts.gate_up_proj``) go back to one tensor per
+    expert (``block_sparse_moe.experts.0.w1.weight``), as the model's original checkpoints and
+    transformers 4 hold them. Every other model's keys stay as they are. (``model.save_pretrained``
+    applies it after ``get_state_dict_and_metadata`` itself.)"""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4 saves every tensor under its own name
+        return tensors
+    return {k: v.contiguous() for k, v in revert_weight_conversion(model, tensors).items()}
+
+
 def record_quantization_config(model: nn.Module) -> None:
     """Set ``model.config.quantization_config`` to what the checkpoint's ``config.json`` says: made from
     the model's layers as they are now (their formats and compute dtype, ``qpass.set_compute_dtype``
@@ -73,7 +87,8 @@ def write_configs(model: nn.Module, folder: Path) -> None:
 
 def save_pretrained(model: nn.Module, save_directory: str | Path, max_shard_size: int | str = "5GB") -> Path:
     """Write ``model`` (a transformers model quantized by qpass) to ``save_directory``: safetensors
-    weights with bitsandbytes' keys, ``config.json`` with its ``quantization_config``, the generation
+    weights with bitsandbytes' keys (the rest under the keys transformers writes:
+    ``keyed_as_transformers_saves``), ``config.json`` with its ``quantization_config``, the generation
     config. The folder appears complete or not at all."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "save_pretrained"):
@@ -84,6 +99,6 @@ def save_pretrained(model: nn.Module, save_directory: str | Path, max_shard_size
                               "the model's own save_pretrained")
     target = Path(save_directory)
     with atomic_folder(target) as staging:
-        write_tensors(staging, checkpoint_tensors(model), max_shard_size)
+        write_tensors(staging, keyed_as_transformers_saves(model, checkpoint_tensors(model)), max_shard_size)
         write_configs(model, staging)
     return target
