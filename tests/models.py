@@ -1,8 +1,9 @@
 """Tiny transformers models built from configs (no downloads)."""
 
 import torch
-from transformers import (BertConfig, BertForSequenceClassification, BertLMHeadModel, GPT2Config, GPT2LMHeadModel,
-                          LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration)
+from transformers import (BertConfig, BertForSequenceClassification, BertLMHeadModel, CLIPVisionConfig, GPT2Config,
+                          GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration,
+                          T5Config, T5ForConditionalGeneration)
 
 from qpass.evaluation import relative_error  # noqa: F401  (the tests import it from here)
 
@@ -49,6 +50,18 @@ def tiny_t5() -> T5ForConditionalGeneration:
     torch.manual_seed(0)
     config = T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=4)
     return T5ForConditionalGeneration(config).eval()
+
+
+def tiny_llava() -> LlavaForConditionalGeneration:
+    """A vision-language model, whose checkpoints transformers 5 renames while loading
+    (``language_model.model.layers...`` on disk, ``model.language_model.layers...`` in the model)."""
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                              image_size=32, patch_size=8)
+    text = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text,
+                                                     image_token_index=127)).eval()
 
 
 def bare_name(name: str) -> str:

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import qpass
 
-from models import relative_error, same_bytes, tiny_llama
+from models import relative_error, same_bytes, tiny_llama, tiny_llava
 
 IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
 BNB_CONFIGS = {
@@ -365,3 +365,38 @@ def test_quantize_while_loading_peak_memory(tmp_path):
               f"{peak / 2**20:.0f} MiB")
         assert peak < quantized_bytes + 4 * largest, route
         assert peak < 0.5 * fp32_bytes, route
+
+
+def test_a_checkpoint_transformers_renames_quantizes_saves_and_loads_as_through_transformers(tmp_path):
+    """A vision-language checkpoint holds its tensors under the names transformers 5 renames while loading
+    (``language_model.model.layers...``). qpass.from_pretrained quantizes it while loading as transformers
+    with a QPassConfig does, qpass.save_pretrained writes the checkpoint's own names back (as
+    model.save_pretrained does), and both qpass and transformers + bitsandbytes load that."""
+    from transformers import AutoModelForImageTextToText
+
+    from qpass.checkpoints.bnb_layout import STORED_SUFFIXES
+
+    tiny_llava().save_pretrained(tmp_path / "fp")
+    stored = load_file(tmp_path / "fp" / "model.safetensors")
+    ids = IDS.clamp(max=126)  # no image tokens
+
+    def logits(model):
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+
+    ours = qpass.from_pretrained(tmp_path / "fp", "nf4", model_class=AutoModelForImageTextToText)
+    theirs = AutoModelForImageTextToText.from_pretrained(tmp_path / "fp", quantization_config=qpass.QPassConfig("nf4"),
+                                                         device_map="cpu")
+    assert isinstance(ours.model.language_model.layers[1].mlp.up_proj, qpass.QuantizedLinear)
+    assert torch.equal(logits(ours), logits(theirs))
+    qpass.save_pretrained(ours, tmp_path / "q")
+    saved = load_file(tmp_path / "q" / "model.safetensors")
+    assert "language_model.model.layers.1.mlp.up_proj.weight.absmax" in saved
+    # the same names as the full-precision checkpoint, plus the quantized layers' extra tensors
+    assert {k for k in saved if not k.endswith(STORED_SUFFIXES[:-1])} == stored.keys()
+
+    loaded = qpass.from_pretrained(tmp_path / "q", model_class=AutoModelForImageTextToText)
+    assert torch.equal(logits(loaded), logits(ours))
+    bnb = AutoModelForImageTextToText.from_pretrained(tmp_path / "q", device_map="cpu", dtype=torch.float32)
+    assert type(bnb.model.language_model.layers[1].mlp.up_proj).__name__ == "Linear4bit"
+    assert relative_error(logits(bnb), logits(ours)) <= BNB_AGREEMENT["nf4"]

@@ -8,6 +8,7 @@ before the next, so peak memory stays near the quantized size plus the largest t
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from .bnb_layout import (STORED_SUFFIXES, check_layer_shape, is_quantized_layer,
 from .errors import CheckpointError
 from .hub import checkpoint_folder
 from .safetensors_io import SafetensorsReader
+from .save import keyed_as_transformers_saves
 
 
 # Where the strict loader sends a user whose checkpoint and class differ: transformers drops unexpected
@@ -60,6 +62,10 @@ def from_pretrained(
     is held on the CPU. ``dtype`` casts the tensors that stay in full precision (default: as stored).
     ``model_class`` defaults to ``AutoModelForCausalLM``. ``progress`` shows a progress bar over the
     stored tensors.
+
+    A checkpoint whose tensors transformers (>= 5) renames or merges while loading (a mixture-of-experts
+    model's per-expert tensors, a vision-language model's ``language_model.model.*``) is loaded by
+    ``model_class.from_pretrained`` with qpass' quantizer instead, which applies those conversions.
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -149,6 +155,11 @@ def _keys_transformers_converts(model: nn.Module, keys) -> list[str]:
     return [key for key in keys if key not in own and not key.startswith(layers)]
 
 
+# A key under one expert of a list of experts (``mlp.experts.3.``, ``block_sparse_moe.experts.3.``): the
+# layout transformers 4 and the original checkpoints use, which transformers 5 merges into fused experts.
+_ONE_EXPERT = re.compile(r"(^|\.)\w*experts\.\d+\.")
+
+
 def _load_through_transformers(path: Path, model_class, config, plan: QPassConfig | None, model: nn.Module, reader,
                                converted: list[str], bnb_settings, dtype: torch.dtype | None,
                                device: torch.device) -> nn.Module:
@@ -161,26 +172,35 @@ def _load_through_transformers(path: Path, model_class, config, plan: QPassConfi
     rather than bitsandbytes'."""
     import transformers
 
-    quantized_converted = [key for key in converted if key.endswith(STORED_SUFFIXES[:-1])]
-    if quantized_converted:
+    quantized_experts = [key for key in converted if key.endswith(STORED_SUFFIXES[:-1]) and _ONE_EXPERT.search(key)]
+    if quantized_experts:
         raise CheckpointError(
-            f"{path}: the checkpoint holds quantized tensors ({quantized_converted[0]!r}) that transformers "
-            f"{transformers.__version__} converts into a tensor of another shape for "
-            f"{type(model).__name__} (one tensor per expert into fused experts, most likely), which no quantized "
-            "layer can hold. It was saved by transformers 4 with bitsandbytes' per-expert layers: load it with "
-            "transformers 4, or quantize the full-precision checkpoint")
+            f"{path}: the checkpoint holds quantized tensors of single experts ({quantized_experts[0]!r}), which "
+            f"transformers {transformers.__version__} merges into the fused experts of {type(model).__name__}, and "
+            "no quantized layer can hold those. It was saved with transformers 4 and bitsandbytes' per-expert "
+            "layers: load it with transformers 4, or quantize the full-precision checkpoint")
     if bnb_settings is not None:  # a bitsandbytes checkpoint, one format
         layers = {}
         for name, _, _ in linear_layers(model):
-            suffixes = _stored_suffixes(reader, name)
+            stored_name = _name_as_saved(model, name)
+            suffixes = _stored_suffixes(reader, stored_name)
             if is_quantized_layer(suffixes):
-                layout, _ = layer_from_bnb(name, lambda suffix: reader.get(f"{name}.{suffix}"), suffixes, *bnb_settings)
+                layout, _ = layer_from_bnb(stored_name, lambda suffix: reader.get(f"{stored_name}.{suffix}"), suffixes,
+                                           *bnb_settings)
                 layers[name] = config_to_dict(layout.config)
         config.quantization_config = {"quant_method": QPASS_QUANT_METHOD, "layers": layers}
     options = {"config": config, "dtype": dtype or "auto", "device_map": {"": device}}
     if plan is not None:
         options["quantization_config"] = plan
     return model_class.from_pretrained(path, **options).eval()
+
+
+def _name_as_saved(model: nn.Module, layer: str) -> str:
+    """The name transformers' ``save_pretrained`` writes linear layer ``layer`` of ``model`` under: its own,
+    or another where transformers renames it while loading (a vision-language model's
+    ``model.language_model.layers.0...`` is ``language_model.model.layers.0...`` in its checkpoints)."""
+    (key,) = keyed_as_transformers_saves(model, {f"{layer}.weight": torch.empty(0)})
+    return key.removesuffix(".weight")
 
 
 def _stored_suffixes(reader, name: str) -> set[str]:
