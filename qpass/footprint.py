@@ -6,6 +6,7 @@ import dataclasses
 
 from torch import nn
 
+from .fused_experts import fused_expert_weights
 from .modules import QuantizedLinear
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +27,7 @@ class Footprint:
     total_bytes: int  # every parameter and buffer of the model, each storage once
     fp16_bytes: int  # the same model with every weight in float16
     fp32_bytes: int  # ... in float32
+    fused_expert_bytes: int = 0  # mixture-of-experts weights no format quantizes (``qpass.fused_experts``)
 
     @property
     def quantized_weights(self) -> int:
@@ -52,6 +54,9 @@ class Footprint:
         for fmt, (weights, nbytes) in self.by_format().items():
             label = f"all {fmt} layers"
             rows.append(f"{label:<48} {fmt:<6} {weights:>11,} {nbytes:>11,} {8 * nbytes / weights:>7.3f}")
+        if self.fused_expert_bytes:
+            rows.append(f"fused mixture-of-experts weights, in full precision: {self.fused_expert_bytes / 2**20:.2f} "
+                        f"MiB ({self.fused_expert_bytes / self.total_bytes:.0%} of the model)")
         rows.append(
             f"model: {self.total_bytes / 2**20:.2f} MiB, against {self.fp16_bytes / 2**20:.2f} MiB in fp16 "
             f"({self.fp16_bytes / self.total_bytes:.2f}x) and {self.fp32_bytes / 2**20:.2f} MiB in fp32 "
@@ -88,4 +93,6 @@ def footprint(model: nn.Module) -> Footprint:
         total += tensor.untyped_storage().nbytes()
         if id(tensor) not in quantized_ids and tensor.is_floating_point():
             full_precision_elements += tensor.numel()
-    return Footprint(layers, total, 2 * full_precision_elements, 4 * full_precision_elements)
+    parameters = dict(model.named_parameters())
+    fused = sum(parameters[name].nbytes for name, _ in fused_expert_weights(parameters.items()))
+    return Footprint(layers, total, 2 * full_precision_elements, 4 * full_precision_elements, fused)

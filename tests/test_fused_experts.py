@@ -107,6 +107,11 @@ def test_mixtral_quantizes_while_loading_as_through_transformers(mixtral_checkpo
     fp = AutoModelForCausalLM.from_pretrained(mixtral_checkpoint)
     assert torch.equal(ours.model.layers[0].mlp.experts.down_proj, fp.model.layers[0].mlp.experts.down_proj)
     assert 0 < relative_error(_logits(ours), _logits(fp)) < 0.2
+    # qpass.footprint (and qpass inspect) counts them apart: 2 layers x 4 experts x 3 x 128 x 64 float32 weights
+    footprint = qpass.footprint(ours)
+    assert footprint.fused_expert_bytes == 2 * 4 * 3 * 128 * 64 * 4
+    assert "fused mixture-of-experts weights, in full precision: 0.75 MiB" in str(footprint)
+    assert qpass.footprint(qpass.quantize(tiny_llama(), "nf4")).fused_expert_bytes == 0
 
 
 @pytest.mark.parametrize("plan", ["nf4", "nf4 + int8"])
