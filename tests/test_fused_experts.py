@@ -114,6 +114,18 @@ def test_mixtral_quantizes_while_loading_as_through_transformers(mixtral_checkpo
     assert qpass.footprint(qpass.quantize(tiny_llama(), "nf4")).fused_expert_bytes == 0
 
 
+def test_loading_through_transformers_shows_its_progress_bar_only_when_asked(mixtral_checkpoint, capfd):
+    """progress=False (the default; the command line's --quiet) keeps transformers' loading bar off too, and
+    leaves transformers' own setting as it was."""
+    from transformers.utils import logging as transformers_logging
+
+    capfd.readouterr()
+    qpass.from_pretrained(mixtral_checkpoint, "nf4")
+    assert "Loading weights" not in capfd.readouterr().err and transformers_logging.is_progress_bar_enabled()
+    qpass.from_pretrained(mixtral_checkpoint, "nf4", progress=True)
+    assert "Loading weights" in capfd.readouterr().err
+
+
 @pytest.mark.parametrize("plan", ["nf4", "nf4 + int8"])
 def test_mixtral_checkpoint_saves_as_transformers_saves_and_loads_back(mixtral_checkpoint, tmp_path, plan):
     """qpass.save_pretrained writes the files model.save_pretrained writes (experts a tensor per expert,

@@ -96,7 +96,7 @@ def from_pretrained(
         if stored:
             config.quantization_config = stored
         return _load_through_transformers(path, model_class or AutoModelForCausalLM, config, plan, model, reader,
-                                          converted, bnb_settings, dtype, device)
+                                          converted, bnb_settings, dtype, device, progress)
 
     from tqdm.auto import tqdm
 
@@ -162,7 +162,7 @@ _ONE_EXPERT = re.compile(r"(^|\.)\w*experts\.\d+\.")
 
 def _load_through_transformers(path: Path, model_class, config, plan: QPassConfig | None, model: nn.Module, reader,
                                converted: list[str], bnb_settings, dtype: torch.dtype | None,
-                               device: torch.device) -> nn.Module:
+                               device: torch.device, progress: bool) -> nn.Module:
     """``model_class.from_pretrained`` of the checkpoint, for one whose tensors transformers converts while
     loading (``_keys_transformers_converts``; ``model`` is the empty model built from its config): its
     loader, with qpass' quantizer (``integrations.transformers``) quantizing while loading, as
@@ -189,10 +189,19 @@ def _load_through_transformers(path: Path, model_class, config, plan: QPassConfi
                                            *bnb_settings)
                 layers[name] = config_to_dict(layout.config)
         config.quantization_config = {"quant_method": QPASS_QUANT_METHOD, "layers": layers}
+    from transformers.utils import logging as transformers_logging
+
     options = {"config": config, "dtype": dtype or "auto", "device_map": {"": device}}
     if plan is not None:
         options["quantization_config"] = plan
-    return model_class.from_pretrained(path, **options).eval()
+    bar_was_enabled = transformers_logging.is_progress_bar_enabled()
+    if not progress:  # transformers' own loading bar, shown by default
+        transformers_logging.disable_progress_bar()
+    try:
+        return model_class.from_pretrained(path, **options).eval()
+    finally:
+        if bar_was_enabled:
+            transformers_logging.enable_progress_bar()
 
 
 def _name_as_saved(model: nn.Module, layer: str) -> str:
