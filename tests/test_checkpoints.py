@@ -155,6 +155,24 @@ def test_a_checkpoint_of_another_class_is_refused_with_what_to_do(fp_checkpoint)
         qpass.from_pretrained(fp_checkpoint, "nf4", model_class=AutoModelForSequenceClassification)
 
 
+def test_tensors_transformers_drops_by_design_are_dropped(fp_checkpoint, tmp_path, monkeypatch):
+    """A rotary table older Llama checkpoints stored (``rotary_emb.inv_freq``, which the model computes) and
+    a tensor the class lists in ``_keys_to_ignore_on_load_unexpected`` load as transformers loads them:
+    dropped. Any other tensor the model has no place for is still refused."""
+    from transformers import LlamaForCausalLM
+
+    shutil.copytree(fp_checkpoint, tmp_path / "fp")
+    tensors = load_file(tmp_path / "fp" / "model.safetensors")
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    tensors["model.layers.0.extra_state"] = torch.ones(2)
+    save_file(tensors, tmp_path / "fp" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(qpass.CheckpointError, match=r"tensor 'model.layers.0.extra_state' does not belong"):
+        qpass.from_pretrained(tmp_path / "fp", "nf4")
+    monkeypatch.setattr(LlamaForCausalLM, "_keys_to_ignore_on_load_unexpected", [r"\.extra_state$"])
+    loaded = qpass.from_pretrained(tmp_path / "fp", "nf4")
+    assert torch.equal(_logits(loaded), _logits(qpass.from_pretrained(fp_checkpoint, "nf4")))
+
+
 def test_quantize_while_loading_equals_quantizing_after(fp_checkpoint):
     overrides = {"*.self_attn.*": "int8", "*.self_atn.*": "fp4"}  # the second, mistyped, is warned of
     with pytest.warns(UserWarning, match=r"override '\*\.self_atn\.\*' matches no linear layer of LlamaForCausalLM"):

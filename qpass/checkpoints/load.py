@@ -212,6 +212,16 @@ def _name_as_saved(model: nn.Module, layer: str) -> str:
     return key.removesuffix(".weight")
 
 
+def _dropped_on_load(model: nn.Module, key: str) -> bool:
+    """Whether transformers drops checkpoint tensor ``key``, which ``model`` has no place for, by design: the
+    model class lists it as expected but unused (``_keys_to_ignore_on_load_unexpected``: BART's
+    ``encoder.version``, ...), or it is a rotary embedding's ``inv_freq``, which older Llama-family
+    checkpoints hold (``model.layers.0.self_attn.rotary_emb.inv_freq``) and every model computes from its
+    config."""
+    patterns = [*(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()), r"(^|\.)inv_freq$"]
+    return any(re.search(pattern, key) for pattern in patterns)
+
+
 def _stored_suffixes(reader, name: str) -> set[str]:
     """The key suffixes the checkpoint stores under module ``name`` (``weight``, ``weight.absmax``, ...)."""
     return {key[len(name) + 1 :] for key in reader.keys() if key.startswith(name + ".")}
@@ -277,16 +287,19 @@ def _bias(name, reader, module, dtype) -> nn.Parameter | None:
 
 
 def _assign(model: nn.Module, key: str, tensor: torch.Tensor, dtype, path) -> None:
+    """Put checkpoint tensor ``key`` into ``model`` (cast to ``dtype`` if floating point). A tensor the model
+    has no place for is an error naming it, unless transformers drops it by design (``_dropped_on_load``)."""
     module_name, _, attr = key.rpartition(".")
-    unknown = CheckpointError(f"{path}: tensor {key!r} does not belong to this {type(model).__name__}. "
-                              f"{OTHER_CLASS_HINT}")
     try:
         owner = model.get_submodule(module_name)
     except AttributeError:
-        raise unknown from None
+        owner = None
     current = getattr(owner, attr, None)
     if not isinstance(current, torch.Tensor):
-        raise unknown
+        if _dropped_on_load(model, key):
+            return
+        raise CheckpointError(f"{path}: tensor {key!r} does not belong to this {type(model).__name__}. "
+                              f"{OTHER_CLASS_HINT}")
     if tuple(current.shape) != tuple(tensor.shape):
         raise CheckpointError(f"{path}: tensor {key!r} has shape {tuple(tensor.shape)}, "
                               f"the model expects {tuple(current.shape)}")
