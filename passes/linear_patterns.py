@@ -1,7 +1,8 @@
 """Find the linear layers of a ``torch.export`` graph: ops that multiply an input by a 2-D parameter.
 
 Recognised, with ``W`` a parameter placeholder and ``Wt`` one of ``aten.t(W)``, ``aten.permute(W, [1, 0])``,
-``aten.transpose(W, 0, 1)``:
+``aten.transpose(W, 0, 1)``, ``aten.numpy_T(W)`` and ``aten.mT(W)`` (``W.T`` and ``W.mT``: Falcon's
+``x @ self.weight.T``):
 
 * ``aten.linear(x, W[, b])``                               -> weight ``W``   (nn.Linear, pre-dispatch IR)
 * ``aten.mm(x, Wt)``, ``aten.matmul(x, Wt)``, ``aten.addmm(b, x, Wt)``   -> weight ``W``   (decomposed IR)
@@ -19,7 +20,7 @@ import torch
 from torch import fx
 
 aten = torch.ops.aten
-_TRANSPOSES = (aten.t.default, aten.permute.default, aten.transpose.int)
+_TRANSPOSES = (aten.t.default, aten.permute.default, aten.transpose.int, aten.numpy_T.default, aten.mT.default)
 _MATMULS = (aten.mm.default, aten.matmul.default, aten.addmm.default)
 
 
@@ -46,7 +47,7 @@ class LinearMatch:
 
 
 def _is_swap_of_2d(node: fx.Node) -> bool:
-    if node.target == aten.t.default:
+    if node.target in (aten.t.default, aten.numpy_T.default, aten.mT.default):  # of a 2-D weight: a swap
         return True
     if node.target == aten.permute.default:
         return list(node.args[1]) == [1, 0]

@@ -18,7 +18,7 @@ from torch.export.graph_signature import InputKind
 
 from qpass.config import QPassConfig
 from qpass.formats import quantize_layer
-from qpass.fused_experts import warn_unquantized_experts
+from qpass.fused_experts import is_router, warn_unquantized_experts
 
 from .linear_patterns import find_linear_weights
 from .program_edit import ProgramEdit, quantized_linear_nodes
@@ -43,6 +43,13 @@ def _module_name(parameter_fqn: str) -> str:
     return parameter_fqn.removesuffix(".weight")
 
 
+def _in_router(match) -> bool:
+    """Whether this linear op runs inside a mixture-of-experts router, which stays in full precision as in the
+    module front-end (``qpass.fused_experts.is_router``)."""
+    stack = match.node.meta.get("nn_module_stack") or {}
+    return bool(stack) and is_router(list(stack.values())[-1][1])
+
+
 def quantize_exported_program(ep: ExportedProgram, plan: QPassConfig) -> tuple[ExportedProgram, QuantizedLinearReport]:
     """A new ``ExportedProgram`` with the selected linear layers quantized; ``ep`` is left unchanged.
     The plan's skip list is resolved for the program as for a module (``QPassConfig.for_model``)."""
@@ -52,7 +59,8 @@ def quantize_exported_program(ep: ExportedProgram, plan: QPassConfig) -> tuple[E
     parameters = list(ep.graph_signature.parameters)
     following = dict(zip(parameters, parameters[1:]))
     report = QuantizedLinearReport()
-    linear_weights = find_linear_weights(edit.graph, parameter_names)
+    linear_weights = {node: matches for node, matches in find_linear_weights(edit.graph, parameter_names).items()
+                      if not any(map(_in_router, matches))}
     if plan.overrides:
         layers = {_module_name(parameter_names[node.name]): None for node in linear_weights}
         layers.update((q.layer, None) for q in quantized_linear_nodes(ep, edit.graph))  # quantized before

@@ -1,4 +1,4 @@
-"""Mixture-of-experts weights that no qpass format quantizes, found so that a plan says so.
+"""Mixture-of-experts weights that no qpass format quantizes: found so that a plan says so, or left alone.
 
 transformers 5 stores the experts of its MoE models as fused parameters of three dimensions, one
 ``[num_experts, out, in]`` tensor per projection (``MixtralExperts.gate_up_proj`` and ``.down_proj``,
@@ -6,6 +6,11 @@ transformers 5 stores the experts of its MoE models as fused parameters of three
 ``nn.Linear``. qpass, like bitsandbytes (bitsandbytes#1849) and torchao's linear configs, quantizes linear
 layers only, so these stay in full precision: most of an MoE model's weights. Both front-ends and the
 loaders warn of them rather than return a model far larger than its format suggests.
+
+Their routers (``MixtralTopKRouter``, ``GptOssTopKRouter``, ...) hold an ``[experts, hidden]`` weight they
+multiply with ``F.linear``. The module front-end never sees them (they are not ``nn.Linear``), nor does
+bitsandbytes; the graph front-end sees an ``aten.linear`` and leaves it alone too (``is_router``): a few
+KB, whose rounding would change which experts run.
 """
 
 from __future__ import annotations
@@ -39,3 +44,11 @@ def warn_unquantized_experts(named_tensors: Iterable[tuple[str, torch.Tensor]], 
         f"({names}: {share:.0%} of its weights), which qpass leaves in full precision: its formats quantize "
         "linear layers only, as bitsandbytes' do (bitsandbytes#1849). The quantized model keeps those weights "
         "at their current size.", UserWarning, stacklevel=2)
+
+
+def is_router(module_type: type | str) -> bool:
+    """Whether ``module_type`` (a class, or its qualified name as ``torch.export`` records it in a node's
+    ``nn_module_stack``) is a mixture-of-experts router: transformers names every one ``*Router``
+    (``MixtralTopKRouter``, ``DeepseekV3TopkRouter``, ``DbrxRouter``, ...)."""
+    name = module_type if isinstance(module_type, str) else module_type.__qualname__
+    return name.rpartition(".")[2].endswith("Router")

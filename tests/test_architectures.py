@@ -77,3 +77,29 @@ def test_architecture_loads_as_through_transformers_and_round_trips(model_type, 
     assert torch.equal(_logits(loaded), _logits(ours))
     for key, value in ours.state_dict().items():
         assert same_bytes(loaded.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_architecture_quantizes_the_same_through_export(model_type):
+    """The graph front-end quantizes the layers the module front-end quantizes, to the same logits: a
+    mixture-of-experts router, an F.linear the exported graph shows, stays in full precision in both."""
+    from qpass.passes.program_edit import quantized_linear_nodes
+
+    fields, _ = ARCHITECTURES[model_type]
+    try:
+        config = AutoConfig.for_model(model_type, **SIZES, **fields)
+    except ValueError as err:
+        pytest.skip(f"transformers has no {model_type}: {err}")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    try:
+        exported = torch.export.export(model, (IDS,), {"use_cache": False})
+    except RuntimeError as err:  # torch.export itself, before qpass
+        pytest.skip(f"torch.export cannot export this tiny {model_type}: {str(err)[:120]}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fused experts, warned of in the test above
+        program = qpass.quantize(exported, "nf4")
+        module = qpass.quantize(model, "nf4")
+    layers = {q.layer for q in quantized_linear_nodes(program, program.graph)}
+    assert layers == {layer.name for layer in qpass.footprint(module).layers}
+    assert torch.equal(program.module()(IDS, use_cache=False).logits, _logits(module))

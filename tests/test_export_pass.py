@@ -103,6 +103,32 @@ def test_decomposed_graphs_are_matched_too():
     torch.testing.assert_close(ep_q.module()(x), module_q(x), rtol=1e-5, atol=1e-5)
 
 
+class WeightTimesInput(nn.Module):
+    """A layer that multiplies by its weight itself, spelled as ``transpose``: ``x @ W.T`` (Falcon's
+    ``FalconLinear``), ``x @ W.mT`` or ``x @ W.t()``."""
+
+    def __init__(self, transpose):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(16, 32) * 0.1)
+        self.transpose = transpose
+
+    def forward(self, x):
+        return x @ self.transpose(self.weight)
+
+
+@pytest.mark.parametrize("spelling", ["W.T", "W.mT", "W.t()"])
+def test_every_spelling_of_a_transposed_weight_is_matched(spelling):
+    transpose = {"W.T": lambda w: w.T, "W.mT": lambda w: w.mT, "W.t()": lambda w: w.t()}[spelling]
+    layer = WeightTimesInput(transpose).eval()
+    x = torch.randn(2, 5, 32)
+    ep_q = qpass.quantize(torch.export.export(layer, (x,)), "nf4", skip_modules=[])
+    assert _ops(ep_q).count(torch.ops.qpass.linear_4bit.default) == 1
+    assert torch.ops.aten.matmul.default not in _ops(ep_q)
+    linear = qpass.quantize(nn.Sequential(nn.Linear(32, 16, bias=False)), "nf4", skip_modules=[])
+    linear[0].requantize_(layer.weight.detach())  # the same weight through the module front-end
+    torch.testing.assert_close(ep_q.module()(x), linear(x), rtol=0, atol=0)
+
+
 def test_conv1d_export_matches_module_front_end():
     ids = torch.randint(0, 128, (1, 8))
     ep_q = qpass.quantize(torch.export.export(CausalLMLogits(tiny_gpt2()), (ids,)), "fp4")
