@@ -52,8 +52,9 @@ def _logits(model):
         return model(IDS).logits
 
 
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
 @pytest.mark.parametrize("model_type", ARCHITECTURES)
-def test_architecture_loads_as_through_transformers_and_round_trips(model_type, tmp_path):
+def test_architecture_loads_as_through_transformers_and_round_trips(model_type, fmt, tmp_path):
     fields, fused_experts = ARCHITECTURES[model_type]
     try:
         config = AutoConfig.for_model(model_type, **SIZES, **fields)
@@ -63,9 +64,9 @@ def test_architecture_loads_as_through_transformers_and_round_trips(model_type, 
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "fp")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ours = qpass.from_pretrained(tmp_path / "fp", "nf4")
+        ours = qpass.from_pretrained(tmp_path / "fp", fmt)
     experts_warned = any("mixture-of-experts" in str(w.message) for w in caught)
-    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=qpass.QPassConfig("nf4"),
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=qpass.QPassConfig(fmt),
                                                   device_map="cpu")
     assert qpass.footprint(ours).layers and torch.equal(_logits(ours), _logits(theirs))
     # transformers 5 fuses the experts (left in full precision, warned of); transformers 4 holds nn.Linear ones
