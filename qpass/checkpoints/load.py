@@ -14,18 +14,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import QPASS_QUANT_METHOD, ConfigLike, QPassConfig, as_plan, config_to_dict, format_from_bitsandbytes
+from ..config import QPASS_QUANT_METHOD, ConfigLike, QPassConfig, as_plan, format_from_bitsandbytes
 from ..data_parallel import ignore_quantized_tensors_in_ddp
 from ..formats import quantize_layer
 from ..fused_experts import warn_unquantized_experts
 from ..module_swap import as_out_in, linear_layers, linear_weight, set_submodule, warn_unmatched_overrides
 from ..modules import QuantizedLinear
-from .bnb_layout import (STORED_SUFFIXES, check_layer_shape, is_quantized_layer, layer_from_bnb,
-                         listed_layer_from_bnb)
+from .bnb_layout import check_layer_shape, is_quantized_layer, layer_from_bnb, listed_layer_from_bnb
+from .converted import keys_transformers_converts, load_through_transformers
 from .errors import CheckpointError
 from .hub import checkpoint_folder
 from .safetensors_io import SafetensorsReader
-from .save import keyed_as_transformers_saves
 
 
 # Where the strict loader sends a user whose checkpoint and class differ: transformers drops unexpected
@@ -91,12 +90,12 @@ def from_pretrained(
             model = (model_class or AutoModelForCausalLM).from_config(config)
         except ValueError as err:
             raise CheckpointError(f"{path}: transformers cannot build this architecture ({err})") from err
-    converted = _keys_transformers_converts(model, reader.keys())
+    converted = keys_transformers_converts(model, reader.keys())
     if converted:
         if stored:
             config.quantization_config = stored
-        return _load_through_transformers(path, model_class or AutoModelForCausalLM, config, plan, model, reader,
-                                          converted, bnb_settings, dtype, device, progress)
+        return load_through_transformers(path, model_class or AutoModelForCausalLM, config, plan, model, reader,
+                                         converted, bnb_settings, dtype, device, progress)
 
     from tqdm.auto import tqdm
 
@@ -109,7 +108,7 @@ def from_pretrained(
         warn_unmatched_overrides(model, plan)
         warn_unquantized_experts(model.named_parameters(), type(model).__name__)
     for name, module, _ in linear_layers(model):
-        suffixes = _stored_suffixes(reader, name)
+        suffixes = reader.suffixes_under(name)
         if stored and (is_quantized_layer(suffixes) or (listed is not None and listed.config_for(name) is not None)):
             layer = _stored_layer(name, reader, suffixes, bnb_settings, listed, module, dtype)
         elif plan is not None and f"{name}.weight" in reader and (layer_config := plan.config_for(name)) is not None:
@@ -138,80 +137,6 @@ def from_pretrained(
     return model.to(device).eval()  # moves the buffers the model made itself (rotary tables); the rest was read there
 
 
-def _keys_transformers_converts(model: nn.Module, keys) -> list[str]:
-    """The checkpoint keys that name no tensor of ``model`` (nor of one of its linear layers, quantized or
-    not) where transformers has a conversion mapping for the model (transformers >= 5): tensors it renames
-    or merges while loading, as a mixture-of-experts checkpoint holds one tensor per expert
-    (``block_sparse_moe.experts.0.w1.weight``) for the model's fused parameter (``mlp.experts.gate_up_proj``).
-    Empty for every other model, where such a key is an error (``_assign``)."""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-    except ImportError:  # transformers 4 loads tensors by their own names
-        return []
-    if not get_model_conversion_mapping(model, add_legacy=False):
-        return []
-    own = set(model.state_dict())
-    layers = tuple(f"{name}." for name, _, _ in linear_layers(model))
-    return [key for key in keys if key not in own and not key.startswith(layers)]
-
-
-# A key under one expert of a list of experts (``mlp.experts.3.``, ``block_sparse_moe.experts.3.``): the
-# layout transformers 4 and the original checkpoints use, which transformers 5 merges into fused experts.
-_ONE_EXPERT = re.compile(r"(^|\.)\w*experts\.\d+\.")
-
-
-def _load_through_transformers(path: Path, model_class, config, plan: QPassConfig | None, model: nn.Module, reader,
-                               converted: list[str], bnb_settings, dtype: torch.dtype | None,
-                               device: torch.device, progress: bool) -> nn.Module:
-    """``model_class.from_pretrained`` of the checkpoint, for one whose tensors transformers converts while
-    loading (``_keys_transformers_converts``; ``model`` is the empty model built from its config): its
-    loader, with qpass' quantizer (``integrations.transformers``) quantizing while loading, as
-    ``from_pretrained(path, quantization_config=plan)`` through transformers does, or reading the stored
-    quantized layers. A bitsandbytes checkpoint's config is replaced by qpass' listing of each quantized
-    layer's format, read from its stored tensors, so that transformers reads it with qpass' quantizer
-    rather than bitsandbytes'."""
-    import transformers
-
-    quantized_experts = [key for key in converted if key.endswith(STORED_SUFFIXES[:-1]) and _ONE_EXPERT.search(key)]
-    if quantized_experts:
-        raise CheckpointError(
-            f"{path}: the checkpoint holds quantized tensors of single experts ({quantized_experts[0]!r}), which "
-            f"transformers {transformers.__version__} merges into the fused experts of {type(model).__name__}, and "
-            "no quantized layer can hold those. It was saved with transformers 4 and bitsandbytes' per-expert "
-            "layers: load it with transformers 4, or quantize the full-precision checkpoint")
-    if bnb_settings is not None:  # a bitsandbytes checkpoint, one format
-        layers = {}
-        for name, _, _ in linear_layers(model):
-            stored_name = _name_as_saved(model, name)
-            suffixes = _stored_suffixes(reader, stored_name)
-            if is_quantized_layer(suffixes):
-                layout, _ = layer_from_bnb(stored_name, lambda suffix: reader.get(f"{stored_name}.{suffix}"), suffixes,
-                                           *bnb_settings)
-                layers[name] = config_to_dict(layout.config)
-        config.quantization_config = {"quant_method": QPASS_QUANT_METHOD, "layers": layers}
-    from transformers.utils import logging as transformers_logging
-
-    options = {"config": config, "dtype": dtype or "auto", "device_map": {"": device}}
-    if plan is not None:
-        options["quantization_config"] = plan
-    bar_was_enabled = transformers_logging.is_progress_bar_enabled()
-    if not progress:  # transformers' own loading bar, shown by default
-        transformers_logging.disable_progress_bar()
-    try:
-        return model_class.from_pretrained(path, **options).eval()
-    finally:
-        if bar_was_enabled:
-            transformers_logging.enable_progress_bar()
-
-
-def _name_as_saved(model: nn.Module, layer: str) -> str:
-    """The name transformers' ``save_pretrained`` writes linear layer ``layer`` of ``model`` under: its own,
-    or another where transformers renames it while loading (a vision-language model's
-    ``model.language_model.layers.0...`` is ``language_model.model.layers.0...`` in its checkpoints)."""
-    (key,) = keyed_as_transformers_saves(model, {f"{layer}.weight": torch.empty(0)})
-    return key.removesuffix(".weight")
-
-
 def _dropped_on_load(model: nn.Module, key: str) -> bool:
     """Whether transformers drops checkpoint tensor ``key``, which ``model`` has no place for, by design: the
     model class lists it as expected but unused (``_keys_to_ignore_on_load_unexpected``: BART's
@@ -220,11 +145,6 @@ def _dropped_on_load(model: nn.Module, key: str) -> bool:
     config."""
     patterns = [*(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()), r"(^|\.)inv_freq$"]
     return any(re.search(pattern, key) for pattern in patterns)
-
-
-def _stored_suffixes(reader, name: str) -> set[str]:
-    """The key suffixes the checkpoint stores under module ``name`` (``weight``, ``weight.absmax``, ...)."""
-    return {key[len(name) + 1 :] for key in reader.keys() if key.startswith(name + ".")}
 
 
 def _loading_device(device: torch.device | str) -> torch.device:

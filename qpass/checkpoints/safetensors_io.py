@@ -61,6 +61,10 @@ class SafetensorsReader:
     def __contains__(self, key: str) -> bool:
         return key in self.key_to_file
 
+    def suffixes_under(self, module: str) -> set[str]:
+        """The key suffixes stored under ``module`` (``weight``, ``weight.absmax``, ...)."""
+        return {key[len(module) + 1 :] for key in self.key_to_file if key.startswith(module + ".")}
+
     def get(self, key: str) -> torch.Tensor:
         if key not in self.key_to_file:
             raise CheckpointError(f"{self.folder}: tensor {key!r} is missing from the checkpoint")
