@@ -1,11 +1,34 @@
 """Tiny transformers models built from configs (no downloads)."""
 
 import torch
-from transformers import (BertConfig, BertForSequenceClassification, BertLMHeadModel, CLIPVisionConfig, GPT2Config,
-                          GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration,
-                          T5Config, T5ForConditionalGeneration)
+from transformers import (AutoModelForCausalLM, BertConfig, BertForSequenceClassification, BertLMHeadModel,
+                          BitsAndBytesConfig, CLIPVisionConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration, MixtralConfig,
+                          MixtralForCausalLM, T5Config, T5ForConditionalGeneration)
 
 from qpass.evaluation import relative_error  # noqa: F401  (the tests import it from here)
+
+
+BNB_CONFIGS = {
+    "nf4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16),
+    "fp4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.bfloat16),
+    "int8": BitsAndBytesConfig(load_in_8bit=True),
+}
+# 4-bit layers give identical logits on CPU. int8: a bitsandbytes checkpoint loads with float16
+# compute, as bitsandbytes runs it (3.5e-3 apart, summation order and rounding); a qpass int8 model
+# computes in bf16 by default, which bitsandbytes replaces by float16 when it loads the file (8e-3).
+BNB_AGREEMENT = {"nf4": 1e-6, "fp4": 1e-6, "int8": 1e-2}
+
+
+def bitsandbytes_checkpoint(fp_checkpoint, out, fmt: str):
+    """The model transformers + bitsandbytes loads from ``fp_checkpoint`` in ``fmt`` (``BNB_CONFIGS``),
+    saved to ``out``. dtype=torch.float32 given: transformers 4 would otherwise put the layers bitsandbytes
+    leaves alone in float16."""
+    model = AutoModelForCausalLM.from_pretrained(fp_checkpoint, quantization_config=BNB_CONFIGS[fmt],
+                                                 device_map="cpu", dtype=torch.float32)
+    model.save_pretrained(out)
+    return model
 
 
 def tiny_llama(tie_word_embeddings=False, dtype=torch.float32) -> LlamaForCausalLM:
@@ -62,6 +85,16 @@ def tiny_llava() -> LlavaForConditionalGeneration:
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     return LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text,
                                                      image_token_index=127)).eval()
+
+
+def tiny_mixtral() -> MixtralForCausalLM:
+    """A mixture-of-experts model: transformers 5 holds its experts fused (``mlp.experts.gate_up_proj``) and
+    its checkpoints a tensor per expert (``block_sparse_moe.experts.0.w1.weight``)."""
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           max_position_embeddings=64)
+    return MixtralForCausalLM(config).eval()
 
 
 def bare_name(name: str) -> str:

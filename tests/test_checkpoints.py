@@ -15,20 +15,11 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import qpass
 
-from models import relative_error, same_bytes, tiny_llama, tiny_llava
+from models import (BNB_AGREEMENT, BNB_CONFIGS, bitsandbytes_checkpoint, relative_error, same_bytes, tiny_llama,
+                    tiny_llava)
 
 IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
-BNB_CONFIGS = {
-    "nf4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16),
-    "fp4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.bfloat16),
-    "int8": BitsAndBytesConfig(load_in_8bit=True),
-}
 QPASS_SPECS = {"nf4": "nf4", "fp4": qpass.FP4Config(double_quant=False), "int8": "int8"}
-# 4-bit layers give identical logits on CPU. int8: a bitsandbytes checkpoint loads with float16
-# compute, as bitsandbytes runs it (3.5e-3 apart, summation order and rounding); a qpass int8 model
-# computes in bf16 by default, which bitsandbytes replaces by float16 when it loads the file (8e-3).
-BNB_AGREEMENT = {"nf4": 1e-6, "fp4": 1e-6, "int8": 1e-2}
 # transformers loads with bitsandbytes with dtype=torch.float32 given: transformers 4 would otherwise
 # put the layers bitsandbytes leaves alone in float16.
 
@@ -71,9 +62,7 @@ def test_qpass_checkpoint_loads_in_transformers_bitsandbytes(fmt, tmp_path):
 
 @pytest.mark.parametrize("fmt", ["nf4", "fp4", "int8"])
 def test_transformers_bitsandbytes_checkpoint_loads_in_qpass(fmt, fp_checkpoint, tmp_path):
-    theirs = AutoModelForCausalLM.from_pretrained(fp_checkpoint, quantization_config=BNB_CONFIGS[fmt], device_map="cpu",
-                                                  dtype=torch.float32)
-    theirs.save_pretrained(tmp_path / "bnb")
+    theirs = bitsandbytes_checkpoint(fp_checkpoint, tmp_path / "bnb", fmt)
     ours = qpass.from_pretrained(tmp_path / "bnb")
     layer = ours.model.layers[1].self_attn.o_proj
     assert isinstance(layer, qpass.QuantizedLinear)

@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, MixtralConfig, MixtralForCausalLM
+from transformers import AutoModelForCausalLM
 
 import qpass
 from qpass.checkpoints.errors import CheckpointError
 
-from models import relative_error, same_bytes, tiny_llama
+from models import BNB_AGREEMENT, bitsandbytes_checkpoint, relative_error, same_bytes, tiny_llama, tiny_mixtral
 
 
 class FusedExperts(nn.Module):
@@ -64,14 +64,6 @@ def test_quantize_warns_of_fused_expert_weights_it_leaves_in_full_precision():
     assert _plan_warnings(lambda: qpass.quantize(tiny_llama(), "nf4")) == []
 
 
-def _tiny_mixtral() -> MixtralForCausalLM:
-    torch.manual_seed(0)
-    config = MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                           max_position_embeddings=64)
-    return MixtralForCausalLM(config).eval()
-
-
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
@@ -82,7 +74,7 @@ def _logits(model):
 
 @pytest.fixture(scope="module")
 def mixtral_checkpoint(tmp_path_factory):
-    model = _tiny_mixtral()
+    model = tiny_mixtral()
     if not isinstance(getattr(model.model.layers[0].mlp.experts, "gate_up_proj", None), nn.Parameter):
         pytest.skip("this transformers holds Mixtral's experts as nn.Linear layers (transformers 4), which qpass "
                     "quantizes as any other")
@@ -158,16 +150,12 @@ def test_mixtral_checkpoint_saves_as_transformers_saves_and_loads_back(mixtral_c
 def test_transformers_bitsandbytes_mixtral_checkpoint_loads_in_qpass(mixtral_checkpoint, tmp_path):
     """A Mixtral checkpoint transformers + bitsandbytes wrote (attention quantized, experts in full precision
     a tensor per expert) loads in qpass with bitsandbytes' bytes."""
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                bnb_4bit_compute_dtype=torch.bfloat16)
-    theirs = AutoModelForCausalLM.from_pretrained(mixtral_checkpoint, quantization_config=config, device_map="cpu",
-                                                  dtype=torch.float32)
-    theirs.save_pretrained(tmp_path / "bnb")
+    theirs = bitsandbytes_checkpoint(mixtral_checkpoint, tmp_path / "bnb", "nf4")
     ours = qpass.from_pretrained(tmp_path / "bnb")
     layer = ours.model.layers[1].self_attn.k_proj
     assert isinstance(layer, qpass.QuantizedLinear)
     assert same_bytes(layer.weight, theirs.model.layers[1].self_attn.k_proj.weight.data)
-    assert relative_error(_logits(ours), _logits(theirs)) <= 1e-6
+    assert relative_error(_logits(ours), _logits(theirs)) <= BNB_AGREEMENT["nf4"]
 
 
 def test_quantized_per_expert_tensors_are_refused_by_name(mixtral_checkpoint, tmp_path):

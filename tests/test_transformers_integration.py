@@ -66,7 +66,7 @@ def test_save_pretrained_round_trips_through_transformers_and_bitsandbytes(fp_ch
         bnb = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", device_map="cpu", dtype=torch.float32)
         assert type(bnb.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
         assert same_bytes(bnb.model.layers[0].mlp.up_proj.weight.data, model.model.layers[0].mlp.up_proj.weight)
-        assert relative_error(bnb(ids).logits, expected) <= 1e-6  # as tests/test_checkpoints.py's BNB_AGREEMENT
+        assert relative_error(bnb(ids).logits, expected) <= 1e-6  # as tests/models.py's BNB_AGREEMENT
         assert torch.equal(qpass.from_pretrained(tmp_path / "hf")(ids).logits, expected)
 
 
