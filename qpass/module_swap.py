@@ -93,18 +93,24 @@ def warn_unmatched_overrides(model: nn.Module, plan: QPassConfig) -> None:
     plan.warn_unmatched_overrides(layers, type(model).__name__)
 
 
+def plan_for_model(model: nn.Module, plan: QPassConfig) -> QPassConfig:
+    """``plan`` with its skip list resolved for ``model`` (``QPassConfig.for_model``), after warning of
+    what it will not quantize: overrides that match no layer (``warn_unmatched_overrides``) and fused
+    mixture-of-experts weights, which no format quantizes (``warn_unquantized_experts``)."""
+    plan = plan.for_model(model)
+    warn_unmatched_overrides(model, plan)
+    warn_unquantized_experts(model.named_parameters(), type(model).__name__)
+    return plan
+
+
 def selected_linears(model: nn.Module, plan: QPassConfig, resolve: bool = True
                      ) -> list[tuple[str, nn.Module, torch.Tensor, QuantConfig]]:
     """``(name, layer, [out, in] weight, format config)`` of each linear layer ``plan`` quantizes in
-    ``model`` (``linear_layers``), with the plan's skip list resolved for the model
-    (``QPassConfig.for_model``), its overrides checked (``warn_unmatched_overrides``) and its fused
-    mixture-of-experts weights, which no format quantizes, warned of (``warn_unquantized_experts``) unless
+    ``model`` (``linear_layers``), the plan resolved for the model first (``plan_for_model``) unless
     ``resolve`` is False: a checkpoint's ``quantization_config`` lists the layers it holds quantized,
     and is read as it is."""
     if resolve:
-        plan = plan.for_model(model)
-        warn_unmatched_overrides(model, plan)
-        warn_unquantized_experts(model.named_parameters(), type(model).__name__)
+        plan = plan_for_model(model, plan)
     return [(name, module, weight, config) for name, module, weight in linear_layers(model)
             if (config := plan.config_for(name)) is not None]
 

@@ -17,8 +17,7 @@ from torch import nn
 from ..config import QPASS_QUANT_METHOD, ConfigLike, QPassConfig, as_plan, format_from_bitsandbytes
 from ..data_parallel import ignore_quantized_tensors_in_ddp
 from ..formats import quantize_layer
-from ..fused_experts import warn_unquantized_experts
-from ..module_swap import as_out_in, linear_layers, linear_weight, set_submodule, warn_unmatched_overrides
+from ..module_swap import as_out_in, linear_layers, linear_weight, plan_for_model, set_submodule
 from ..modules import QuantizedLinear
 from .bnb_layout import check_layer_shape, is_quantized_layer, layer_from_bnb, listed_layer_from_bnb
 from .converted import keys_transformers_converts, load_through_transformers
@@ -104,9 +103,7 @@ def from_pretrained(
     consumed: set[str] = set()
     # linear_layers leaves out an output layer tied to the input embedding (tie_weights() runs after loading)
     if plan is not None:
-        plan = plan.for_model(model)
-        warn_unmatched_overrides(model, plan)
-        warn_unquantized_experts(model.named_parameters(), type(model).__name__)
+        plan = plan_for_model(model, plan)
     for name, module, _ in linear_layers(model):
         suffixes = reader.suffixes_under(name)
         if stored and (is_quantized_layer(suffixes) or (listed is not None and listed.config_for(name) is not None)):
